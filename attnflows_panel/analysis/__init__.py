@@ -1,0 +1,1 @@
+"""Pure computations on attention arrays: no plotting, no torch."""

