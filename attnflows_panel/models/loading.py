@@ -106,8 +106,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
-    """Load an encoder by hub name or local directory, with a classification head if it has one."""
+def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: list[str] | None = None) -> LoadedModel:
+    """Load an encoder by hub name or local directory, with a classification head if it has one.
+
+    With ``labels``, a new classification head for those classes is put on top (for fine-tuning).
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     name = str(name_or_path).strip()
@@ -134,9 +137,16 @@ def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu") -> Loaded
     try:
         config = pretrained(AutoConfig)
         architectures = getattr(config, "architectures", None) or []
-        classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+        classifier = labels is not None or any(a.endswith("ForSequenceClassification") for a in architectures)
         loader = AutoModelForSequenceClassification if classifier else AutoModel
-        model = pretrained(loader, attn_implementation="eager")
+        head: dict[str, Any] = {}
+        if labels is not None:
+            head = {
+                "num_labels": len(labels),
+                "id2label": dict(enumerate(labels)),
+                "label2id": {label: i for i, label in enumerate(labels)},
+            }
+        model = pretrained(loader, attn_implementation="eager", **head)
         tokenizer = pretrained(AutoTokenizer)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"cannot load model {name!r}: {_first_line(exc)}") from exc

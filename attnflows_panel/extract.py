@@ -1,0 +1,229 @@
+"""Text in, attention out: ``AttentionRecord`` for one input, batched extraction for many."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from attnflows_panel.errors import InputError, ModelError, TruncationWarning
+from attnflows_panel.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from attnflows_panel.models.pair import ModelPair
+
+# Upper bound on the float32 attention one forward batch may hold (B * L * H * n * n * 4 bytes).
+BATCH_ATTENTION_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True, eq=False)
+class Encoding:
+    """One tokenized input, without padding."""
+
+    input_ids: np.ndarray  # [n] int64
+    token_type_ids: np.ndarray | None  # [n] int64 when the tokenizer makes them
+    word_ids: np.ndarray  # [n] int32, -1 for special tokens, unique across both segments
+    segment_ids: np.ndarray  # [n] int8, 0 for the first segment (and its specials), 1 for the second
+    tokens: list[str]
+    n_truncated: int
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionRecord:
+    """Everything one model says about one input: tokens, attention ``[L, H, n, n]`` and its prediction."""
+
+    text: str
+    text_pair: str | None
+    model_id: str
+    tokens: list[str]
+    input_ids: np.ndarray
+    word_ids: np.ndarray
+    segment_ids: np.ndarray
+    cls_mask: np.ndarray
+    sep_mask: np.ndarray
+    attention: np.ndarray  # float32 [layers, heads, query, key]; rows sum to 1
+    logits: np.ndarray | None = None
+    labels: tuple[str, ...] | None = None
+    n_truncated: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_layers(self) -> int:
+        return self.attention.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.attention.shape[1]
+
+    @property
+    def special_mask(self) -> np.ndarray:
+        return self.word_ids < 0
+
+    @property
+    def probabilities(self) -> np.ndarray | None:
+        if self.logits is None:
+            return None
+        z = np.exp(self.logits - self.logits.max())
+        return z / z.sum()
+
+    @property
+    def predicted_label(self) -> str | None:
+        if self.logits is None:
+            return None
+        index = int(np.argmax(self.logits))
+        return self.labels[index] if self.labels else str(index)
+
+
+def _as_loaded(model: Any, tokenizer: Any, model_id: str | None) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if tokenizer is None:
+        raise InputError("a tokenizer is needed when the model is not a LoadedModel")
+    name = model_id or getattr(model, "name_or_path", "") or type(model).__name__
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=str(name))
+
+
+def _check_text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{what} is empty")
+    return value
+
+
+def encode(lm: LoadedModel, text: str, text_pair: str | None = None, warn: bool = True) -> Encoding:
+    """Tokenize one input, truncating to the model's maximum with a warning that counts dropped tokens."""
+    text = _check_text(text, "text")
+    if text_pair is not None:
+        text_pair = _check_text(text_pair, "second segment")
+    tok = lm.tokenizer
+    limit = lm.max_tokens
+    full = tok(text, text_pair, truncation=False, verbose=False)
+    enc = tok(text, text_pair, truncation=True, max_length=limit, verbose=False)
+    n_truncated = len(full["input_ids"]) - len(enc["input_ids"])
+    if n_truncated and warn:
+        warnings.warn(
+            f"input has {len(full['input_ids'])} tokens but {lm.model_id} takes at most {limit}: "
+            f"dropped {n_truncated} tokens{' (longest segment first)' if text_pair is not None else ' from the end'}",
+            TruncationWarning,
+            stacklevel=3,
+        )
+    sequence_ids = enc.sequence_ids(0)
+    raw_word_ids = enc.word_ids(0)
+    segment = np.zeros(len(sequence_ids), dtype=np.int8)
+    current = 0
+    for i, s in enumerate(sequence_ids):
+        current = current if s is None else s
+        segment[i] = current
+    first_words = [w for w, s in zip(raw_word_ids, sequence_ids, strict=True) if s == 0 and w is not None]
+    offset = max(first_words) + 1 if first_words else 0
+    word_ids = np.array(
+        [-1 if w is None else w + (offset if s == 1 else 0) for w, s in zip(raw_word_ids, sequence_ids, strict=True)],
+        dtype=np.int32,
+    )
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    types = np.asarray(enc["token_type_ids"], dtype=np.int64) if "token_type_ids" in enc else None
+    return Encoding(ids, types, word_ids, segment, tok.convert_ids_to_tokens(ids.tolist()), n_truncated)
+
+
+def _batches(lengths: Sequence[int], per_token_pair_bytes: int, max_batch: int) -> list[list[int]]:
+    """Group indices of similar length (sorted) so a batch's attention stays under the byte budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        n = lengths[i]  # sorted ascending, so the newest member is the longest
+        if current and (len(current) >= max_batch or (len(current) + 1) * n * n * per_token_pair_bytes > BATCH_ATTENTION_BYTES):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def forward_attention(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: int = 32) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Run the model on encodings in length-bucketed batches; per input: attention ``[L,H,n,n]`` and logits."""
+    import torch
+
+    results: list[tuple[np.ndarray, np.ndarray | None]] = [None] * len(encodings)  # type: ignore[list-item]
+    per_pair = lm.n_layers * lm.n_heads * 4
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    for batch in _batches([len(e.input_ids) for e in encodings], per_pair, max_batch):
+        width = max(len(encodings[i].input_ids) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        types = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            e = encodings[i]
+            n = len(e.input_ids)
+            ids[row, :n] = torch.from_numpy(e.input_ids)
+            mask[row, :n] = 1
+            if e.token_type_ids is not None:
+                types[row, :n] = torch.from_numpy(e.token_type_ids)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if encodings[batch[0]].token_type_ids is not None:
+            inputs["token_type_ids"] = types
+        inputs = {k: v.to(lm.device) for k, v in lm.forward_kwargs(inputs).items()}
+        with torch.inference_mode():
+            out = lm.model(**inputs, output_attentions=True, return_dict=True)
+        if not out.attentions:
+            raise ModelError(f"{lm.model_id} returned no attentions; load it with attn_implementation='eager'")
+        attention = torch.stack(out.attentions, dim=1).float().cpu().numpy()  # [B, L, H, n, n]
+        logits = out.logits.float().cpu().numpy() if getattr(out, "logits", None) is not None else None
+        for row, i in enumerate(batch):
+            n = len(encodings[i].input_ids)
+            results[i] = (
+                np.ascontiguousarray(attention[row, :, :, :n, :n]),
+                None if logits is None else logits[row].copy(),
+            )
+    return results
+
+
+def make_record(lm: LoadedModel, encoding: Encoding, text: str, text_pair: str | None, attention: np.ndarray, logits: np.ndarray | None) -> AttentionRecord:
+    """Assemble a record from an encoding and the model's outputs for it."""
+    tok = lm.tokenizer
+    labels = tuple(lm.labels) if lm.labels else None
+    return AttentionRecord(
+        text=text,
+        text_pair=text_pair,
+        model_id=lm.model_id,
+        tokens=encoding.tokens,
+        input_ids=encoding.input_ids,
+        word_ids=encoding.word_ids,
+        segment_ids=encoding.segment_ids,
+        cls_mask=encoding.input_ids == (tok.cls_token_id if tok.cls_token_id is not None else -1),
+        sep_mask=encoding.input_ids == (tok.sep_token_id if tok.sep_token_id is not None else -1),
+        attention=attention,
+        logits=logits,
+        labels=labels,
+        n_truncated=encoding.n_truncated,
+    )
+
+
+def extract(model: Any, tokenizer: Any = None, text: str = "", text_pair: str | None = None, *, model_id: str | None = None) -> AttentionRecord:
+    """Attention of one input (a sentence or a sentence pair) through one model.
+
+    ``model`` is a transformers model loaded with ``attn_implementation="eager"`` and ``tokenizer`` its
+    fast tokenizer, or a ``LoadedModel`` (then ``tokenizer`` may be None).
+    """
+    lm = _as_loaded(model, tokenizer, model_id)
+    encoding = encode(lm, text, text_pair)
+    ((attention, logits),) = forward_attention(lm, [encoding])
+    return make_record(lm, encoding, text, text_pair, attention, logits)
+
+
+def extract_pair(pair: ModelPair, text: str, text_pair: str | None = None) -> tuple[AttentionRecord, AttentionRecord]:
+    """Records of both models of a pair for one input, from identical input ids."""
+    encoding = encode(pair.pretrained, text, text_pair)
+    records = []
+    for lm in (pair.pretrained, pair.finetuned):
+        ((attention, logits),) = forward_attention(lm, [encoding])
+        records.append(make_record(lm, encoding, text, text_pair, attention, logits))
+    return records[0], records[1]

@@ -1,0 +1,207 @@
+"""Fine-tune an encoder for sequence classification on the CPU: seeded, cached, written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnflows_panel.corpus import Corpus, read_corpus, sentiment_corpus, split_corpus
+from attnflows_panel.errors import InputError
+from attnflows_panel.models.loading import LoadedModel, default_pretrained_path, load_encoder
+from attnflows_panel.paths import atomic_dir, home, sha256_file, sha256_json
+
+FORMAT_VERSION = 1
+METRICS_FILE = "metrics.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What to fine-tune on what; every field is part of the cache key."""
+
+    base: str = ""  # hub name or local path; empty means the offline default
+    data: str = ""  # CSV/JSONL with text (or text_a + text_b) and label; empty means the bundled sentiment corpus
+    max_train: int = 3000
+    heldout: int | None = None  # None: 1,000 or 10% of a small corpus
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    max_length: int = 128
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``InputError`` naming the first bad value."""
+        for name in ("max_train", "epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.heldout is not None and self.heldout < 1:
+            raise InputError(f"heldout must be at least 1, got {self.heldout}")
+        if not (0 < self.learning_rate < 1):
+            raise InputError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """Where the checkpoint is, its metrics, and whether it came from the cache."""
+
+    path: Path
+    metrics: dict[str, Any]
+    reused: bool
+
+
+def _base_source(config: FinetuneConfig) -> str:
+    return config.base or str(default_pretrained_path())
+
+
+def _base_fingerprint(base: str) -> str:
+    """Hash of a local model's weight files, or the hub name itself."""
+    path = Path(base).expanduser()
+    if not path.is_dir():
+        return base
+    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
+    return sha256_json([(p.name, sha256_file(p)) for p in files])
+
+
+def _load_data(config: FinetuneConfig) -> tuple[Corpus, str]:
+    if config.data:
+        corpus = read_corpus(config.data, require_labels=True)
+        task = re.sub(r"[^A-Za-z0-9]+", "-", Path(config.data).stem).strip("-").lower() or "data"
+    else:
+        corpus, task = sentiment_corpus(), "sentiment"
+    if len(corpus.label_names) < 2:
+        raise InputError(f"fine-tuning needs at least two labels; {corpus.source} has {corpus.label_names}")
+    return corpus, task
+
+
+def checkpoint_dir(config: FinetuneConfig, task: str, key: str) -> Path:
+    """The cache directory of a fine-tuned checkpoint."""
+    base = _base_source(config)
+    name = re.sub(r"[^A-Za-z0-9]+", "-", Path(base).name if Path(base).expanduser().exists() else base).strip("-")
+    if base == str(default_pretrained_path()):
+        name = "all-minilm-l6-v2"
+    return home() / "models" / f"{name}-{task}-{key[:12]}"
+
+
+def _valid_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
+    try:
+        metrics = json.loads((path / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    weights = path / WEIGHTS_FILE
+    if metrics.get("key") != key or not weights.is_file() or sha256_file(weights) != metrics.get("weights_sha256"):
+        return None
+    return metrics
+
+
+def finetune(config: FinetuneConfig | None = None, force: bool = False, progress: bool = True, device: str = "cpu") -> FinetuneResult:
+    """Fine-tune ``config.base`` on ``config.data``; reuse the cached checkpoint when one matches."""
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    config = config or FinetuneConfig()
+    config.validate()
+    corpus, task = _load_data(config)
+    base = _base_source(config)
+    key = sha256_json({"config": asdict(config) | {"base": base}, "base": _base_fingerprint(base), "data": corpus.sha256, "format": FORMAT_VERSION})
+    target = checkpoint_dir(config, task, key)
+    if not force and (metrics := _valid_checkpoint(target, key)) is not None:
+        return FinetuneResult(target, metrics, reused=True)
+
+    train, heldout = split_corpus(corpus, config.heldout, seed=13)
+    rng = np.random.default_rng(config.seed)
+    if len(train) > config.max_train:
+        train = train.subset(np.sort(rng.choice(len(train), config.max_train, replace=False)))
+    labels = corpus.label_names
+    label_index = {name: i for i, name in enumerate(labels)}
+
+    torch.manual_seed(config.seed)
+    lm = load_encoder(base, device=device, labels=labels)
+    model = lm.model
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    warmup = max(1, total // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    baseline = max(heldout.labels.count(n) for n in labels) / len(heldout)
+
+    started = time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, desc=f"fine-tuning {target.name}", unit="step", disable=not progress)
+    losses = []
+    for _epoch in range(config.epochs):
+        order = rng.permutation(len(train))
+        for start in range(0, len(train), config.batch_size):
+            idx = order[start : start + config.batch_size]
+            inputs = _batch_inputs(lm, train, idx, config.max_length)
+            target_ids = torch.tensor([label_index[train.labels[i]] for i in idx], device=lm.device)
+            loss = model(**inputs, labels=target_ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach().item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    accuracy = evaluate_accuracy(lm, heldout, label_index, config.max_length)
+
+    metrics = {
+        "key": key,
+        "task": task,
+        "data_source": corpus.source,
+        "data_sha256": corpus.sha256,
+        "labels": labels,
+        "n_train": len(train),
+        "n_heldout": len(heldout),
+        "steps": total,
+        "config": asdict(config) | {"base": base},
+        "base_fingerprint": _base_fingerprint(base),
+        "final_train_loss": float(np.mean(losses[-20:])),
+        "heldout_accuracy": accuracy,
+        "majority_baseline": baseline,
+        "train_seconds": round(train_seconds, 1),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "format": FORMAT_VERSION},
+    }
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        metrics["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return FinetuneResult(target, metrics, reused=False)
+
+
+def _batch_inputs(lm: LoadedModel, corpus: Corpus, idx: np.ndarray, max_length: int) -> dict[str, Any]:
+    texts = [corpus.texts[i] for i in idx]
+    pairs = None if corpus.text_pairs is None else [corpus.text_pairs[i] for i in idx]
+    enc = lm.tokenizer(texts, pairs, padding=True, truncation=True, max_length=min(max_length, lm.max_tokens), return_tensors="pt")
+    return {k: v.to(lm.device) for k, v in lm.forward_kwargs(dict(enc)).items()}
+
+
+def evaluate_accuracy(lm: LoadedModel, corpus: Corpus, label_index: dict[str, int], max_length: int = 128, batch_size: int = 64) -> float:
+    """Accuracy of a classifier on a labelled corpus."""
+    import torch
+
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(corpus), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(corpus)))
+            logits = lm.model(**_batch_inputs(lm, corpus, idx, max_length)).logits
+            predicted = logits.argmax(-1).cpu().numpy()
+            correct += int(sum(int(p) == label_index[corpus.labels[i]] for p, i in zip(predicted, idx, strict=True)))
+    return correct / len(corpus)
+
+
+def default_finetuned(progress: bool = True) -> FinetuneResult:
+    """The offline default fine-tuned model: the default encoder fine-tuned on the bundled sentiment corpus."""
+    return finetune(FinetuneConfig(), progress=progress)
