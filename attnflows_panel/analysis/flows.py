@@ -15,6 +15,7 @@ Conventions used throughout this module:
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,16 +55,16 @@ def validate_attention(A: Any) -> np.ndarray:
         raise InputError(f"attention must have shape [layers, heads, n, n], got shape {arr.shape}")
     if 0 in arr.shape:
         raise InputError(f"attention must not be empty, got shape {arr.shape}")
-    finite = np.isfinite(arr)
-    if not finite.all():
+    sums = arr.sum(axis=-1)  # a NaN or inf anywhere makes its row sum non-finite
+    if not np.isfinite(sums).all():
+        finite = np.isfinite(arr)
         idx = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise InputError(f"attention contains the non-finite value {arr[idx]} at {_where(idx)}")
     low = arr.min()
     if low < 0:
         idx = tuple(int(i) for i in np.argwhere(arr == low)[0])
         raise InputError(f"attention contains the negative value {low:.6g} at {_where(idx)}")
-    sums = arr.sum(axis=-1, dtype=np.float64)
-    err = np.abs(sums - 1.0)
+    err = np.abs(sums.astype(np.float64) - 1.0)
     worst = np.unravel_index(int(err.argmax()), err.shape)
     if err[worst] > ROW_SUM_TOLERANCE:
         l, h, v = (int(i) for i in worst)
@@ -228,19 +229,13 @@ def trace_cls_flow(
         if heads.size == 0 or frontier.size == 0:
             break
         # sub[h, i, j]: expanded node i (frontier) to candidate j on the next level
-        att = arr[layer][heads]
-        sub = att[:, frontier, :] if backward else att[:, :, frontier].transpose(0, 2, 1)
+        att = arr[layer] if heads.size == H else arr[layer][heads]
+        sub = np.take(att, frontier, axis=1) if backward else np.take(att, frontier, axis=2).transpose(0, 2, 1)
         if combine == "union":
-            passing = sub >= tau
-            keep = passing.any(axis=0)
-            masked = np.where(passing, sub, -np.inf)
-            best = masked.argmax(axis=0)
-            weight = np.take_along_axis(masked, best[None], axis=0)[0]
+            weight = sub.max(axis=0)  # some head passes iff the strongest one does
         else:
             weight = sub.mean(axis=0)
-            keep = weight >= tau
-            passing = np.broadcast_to(keep, sub.shape)
-            best = None
+        keep = weight >= tau
         if top_k is not None and top_k < n:
             ranked = np.where(keep, weight, -np.inf)
             order = np.argsort(-ranked, axis=1, kind="stable")
@@ -250,9 +245,14 @@ def trace_cls_flow(
         fi, nj = np.nonzero(keep)
         src = frontier[fi]
         query, key = (src, nj) if backward else (nj, src)
-        head = heads[best[fi, nj]] if best is not None else np.full(fi.size, -1, dtype=np.int64)
         heads_passed = np.zeros((fi.size, H), dtype=bool)
-        heads_passed[:, heads] = passing[:, fi, nj].T
+        if combine == "union":
+            kept = sub[:, fi, nj]  # [heads, edges]
+            head = heads[kept.argmax(axis=0)]
+            heads_passed[:, heads] = (kept >= tau).T
+        else:
+            head = np.full(fi.size, -1, dtype=np.int64)
+            heads_passed[:, heads] = True
         parts.append((np.full(fi.size, layer, dtype=np.int64), query, key, head, weight[fi, nj], heads_passed))
         nxt = level - 1 if backward else level + 1
         counts[nxt] = np.bincount(nj, minlength=n)
@@ -427,39 +427,36 @@ def _max_flows(C: np.ndarray, sources: np.ndarray, eps: float = FLOW_EPS) -> tup
 
 
 _KERNEL: Any = None
+_KERNEL_LOCK = threading.Lock()
 
 
 def _flow_kernel() -> Any:
     """The compiled max-flow kernel (numba, a dependency of datashader), or plain Python without numba."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            import numba
-        except ImportError:  # correct but slow
-            _KERNEL = _flow_pairs
-        else:
-            single = numba.njit(cache=True, nogil=True)(_max_flow_layered)
-            _KERNEL = numba.njit(cache=True, nogil=True)(_make_pairs(single))
+    global _KERNEL, _max_flow_layered
+    with _KERNEL_LOCK:
+        if _KERNEL is None:
+            try:
+                import numba
+            except ImportError:  # correct but slow
+                _KERNEL = _flow_pairs
+            else:
+                # _flow_pairs calls _max_flow_layered by its global name, so jit the callee first
+                _max_flow_layered = numba.njit(cache=True, nogil=True)(_max_flow_layered)
+                _KERNEL = numba.njit(cache=True, nogil=True)(_flow_pairs)
     return _KERNEL
 
 
-def _make_pairs(single: Any) -> Any:
-    def _flow_pairs_jit(C, pair_s, pair_t, eps, out, gaps):  # noqa: ANN001, ANN202
-        m, n, _ = C.shape
-        N = (m + 1) * n
-        F = np.empty_like(C)
-        dist = np.empty(N, np.int64)
-        queue = np.empty(N, np.int64)
-        ptr = np.empty(N, np.int64)
-        path = np.empty(N + 1, np.int64)
-        for i in range(pair_s.size):
-            out[i], gaps[i] = single(C, pair_s[i], pair_t[i], eps, F, dist, queue, ptr, path)
-
-    return _flow_pairs_jit
-
-
 def _flow_pairs(C, pair_s, pair_t, eps, out, gaps):  # noqa: ANN001, ANN202
-    _make_pairs(_max_flow_layered)(C, pair_s, pair_t, eps, out, gaps)
+    """Fill ``out``/``gaps`` with the max flow of each (source, sink) pair, reusing one set of work arrays."""
+    m, n, _ = C.shape
+    N = (m + 1) * n
+    F = np.empty_like(C)
+    dist = np.empty(N, np.int64)
+    queue = np.empty(N, np.int64)
+    ptr = np.empty(N, np.int64)
+    path = np.empty(N + 1, np.int64)
+    for i in range(pair_s.size):
+        out[i], gaps[i] = _max_flow_layered(C, pair_s[i], pair_t[i], eps, F, dist, queue, ptr, path)
 
 
 def _max_flow_layered(C, s, t, eps, F, dist, queue, ptr, path):  # noqa: ANN001, ANN202, C901, PLR0912, PLR0915
