@@ -1,0 +1,239 @@
+"""The ``attnflows`` command: finetune, extract, info, prepare and a text demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from attnflows_panel.errors import AttnflowsError, InputError
+from attnflows_panel.paths import home
+
+DEMO_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {number}")
+    return number
+
+
+def _rate(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), got {number}")
+    return number
+
+
+def _finetune_config(args: argparse.Namespace) -> Any:
+    from attnflows_panel.models.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        base=args.base or "",
+        data=str(args.data) if args.data else "",
+        max_train=args.max_train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from attnflows_panel.models.finetune import finetune
+
+    result = finetune(_finetune_config(args), force=args.force, progress=not args.quiet)
+    m = result.metrics
+    state = "reused cached checkpoint" if result.reused else f"fine-tuned in {m['train_seconds']:.0f} s"
+    print(f"{state}: {result.path}")
+    print(
+        f"task {m['task']}, {m['n_train']} training examples, {m['steps']} steps; held-out accuracy "
+        f"{m['heldout_accuracy']:.1%} on {m['n_heldout']} (majority baseline {m['majority_baseline']:.1%})"
+    )
+    return 0
+
+
+def _models_for(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
+    from attnflows_panel.models import default_pretrained_path, load_encoder
+    from attnflows_panel.models.finetune import default_finetuned
+
+    if args.model:
+        return {"model": load_encoder(args.model, args.device)}
+    pretrained = load_encoder(args.pretrained or default_pretrained_path(), args.device)
+    finetuned_path = args.finetuned or default_finetuned(progress=progress).path
+    return {"pretrained": pretrained, "finetuned": load_encoder(finetuned_path, args.device)}
+
+
+def _default_run_dir(corpus_path: Path | None) -> Path:
+    return home() / "runs" / (corpus_path.stem if corpus_path else "sentiment-heldout")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from attnflows_panel.corpus import heldout_sentiment_corpus, read_corpus
+    from attnflows_panel.store import extract_corpus
+
+    corpus = read_corpus(args.corpus) if args.corpus else heldout_sentiment_corpus()
+    if args.limit:
+        corpus = corpus.subset(range(min(args.limit, len(corpus))))
+    output = Path(args.output) if args.output else _default_run_dir(args.corpus)
+    models = _models_for(args, progress=not args.quiet)
+    store = extract_corpus(models, corpus, output, shard_size=args.shard_size, max_batch=args.batch_size, progress=not args.quiet)
+    print(f"{output}: {store.describe()}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from attnflows_panel.models.loading import default_pretrained_path
+    from attnflows_panel.store import RunStore
+
+    if args.run:
+        store = RunStore.open(args.run)
+        print(json.dumps({k: v for k, v in store.manifest.items() if k != "shards"}, indent=2))
+        print(f"stored: {store.describe()}")
+        return 0
+    root = home()
+    print(f"cache: {root}{'' if root.exists() else ' (empty)'}")
+    try:
+        print(f"default pre-trained model: {default_pretrained_path()}")
+    except AttnflowsError as exc:
+        print(f"default pre-trained model: unavailable ({exc})")
+    for checkpoint in sorted((root / "models").glob("*/metrics.json")):
+        m = json.loads(checkpoint.read_text())
+        print(f"fine-tuned: {checkpoint.parent}  task {m.get('task')}, held-out accuracy {m.get('heldout_accuracy', float('nan')):.1%}")
+    for manifest in sorted((root / "runs").glob("*/manifest.json")):
+        try:
+            print(f"run: {manifest.parent}  {RunStore.open(manifest.parent).describe()}")
+        except AttnflowsError as exc:
+            print(f"run: {manifest.parent}  unreadable ({exc})")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from attnflows_panel.corpus import heldout_sentiment_corpus
+    from attnflows_panel.models import default_pair
+    from attnflows_panel.store import extract_corpus
+
+    pair = default_pair(progress=not args.quiet)
+    store = extract_corpus(
+        {"pretrained": pair.pretrained, "finetuned": pair.finetuned},
+        heldout_sentiment_corpus(),
+        _default_run_dir(None),
+        progress=not args.quiet,
+    )
+    print(f"default models ready; corpus run {store.path}: {store.describe()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from attnflows_panel.extract import extract_pair
+    from attnflows_panel.models import default_pair
+
+    pair = default_pair(progress=not args.quiet)
+    records = extract_pair(pair, args.text, args.text_pair)
+    tokens = records[0].tokens
+    print(f"{len(tokens)} tokens: {' '.join(tokens)}")
+    for name, record in zip(("pre-trained", "fine-tuned"), records, strict=True):
+        cls_row = record.attention[-1, :, 0, :].mean(0)
+        top = np.argsort(cls_row)[::-1][:5]
+        focus = ", ".join(f"{tokens[i]} {cls_row[i]:.2f}" for i in top)
+        line = f"{name:>11}: [CLS] in the last layer attends to {focus}"
+        if record.predicted_label is not None:
+            line += f"; predicts {record.predicted_label} ({record.probabilities.max():.0%})"
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnflows", description="Analyse and compare attention in Transformer encoders.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ft = sub.add_parser("finetune", help="fine-tune a model for classification (cached)", description="Fine-tune an encoder for sequence classification on the CPU. Defaults: the bundled BERT on the bundled sentiment corpus (positive vs negative). The checkpoint is cached under $ATTNFLOWS_HOME/models.")
+    ft.add_argument("--base", help="pre-trained model: hub name or local path (default: the bundled all-MiniLM-L6-v2 BERT)")
+    ft.add_argument("--data", type=Path, help="CSV/JSONL with 'text' (or 'text_a' and 'text_b') and 'label' columns (default: bundled sentiment corpus)")
+    ft.add_argument("--max-train", type=_positive_int, default=3000, help="at most this many training examples (default 3000)")
+    ft.add_argument("--epochs", type=_positive_int, default=1, help="default 1")
+    ft.add_argument("--batch-size", type=_positive_int, default=16, help="default 16")
+    ft.add_argument("--learning-rate", type=_rate, default=1e-4, help="default 1e-4")
+    ft.add_argument("--seed", type=int, default=0, help="default 0")
+    ft.add_argument("--force", action="store_true", help="fine-tune again even if a cached checkpoint matches")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    ft.set_defaults(func=cmd_finetune)
+
+    ex = sub.add_parser("extract", help="extract attention and head statistics for a corpus", description="Run a corpus through the model pair (or one model) and store attention and per-head statistics in a run directory. A stopped run resumes where it stopped.")
+    ex.add_argument("corpus", nargs="?", type=Path, help="CSV/JSONL ('text' or 'text_a'+'text_b') or a text file with one sentence a line (default: held-out split of the bundled sentiment corpus)")
+    ex.add_argument("--output", "-o", type=Path, help="run directory (default: $ATTNFLOWS_HOME/runs/<corpus name>)")
+    ex.add_argument("--pretrained", help="pre-trained model, hub name or path (default: bundled BERT)")
+    ex.add_argument("--finetuned", help="fine-tuned model, hub name or path (default: the bundled BERT fine-tuned on sentiment, made if missing)")
+    ex.add_argument("--model", help="extract with this one model instead of a pair")
+    ex.add_argument("--limit", type=_positive_int, help="only the first N sentences")
+    ex.add_argument("--shard-size", type=_positive_int, default=128, help="sentences per stored shard (default 128)")
+    ex.add_argument("--batch-size", type=_positive_int, default=32, help="largest forward batch (default 32)")
+    ex.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ex.add_argument("--quiet", action="store_true", help="no progress bar")
+    ex.set_defaults(func=cmd_extract)
+
+    info = sub.add_parser("info", help="show models, cache and stored runs", description="Show the default models, cached fine-tuned checkpoints and stored runs, or one run's manifest.")
+    info.add_argument("run", nargs="?", type=Path, help="a run directory to describe")
+    info.set_defaults(func=cmd_info)
+
+    prep = sub.add_parser("prepare", help="make the default fine-tuned model and corpus run (once)", description="Fine-tune the default model and extract the held-out corpus with both models; cached, so a second call returns at once.")
+    prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    prep.set_defaults(func=cmd_prepare)
+
+    demo = sub.add_parser("demo", help="print what [CLS] attends to in both default models", description="Compare the default pre-trained and fine-tuned models on one input, in text.")
+    demo.add_argument("--text", default=DEMO_TEXT, help="the sentence")
+    demo.add_argument("--text-pair", help="optional second segment")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _show_warning(message: Any, category: type[Warning], *_: Any, **__: Any) -> None:
+    print(f"attnflows: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one line and return 2, never a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        _quiet_transformers()
+        return int(args.func(args))
+    except (AttnflowsError, InputError) as exc:
+        print(f"attnflows: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnflows: interrupted; finished work is kept and a rerun continues from it", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI promises no tracebacks
+        if os.environ.get("ATTNFLOWS_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"attnflows: unexpected error: {type(exc).__name__}: {message} (set ATTNFLOWS_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
