@@ -149,7 +149,8 @@ class AttentionTrace:
 
     ``counts``, ``influence`` and ``reached`` are ``[L + 1, n]`` over levels (0 = input embeddings).
     ``edge_head`` is the strongest passing head (``-1`` for ``combine="mean"``) and ``edge_weight`` its
-    weight (the head mean for ``"mean"``); ``edge_heads`` ``[E, H]`` marks every head that passed.
+    weight (the head mean for ``"mean"``); ``edge_heads`` ``[E, H]`` marks every head that passed
+    (for ``"mean"``: the heads averaged).
     """
 
     edge_layer: np.ndarray
@@ -549,7 +550,7 @@ def _max_flow_layered(C, s, t, eps, F, dist, queue, ptr, path):  # noqa: ANN001,
                     if first < 0 and r <= eps:
                         first = i
                 total += bott
-                plen = first
+                plen = max(first, 0)
                 continue
             lv = u // n
             v = u - lv * n
