@@ -85,7 +85,7 @@ class RunStore:
 
     @property
     def models(self) -> list[str]:
-        return list(self.manifest["models"])
+        return [m["name"] for m in self.manifest["models"]]
 
     @property
     def n_layers(self) -> int:
@@ -148,11 +148,11 @@ class RunStore:
         return f"{done} of {self.manifest['n_sentences']} sentences, models {', '.join(self.models)}"
 
 
-def _fingerprint(models: Mapping[str, LoadedModel], corpus: Corpus, shard_size: int) -> tuple[str, dict[str, Any]]:
-    described = {
-        name: {"model_id": lm.model_id, "checkpoint_sha256": lm.checkpoint_hash, "max_tokens": lm.max_tokens}
+def _fingerprint(models: Mapping[str, LoadedModel], corpus: Corpus, shard_size: int) -> tuple[str, list[dict[str, Any]]]:
+    described = [
+        {"name": name, "model_id": lm.model_id, "checkpoint_sha256": lm.checkpoint_hash, "max_tokens": lm.max_tokens}
         for name, lm in models.items()
-    }
+    ]
     key = {
         "models": described,
         "corpus_sha256": corpus.sha256 or sha256_json([corpus.texts, corpus.text_pairs]),

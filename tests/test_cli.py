@@ -1,0 +1,75 @@
+"""The attnflows command: help for every command, one-line errors, real work on tiny models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnflows_panel.cli import main
+
+
+@pytest.mark.parametrize("command", [[], ["finetune"], ["extract"], ["info"], ["prepare"], ["demo"]])
+def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: attnflows" in capsys.readouterr().out
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "attnflows_panel.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_error_is_one_line_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,sentiment\nhello,positive\n")
+    result = run_cli("finetune", "--data", str(bad), "--quiet")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "attnflows: error: bad.csv needs a 'text' column (or 'text_a' and 'text_b'); found: sentence, sentiment"
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_missing_model_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the car\n")
+    assert main(["extract", str(corpus), "--model", str(tmp_path / "none"), "-o", str(tmp_path / "run"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"attnflows: error: model path does not exist: {tmp_path / 'none'}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_flag_value_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", "--limit", "-3"])
+    assert exit_info.value.code == 2
+    assert "expected a number of at least 1, got -3" in capsys.readouterr().err
+
+
+def test_extract_and_info_with_a_tiny_pair(tiny_dir: Path, tiny_classifier_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "the car was good"}\n{"text": "i hate it"}\n{"text": "a great movie"}\n')
+    run = tmp_path / "run"
+    args = ["extract", str(corpus), "--pretrained", str(tiny_dir), "--finetuned", str(tiny_classifier_dir), "-o", str(run), "--quiet"]
+    assert main(args) == 0
+    assert "3 of 3 sentences, models pretrained, finetuned" in capsys.readouterr().out
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert '"n_sentences": 3' in out and "stored: 3 of 3 sentences" in out
+
+
+def test_finetune_command(tiny_dir: Path, sentiment_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["finetune", "--base", str(tiny_dir), "--data", str(sentiment_csv), "--quiet", "--batch-size", "32"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "fine-tuned in" in first and "held-out accuracy" in first
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("reused cached checkpoint")
+    assert main(["info"]) == 0
+    assert "fine-tuned:" in capsys.readouterr().out
+
+
+def test_info_on_a_foreign_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tmp_path)]) == 2
+    assert "not an attnflows run directory" in capsys.readouterr().err

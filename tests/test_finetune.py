@@ -1,0 +1,112 @@
+"""Fine-tuning: seeded, cached, atomic, on the user's own single-sentence or pair data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from attnflows_panel.errors import InputError, ModelError
+from attnflows_panel.models import load_encoder
+from attnflows_panel.models import finetune as ft
+from attnflows_panel.paths import sha256_file
+
+
+def config(base: Path, data: Path, **kw) -> ft.FinetuneConfig:
+    return ft.FinetuneConfig(base=str(base), data=str(data), batch_size=8, heldout=16, learning_rate=1e-3, **kw)
+
+
+def test_finetune_writes_checkpoint_and_metrics(tiny_dir: Path, sentiment_csv: Path) -> None:
+    result = ft.finetune(config(tiny_dir, sentiment_csv), progress=False)
+    assert not result.reused
+    m = json.loads((result.path / "metrics.json").read_text())
+    assert m == result.metrics
+    assert m["task"] == "small" and m["labels"] == ["negative", "positive"]
+    assert (m["n_train"], m["n_heldout"], m["steps"]) == (64, 16, 8)
+    assert m["data_sha256"] == sha256_file(sentiment_csv)
+    assert 0.0 <= m["heldout_accuracy"] <= 1.0 and m["majority_baseline"] >= 0.5
+    assert m["weights_sha256"] == sha256_file(result.path / "model.safetensors")
+    lm = load_encoder(result.path)
+    assert lm.labels == ["negative", "positive"]
+    assert lm.model.config._attn_implementation == "eager"
+
+
+def test_finetune_is_reused_then_reproducible(tiny_dir: Path, sentiment_csv: Path) -> None:
+    first = ft.finetune(config(tiny_dir, sentiment_csv, seed=3), progress=False)
+    again = ft.finetune(config(tiny_dir, sentiment_csv, seed=3), progress=False)
+    assert again.reused and again.path == first.path
+    forced = ft.finetune(config(tiny_dir, sentiment_csv, seed=3), force=True, progress=False)
+    assert not forced.reused
+    assert forced.metrics["weights_sha256"] == first.metrics["weights_sha256"]
+    other_seed = ft.finetune(config(tiny_dir, sentiment_csv, seed=4), progress=False)
+    assert other_seed.path != first.path
+    assert other_seed.metrics["weights_sha256"] != first.metrics["weights_sha256"]
+
+
+def test_corrupted_checkpoint_is_not_reused(tiny_dir: Path, sentiment_csv: Path) -> None:
+    first = ft.finetune(config(tiny_dir, sentiment_csv, seed=5), progress=False)
+    weights = first.path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    again = ft.finetune(config(tiny_dir, sentiment_csv, seed=5), progress=False)
+    assert not again.reused
+    assert sha256_file(weights) == first.metrics["weights_sha256"]
+
+
+def test_failed_finetune_leaves_nothing(tiny_dir: Path, sentiment_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config(tiny_dir, sentiment_csv, seed=6)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "evaluate_accuracy", crash)
+    models = Path(ft.home()) / "models"
+    before = set(models.iterdir()) if models.exists() else set()
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(cfg, progress=False)
+    after = set(models.iterdir()) if models.exists() else set()
+    assert after == before
+
+
+def test_pair_task_from_jsonl(tiny_dir: Path, tmp_path: Path) -> None:
+    rows = [
+        {"text_a": f"the car {i}", "text_b": "the car" if i % 2 else "a movie", "label": "same" if i % 2 else "different"}
+        for i in range(40)
+    ]
+    data = tmp_path / "paraphrase.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    result = ft.finetune(ft.FinetuneConfig(base=str(tiny_dir), data=str(data), heldout=8, batch_size=8), progress=False)
+    assert result.metrics["labels"] == ["different", "same"]
+    assert result.metrics["task"] == "paraphrase"
+
+
+def test_csv_without_needed_columns(tiny_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "bad.csv"
+    data.write_text("sentence,sentiment\nhello,positive\n")
+    with pytest.raises(InputError, match=r"bad.csv needs a 'text' column \(or 'text_a' and 'text_b'\); found: sentence, sentiment"):
+        ft.finetune(config(tiny_dir, data), progress=False)
+
+
+def test_csv_without_labels(tiny_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "nolabel.csv"
+    data.write_text("text\nhello\nworld\n")
+    with pytest.raises(InputError, match="needs a 'label' column for fine-tuning; found: text"):
+        ft.finetune(config(tiny_dir, data), progress=False)
+
+
+def test_single_label_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "one.csv"
+    data.write_text("text,label\n" + "".join(f"good {i},positive\n" for i in range(30)))
+    with pytest.raises(InputError, match="at least two labels"):
+        ft.finetune(config(tiny_dir, data), progress=False)
+
+
+def test_bad_base_model(tmp_path: Path, sentiment_csv: Path) -> None:
+    with pytest.raises(ModelError, match="model path does not exist"):
+        ft.finetune(config(tmp_path / "missing", sentiment_csv), progress=False)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [("epochs", 0, "epochs must be at least 1, got 0"), ("learning_rate", 2.0, r"learning_rate must be in \(0, 1\), got 2.0")])
+def test_bad_settings(tiny_dir: Path, sentiment_csv: Path, field: str, value: float, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        ft.finetune(ft.FinetuneConfig(base=str(tiny_dir), data=str(sentiment_csv), **{field: value}), progress=False)
