@@ -66,3 +66,14 @@ def test_bundled_sentiment_corpus() -> None:
     assert len(set(corpus.texts)) == len(corpus) > 20_000
     held = heldout_sentiment_corpus()
     assert len(held) == 1000 and held.texts == heldout_sentiment_corpus().texts
+
+
+def test_examples_are_valid_inputs(tiny) -> None:
+    from attnflows_panel.examples import load_examples
+    from attnflows_panel.extract import encode
+
+    examples = load_examples()
+    assert len({e.name for e in examples}) == len(examples) >= 10
+    assert any(e.text_pair for e in examples) and all(e.source for e in examples)
+    for example in examples:
+        assert len(encode(tiny, example.text, example.text_pair, warn=False).input_ids) > 3
