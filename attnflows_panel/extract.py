@@ -207,7 +207,7 @@ def make_record(lm: LoadedModel, encoding: Encoding, text: str, text_pair: str |
     )
 
 
-def extract(model: Any, tokenizer: Any = None, text: str = "", text_pair: str | None = None, *, model_id: str | None = None) -> AttentionRecord:
+def extract(model: Any, tokenizer: Any, text: str, text_pair: str | None = None, *, model_id: str | None = None) -> AttentionRecord:
     """Attention of one input (a sentence or a sentence pair) through one model.
 
     ``model`` is a transformers model loaded with ``attn_implementation="eager"`` and ``tokenizer`` its

@@ -1,8 +1,39 @@
-"""Per-head measures of attention maps ``A[..., query, key]`` whose rows sum to 1."""
+"""Per-head measures of attention maps ``A[..., query, key]`` whose rows sum to 1.
+
+Every measure is a mean over the queries of one sentence, so it has shape ``attention.shape[:-2]``
+(``[L, H]`` for a record). At the edges: ``attn_prev`` averages over the queries that have a previous
+token (all but the first) and ``attn_next`` over those with a next token (all but the last); a
+one-token sentence has neither and gets NaN there.
+"""
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 import numpy as np
+
+from attnflows_panel.analysis.flows import ROW_SUM_TOLERANCE
+from attnflows_panel.errors import InputError
+
+# (name, short description) of every measure of :func:`head_measures`, in display order.
+MEASURES: tuple[tuple[str, str], ...] = (
+    ("entropy", "entropy of each query's attention (nats): high = broad, low = focused"),
+    ("attn_cls", "attention paid to [CLS]"),
+    ("attn_sep", "attention paid to [SEP]"),
+    ("attn_punct", "attention paid to punctuation tokens"),
+    ("attn_self", "attention a token pays to itself"),
+    ("attn_prev", "attention paid to the previous token"),
+    ("attn_next", "attention paid to the next token"),
+    ("distance", "mean distance in tokens between a query and what it attends to"),
+    ("max_weight", "largest weight of each query (confidence)"),
+)
+
+_PIECE_PREFIXES = ("##", "Ġ", "▁")
+# Sentences buffered by corpus_head_measures before their length buckets are computed (float64 bytes).
+BUFFER_BYTES = 64 * 2**20
+_TINY = np.nextafter(0.0, 1.0)
 
 
 def head_entropy(attention: np.ndarray) -> np.ndarray:
@@ -34,3 +65,168 @@ def basic_head_stats(attention: np.ndarray, cls_mask: np.ndarray, sep_mask: np.n
         "attn_cls": attention_to(attention, cls_mask),
         "attn_sep": attention_to(attention, sep_mask),
     }
+
+
+def is_punctuation(token: str) -> bool:
+    """True for a token made only of Unicode punctuation (categories P*), ignoring a leading ``##``, ``Ġ`` or ``▁``."""
+    for prefix in _PIECE_PREFIXES:
+        if token.startswith(prefix):
+            token = token[len(prefix) :]
+            break
+    return bool(token) and all(unicodedata.category(c).startswith("P") for c in token)
+
+
+def punctuation_mask(tokens: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the punctuation tokens (see :func:`is_punctuation`)."""
+    return np.fromiter((is_punctuation(t) for t in tokens), dtype=bool, count=len(tokens))
+
+
+def head_measures(attention: np.ndarray, tokens: Sequence[str], cls_mask: np.ndarray, sep_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Every measure of :data:`MEASURES` for one sentence, each of shape ``attention.shape[:-2]``."""
+    a = _check_attention(attention, "attention")
+    n = a.shape[-1]
+    cls, sep, punct = _key_masks(tokens, cls_mask, sep_mask, n, "")
+    position = np.arange(n)
+    distance = np.abs(position[:, None] - position[None, :])
+    values = {
+        "entropy": head_entropy(a),
+        "attn_cls": attention_to(a, cls),
+        "attn_sep": attention_to(a, sep),
+        "attn_punct": attention_to(a, punct),
+        "attn_self": a.diagonal(0, -2, -1).mean(-1),
+        "attn_prev": _mean_or_nan(a.diagonal(-1, -2, -1)),  # A[q, q - 1] for q = 1 .. n - 1
+        "attn_next": _mean_or_nan(a.diagonal(1, -2, -1)),  # A[q, q + 1] for q = 0 .. n - 2
+        "distance": (a * distance).sum(-1).mean(-1),
+        "max_weight": head_max_weight(a),
+    }
+    return {name: values[name] for name, _ in MEASURES}
+
+
+def corpus_head_measures(items: Iterable[Any]) -> dict[str, np.ndarray]:
+    """Mean of :func:`head_measures` over sentences, each sentence weighing equally whatever its length.
+
+    ``items`` yields ``(attention, tokens, cls_mask, sep_mask)`` tuples or records with those attributes.
+    Sentences of equal length are computed together; ``attn_prev``/``attn_next`` average over the
+    sentences that have at least two tokens.
+    """
+    names = [name for name, _ in MEASURES]
+    sums: dict[str, np.ndarray] = {}
+    counts = dict.fromkeys(names, 0)
+    buckets: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    buffered = 0
+    head_shape: tuple[int, ...] | None = None
+    n_items = 0
+
+    def flush() -> None:
+        for bucket in buckets.values():
+            for name, (total, count) in _bucket_sums(bucket).items():
+                sums[name] = sums.get(name, 0.0) + total
+                counts[name] += count
+        buckets.clear()
+
+    for k, item in enumerate(items):
+        attention, tokens, cls_mask, sep_mask = _unpack(item, k)
+        a = np.asarray(attention)
+        if a.ndim < 2 or a.shape[-1] != a.shape[-2] or a.shape[-1] == 0:
+            raise InputError(f"sentence {k}: attention must have shape [..., n, n] with n >= 1, got {a.shape}")
+        if head_shape is None:
+            head_shape = a.shape[:-2]
+        elif a.shape[:-2] != head_shape:
+            raise InputError(f"sentence {k}: attention has heads of shape {a.shape[:-2]}, earlier sentences {head_shape}")
+        n = a.shape[-1]
+        masks = np.stack(_key_masks(tokens, cls_mask, sep_mask, n, f"sentence {k}: "), axis=-1)
+        buckets.setdefault(n, []).append((k, a, masks))
+        buffered += a.size * 8
+        n_items += 1
+        if buffered > BUFFER_BYTES:
+            flush()
+            buffered = 0
+    if not n_items:
+        raise InputError("no sentences to average head measures over")
+    flush()
+    shape = head_shape or ()
+    return {name: (sums[name] / counts[name]).reshape(shape) if counts[name] else np.full(shape, np.nan) for name in names}
+
+
+def _bucket_sums(bucket: list[tuple[int, np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, int]]:
+    """Per-measure sums over the sentences of one length (and how many sentences each sum covers)."""
+    b, n = len(bucket), bucket[0][1].shape[-1]
+    x = np.empty((b, int(np.prod(bucket[0][1].shape[:-2], dtype=np.int64)), n, n))
+    for row, (_, a, _) in enumerate(bucket):
+        x[row] = a.reshape(x.shape[1:])
+    if not _rows_ok(x):
+        for k, a, _ in bucket:
+            _check_attention(a, f"sentence {k}: attention")
+    flat = x.reshape(b, -1, n * n)
+    masks = np.stack([m for _, _, m in bucket]).astype(np.float64)  # [B, n, 3]: cls, sep, punct
+    to = np.matmul(x.sum(-2), masks).sum(0) / n  # mean over queries of the mass on the masked keys
+    position = np.arange(n)
+    distance = (flat @ (np.abs(position[:, None] - position[None, :]).ravel() / n)).sum(0)
+    x_log_x = np.maximum(flat, _TINY)  # log(max(a, tiny)) is finite, and 0 times it is exactly 0
+    np.log(x_log_x, out=x_log_x)
+    x_log_x *= flat
+    edge = b if n > 1 else 0
+    return {
+        "entropy": (-x_log_x.sum(-1).sum(0) / n, b),
+        "attn_cls": (to[:, 0], b),
+        "attn_sep": (to[:, 1], b),
+        "attn_punct": (to[:, 2], b),
+        "attn_self": (x.diagonal(0, -2, -1).sum((0, -1)) / n, b),
+        "attn_prev": (x.diagonal(-1, -2, -1).sum((0, -1)) / max(n - 1, 1), edge),
+        "attn_next": (x.diagonal(1, -2, -1).sum((0, -1)) / max(n - 1, 1), edge),
+        "distance": (distance, b),
+        "max_weight": (x.max(-1).sum((0, -1)) / n, b),
+    }
+
+
+def _unpack(item: Any, k: int) -> tuple[Any, Any, Any, Any]:
+    if hasattr(item, "attention"):
+        return item.attention, item.tokens, item.cls_mask, item.sep_mask
+    try:
+        attention, tokens, cls_mask, sep_mask = item
+    except (TypeError, ValueError):
+        raise InputError(f"sentence {k}: expected (attention, tokens, cls_mask, sep_mask) or a record, got {type(item).__name__}") from None
+    return attention, tokens, cls_mask, sep_mask
+
+
+def _key_masks(tokens: Sequence[str], cls_mask: Any, sep_mask: Any, n: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if isinstance(tokens, str) or len(tokens) != n:
+        got = "a string" if isinstance(tokens, str) else f"{len(tokens)} tokens"
+        raise InputError(f"{where}attention has {n} keys but tokens is {got}")
+    masks = []
+    for name, mask in (("cls_mask", cls_mask), ("sep_mask", sep_mask)):
+        m = np.asarray(mask)
+        if m.shape != (n,):
+            raise InputError(f"{where}{name} has shape {m.shape}, attention needs ({n},)")
+        masks.append(m.astype(bool))
+    return masks[0], masks[1], punctuation_mask(tokens)
+
+
+def _mean_or_nan(values: np.ndarray) -> np.ndarray:
+    return values.mean(-1) if values.shape[-1] else np.full(values.shape[:-1], np.nan)
+
+
+def _rows_ok(a: np.ndarray) -> bool:
+    sums = a.sum(-1)
+    return bool(np.all(np.abs(sums - 1.0) <= ROW_SUM_TOLERANCE)) and bool(a.min() >= 0)
+
+
+def _check_attention(attention: Any, what: str) -> np.ndarray:
+    """``attention`` as float64 after checking its shape, finiteness, signs and row sums."""
+    try:
+        a = np.asarray(attention, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} is not a numeric array") from None
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2] or a.shape[-1] == 0:
+        raise InputError(f"{what} must have shape [..., n, n] with n >= 1, got {a.shape}")
+    if _rows_ok(a):
+        return a
+    if not np.isfinite(a).all():
+        idx = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        raise InputError(f"{what} contains the non-finite value {a[idx]} at index {idx}")
+    if a.min() < 0:
+        idx = tuple(int(i) for i in np.argwhere(a < 0)[0])
+        raise InputError(f"{what} contains the negative value {a[idx]:.6g} at index {idx}")
+    sums = a.sum(-1)
+    idx = tuple(int(i) for i in np.unravel_index(int(np.abs(sums - 1.0).argmax()), sums.shape))
+    raise InputError(f"{what} rows must sum to 1: row {idx} sums to {sums[idx]:.6g} (tolerance {ROW_SUM_TOLERANCE:g})")

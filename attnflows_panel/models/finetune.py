@@ -82,10 +82,11 @@ def _load_data(config: FinetuneConfig) -> tuple[Corpus, str]:
 
 def checkpoint_dir(config: FinetuneConfig, task: str, key: str) -> Path:
     """The cache directory of a fine-tuned checkpoint."""
-    base = _base_source(config)
-    name = re.sub(r"[^A-Za-z0-9]+", "-", Path(base).name if Path(base).expanduser().exists() else base).strip("-")
-    if base == str(default_pretrained_path()):
+    if not config.base:
         name = "all-minilm-l6-v2"
+    else:
+        path = Path(config.base).expanduser()
+        name = re.sub(r"[^A-Za-z0-9]+", "-", path.name if path.exists() else config.base).strip("-")
     return home() / "models" / f"{name}-{task}-{key[:12]}"
 
 
@@ -110,7 +111,8 @@ def finetune(config: FinetuneConfig | None = None, force: bool = False, progress
     config.validate()
     corpus, task = _load_data(config)
     base = _base_source(config)
-    key = sha256_json({"config": asdict(config) | {"base": base}, "base": _base_fingerprint(base), "data": corpus.sha256, "format": FORMAT_VERSION})
+    base_fingerprint = _base_fingerprint(base)
+    key = sha256_json({"config": asdict(config) | {"base": base}, "base": base_fingerprint, "data": corpus.sha256, "format": FORMAT_VERSION})
     target = checkpoint_dir(config, task, key)
     if not force and (metrics := _valid_checkpoint(target, key)) is not None:
         return FinetuneResult(target, metrics, reused=True)
@@ -166,7 +168,7 @@ def finetune(config: FinetuneConfig | None = None, force: bool = False, progress
         "n_heldout": len(heldout),
         "steps": total,
         "config": asdict(config) | {"base": base},
-        "base_fingerprint": _base_fingerprint(base),
+        "base_fingerprint": base_fingerprint,
         "final_train_loss": float(np.mean(losses[-20:])),
         "heldout_accuracy": accuracy,
         "majority_baseline": baseline,
