@@ -125,7 +125,8 @@ def clark_head_distances(
     their ``head_distances.py``: rows are smoothed to ``0.001 / n + 0.999 * p``, and the Jensen-Shannon
     divergence (natural log) between two heads' rows for the same query is summed over queries and
     sentences. Computed as ``JS_ij = (c_ii + c_jj) / 2 - c_ij`` with ``c_ij = sum m log m`` in float32
-    blocks (relative precision about 1e-5); ``workers`` threads (default: the CPU count, at most 8).
+    blocks: absolute error about 1e-6 nats per query token, exact zeros for identical heads. ``workers``
+    threads (default: the CPU count, at most 8).
     """
     n_workers = max(1, min(os.cpu_count() or 1, 8)) if workers is None else int(workers)
     if n_workers < 1:
@@ -297,7 +298,7 @@ def embed_head_features(
             import umap
         except ImportError:
             raise AttnflowsError("the UMAP head map needs the optional umap-learn package: pip install umap-learn") from None
-        coords = umap.UMAP(n_components=2, n_neighbors=min(15, X.shape[0] - 1), random_state=seed).fit_transform(X)
+        coords = umap.UMAP(n_components=2, n_neighbors=min(15, X.shape[0] - 1), random_state=seed, n_jobs=1).fit_transform(X)
     else:
         raise InputError(f"method must be 'pca', 'tsne' or 'umap', got {method!r}")
     return _embedding(np.asarray(coords, dtype=np.float64), heads, method)
