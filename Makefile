@@ -9,9 +9,9 @@ STAMP  := $(VENV)/.installed-stamp
 # torch==2.13.0 first: the CPU build (a bare `torch` would pull several GB of CUDA).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-warn-script-location --upgrade pip
+	$(PY) -m pip install --quiet --no-warn-script-location torch==2.13.0
+	$(PY) -m pip install --quiet --no-warn-script-location -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
