@@ -12,6 +12,7 @@ import pandas as pd
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, AttentionTrace
 from attnflows_panel.plots import FINETUNED_COLOR, PRETRAINED_COLOR, SHARED_COLOR
 
+ROOT_COLOR = "#303030"
 LABEL_COLORS = {SHARED: SHARED_COLOR, PRETRAINED: PRETRAINED_COLOR, FINETUNED: FINETUNED_COLOR}
 EDGE_COLUMNS = ["layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned"]
 
@@ -104,6 +105,9 @@ def flow_diagram(
     peak = max(float(nodes["influence"].max()), 1e-9)
     nodes["size"] = np.where(nodes["label"] != "", 5 + 13 * np.sqrt(nodes["influence"] / peak), 3.0)
     nodes["color"] = [LABEL_COLORS.get(label, "#d9d9d9") for label in nodes["label"]]
+    root_level, root_token = next(iter(traces.values())).root
+    is_root = (nodes["level"] == root_level) & (nodes["index"] == root_token)
+    nodes.loc[is_root, ["size", "color"]] = (16.0, ROOT_COLOR)
     # a layer-l edge joins its key on level l to its query on level l + 1
     x0, y0 = _positions(edges["layer"].to_numpy(), edges["key"].to_numpy(), n, layout)
     x1, y1 = _positions(edges["layer"].to_numpy() + 1, edges["query"].to_numpy(), n, layout)
@@ -120,13 +124,13 @@ def flow_diagram(
     )
     if layout == "layered":
         bottom = nodes[nodes["level"] == 0]
-        labels = hv.Labels(bottom.assign(y=-0.35), ["x", "y"], "token").opts(angle=60, text_align="right", text_baseline="middle", text_font_size="9pt")
+        labels = hv.Labels(bottom.assign(y=-0.35), ["x", "y"], "token").opts(angle=60, text_align="right", text_baseline="middle", text_font_size="9pt", text_color=ROOT_COLOR)
         ticks = [(i, "input" if i == 0 else f"layer {i}") for i in range(levels)]
-        axes = dict(xaxis=None, yticks=ticks, ylabel="", ylim=(-2.2, levels - 0.6), xlim=(-1, n))
+        axes = dict(xaxis=None, yticks=ticks, ylabel="", ylim=(-1.7, levels - 0.6), xlim=(-1, n))
     else:
         outer = nodes[nodes["level"] == levels - 1]
         angle = np.pi / 2 - 2 * np.pi * outer["index"].to_numpy() / n
-        labels = hv.Labels(outer.assign(x=(levels + 0.9) * np.cos(angle), y=(levels + 0.9) * np.sin(angle)), ["x", "y"], "token").opts(text_font_size="9pt")
+        labels = hv.Labels(outer.assign(x=(levels + 0.9) * np.cos(angle), y=(levels + 0.9) * np.sin(angle)), ["x", "y"], "token").opts(text_font_size="9pt", text_color=ROOT_COLOR)
         reach = levels + 2.2
         axes = dict(xaxis=None, yaxis=None, xlim=(-reach, reach), ylim=(-reach, reach), data_aspect=1)
     return (segments * points * labels).opts(hv.opts.Overlay(width=width, height=height, toolbar="right", show_legend=False, **axes))
