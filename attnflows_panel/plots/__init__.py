@@ -1,5 +1,7 @@
 """Pure functions: plain data in, HoloViews element out. No Panel, no state."""
 
+import holoviews.plotting.bokeh  # noqa: F401  (registers the Bokeh options the builders set)
+
 PRETRAINED_COLOR = "#36b7bd"
 FINETUNED_COLOR = "#96519b"
 SHARED_COLOR = "#8a8a8a"
