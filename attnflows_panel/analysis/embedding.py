@@ -104,11 +104,15 @@ class _MixtureSums:
             np.log(M, out=Lg)
             self.sums[i, i:] += np.vecdot(M, Lg)
 
+    def shutdown(self) -> None:
+        """Stop the worker threads."""
+        if self.pool is not None:
+            self.pool.shutdown()
+
     def close(self) -> np.ndarray:
         """Flush, stop the threads and return the symmetric ``[K, K]`` sums."""
         self.flush()
-        if self.pool is not None:
-            self.pool.shutdown()
+        self.shutdown()
         upper = np.triu(self.sums)
         return upper + np.triu(upper, 1).T
 
@@ -125,7 +129,7 @@ def clark_head_distances(
     their ``head_distances.py``: rows are smoothed to ``0.001 / n + 0.999 * p``, and the Jensen-Shannon
     divergence (natural log) between two heads' rows for the same query is summed over queries and
     sentences. Computed as ``JS_ij = (c_ii + c_jj) / 2 - c_ij`` with ``c_ij = sum m log m`` in float32
-    blocks: absolute error about 1e-6 nats per query token, exact zeros for identical heads. ``workers``
+    blocks: absolute error about 1e-6 nats per query token, exactly 0 between a head and itself. ``workers``
     threads (default: the CPU count, at most 8).
     """
     n_workers = max(1, min(os.cpu_count() or 1, 8)) if workers is None else int(workers)
@@ -151,10 +155,13 @@ def clark_head_distances(
             acc.add((CLARK_SMOOTHING / n + (1.0 - CLARK_SMOOTHING) * A).reshape(acc.k, n * n).astype(np.float32))
             n_sentences += 1
             n_tokens += n
-    finally:
-        sums = acc.close() if acc is not None else None
-    if sums is None:
+    except BaseException:
+        if acc is not None:
+            acc.shutdown()
+        raise
+    if acc is None:
         raise InputError("no sentences to compare heads on")
+    sums = acc.close()
     diag = np.diag(sums)
     total = np.maximum(0.5 * (diag[:, None] + diag[None, :]) - sums, 0.0)
     np.fill_diagonal(total, 0.0)
