@@ -159,9 +159,10 @@ def _bucket_sums(bucket: list[tuple[int, np.ndarray, np.ndarray]]) -> dict[str, 
             _check_attention(a, f"sentence {k}: attention")
     flat = x.reshape(b, -1, n * n)
     masks = np.stack([m for _, _, m in bucket]).astype(np.float64)  # [B, n, 3]: cls, sep, punct
-    to = np.matmul(x.sum(-2), masks).sum(0) / n  # mean over queries of the mass on the masked keys
+    # einsum rather than matmul: BLAS threads spinning after each small call slow the next passes
+    to = np.einsum("bgk,bkm->gm", x.sum(-2), masks) / n  # mean over queries of the mass on the masked keys
     position = np.arange(n)
-    distance = (flat @ (np.abs(position[:, None] - position[None, :]).ravel() / n)).sum(0)
+    distance = np.einsum("bgk,k->g", flat, np.abs(position[:, None] - position[None, :]).ravel() / n)
     x_log_x = np.maximum(flat, _TINY)  # log(max(a, tiny)) is finite, and 0 times it is exactly 0
     np.log(x_log_x, out=x_log_x)
     x_log_x *= flat
