@@ -248,9 +248,10 @@ def head_importance(
 ) -> np.ndarray:
     """Gradient head importance ``[L, H]`` (Michel et al. 2019): the mean over examples of ``|dL/dxi_h|``.
 
-    L is the classifier's cross-entropy for each example's label and xi the head mask at 1; every
-    example gets its own mask, so each gradient is per example. ``normalize`` divides each layer by
-    its L2 norm as in the authors' code.
+    L is the classifier's cross-entropy for each example's label and xi the head mask at 1. Every
+    example gets its own mask, so each gradient is per example and the result does not depend on
+    ``batch_size`` (the authors' code takes |gradient| of each batch's loss; it agrees at batch size 1).
+    ``normalize`` divides each layer by its L2 norm (plus 1e-20), as their code does.
     """
     import torch
 
