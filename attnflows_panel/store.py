@@ -82,6 +82,14 @@ class RunStore:
 
     def __post_init__(self) -> None:
         self._verified: set[str] = set()
+        self._loaded: tuple[int, dict[str, np.ndarray]] | None = None  # the last attention shard read
+
+    def _attention_shard(self, shard: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Every array of one attention shard, kept until another shard is read."""
+        if self._loaded is None or self._loaded[0] != shard["shard"]:
+            with np.load(self._file(shard, "attention")) as data:
+                self._loaded = (shard["shard"], {key: data[key] for key in data.files})
+        return self._loaded[1]
 
     @property
     def models(self) -> list[str]:
@@ -135,11 +143,10 @@ class RunStore:
             raise InputError(f"unknown model {model!r}; this run has {', '.join(self.models)}")
         for shard in self.manifest["shards"]:
             if shard["start"] <= sentence_id < shard["stop"]:
-                with np.load(self._file(shard, "attention")) as data:
-                    k = int(sentence_id - shard["start"])
-                    n = int(data["n_tokens"][k])
-                    lo, hi = data["offsets"][k], data["offsets"][k + 1]
-                    flat = data[model][lo:hi]
+                data = self._attention_shard(shard)
+                k = int(sentence_id - shard["start"])
+                n = int(data["n_tokens"][k])
+                flat = data[model][data["offsets"][k] : data["offsets"][k + 1]]
                 return flat.astype(np.float32).reshape(self.n_layers, self.n_heads, n, n)
         raise InputError(f"sentence {sentence_id} is not in this run (extracted: {self.describe()})")
 
