@@ -1,0 +1,42 @@
+"""The corpus head map: every head of both models as a point, fine-tuning moves as segments."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import holoviews as hv
+import pandas as pd
+
+from attnflows_panel.plots import FINETUNED_COLOR, PRETRAINED_COLOR
+
+MODEL_COLORS = {"pretrained": PRETRAINED_COLOR, "finetuned": FINETUNED_COLOR}
+RASTERIZE_ABOVE = 20_000  # points; beyond this they go through datashader
+
+
+def head_embedding(
+    points: pd.DataFrame,
+    moves: pd.DataFrame | None = None,
+    *,
+    color_by: Literal["layer", "model"] = "layer",
+    title: str = "",
+    width: int = 460,
+    height: int = 420,
+) -> hv.Overlay:
+    """``points`` (model, layer, head, x, y) as hv.Points; ``moves`` (x_from, y_from, x_to, y_to) as segments."""
+    if color_by not in ("layer", "model"):
+        raise ValueError(f"color_by must be 'layer' or 'model', got {color_by!r}")
+    frame = points.assign(layer_label=points["layer"] + 1, model_color=points["model"].map(MODEL_COLORS).fillna("#555555"))
+    tips = [("model", "@model"), ("layer", "@layer_label"), ("head", "@head")]
+    colour = dict(color="model_color") if color_by == "model" else dict(color="layer_label", cmap="viridis", colorbar=True, clabel="layer")
+    dots = hv.Points(frame, ["x", "y"], ["model", "layer", "head", "layer_label", "model_color"], label="heads")
+    if len(frame) > RASTERIZE_ABOVE:
+        from holoviews.operation.datashader import dynspread, rasterize
+
+        dots = dynspread(rasterize(dots)).opts(cmap="viridis")
+    else:
+        dots = dots.opts(size=7, line_color="white", line_width=0.5, hover_tooltips=tips, tools=["tap", "box_select", "lasso_select"], active_tools=["box_select"], nonselection_alpha=0.2, **colour)
+    layers = []
+    if moves is not None and len(moves):
+        layers.append(hv.Segments(moves, ["x_from", "y_from", "x_to", "y_to"], ["layer", "head", "distance"], label="moves").opts(color="#b5b5b5", line_width=1, alpha=0.7))
+    layers.append(dots)
+    return hv.Overlay(layers).opts(hv.opts.Overlay(width=width, height=height, title=title, xaxis=None, yaxis=None, show_legend=False))
