@@ -25,7 +25,7 @@ def test_head_map_points_and_moves(head_map) -> None:
     points, moves = head_map
     figure = hv.render(head_embedding(points, moves, color_by="model"))
     glyphs = {type(r.glyph).__name__: r.data_source.data for r in figure.renderers}
-    assert len(glyphs["Segment"]["distance"]) == 6
+    assert len(glyphs["Segment"]["x_from"]) == 6
     assert set(glyphs["Scatter"]["model_color"]) == {PRETRAINED_COLOR, FINETUNED_COLOR}
     assert list(glyphs["Scatter"]["layer_label"][:3]) == [1, 1, 1]
 
