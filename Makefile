@@ -29,6 +29,8 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_flows.py
+	$(PY) benchmarks/bench_heads.py
+	$(PY) benchmarks/bench_embedding.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
