@@ -148,29 +148,35 @@ def _batches(lengths: Sequence[int], per_token_pair_bytes: int, max_batch: int) 
     return batches
 
 
+def padded_inputs(lm: LoadedModel, encodings: Sequence[Encoding]) -> dict[str, Any]:
+    """Right-padded input tensors for ``encodings`` on the model's device, filtered for its forward."""
+    import torch
+
+    width = max(len(e.input_ids) for e in encodings)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(encodings), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encodings), width), dtype=torch.long)
+    types = torch.zeros((len(encodings), width), dtype=torch.long)
+    for row, e in enumerate(encodings):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.from_numpy(e.input_ids)
+        mask[row, :n] = 1
+        if e.token_type_ids is not None:
+            types[row, :n] = torch.from_numpy(e.token_type_ids)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if encodings[0].token_type_ids is not None:
+        inputs["token_type_ids"] = types
+    return {k: v.to(lm.device) for k, v in lm.forward_kwargs(inputs).items()}
+
+
 def forward_attention(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: int = 32) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Run the model on encodings in length-bucketed batches; per input: attention ``[L,H,n,n]`` and logits."""
     import torch
 
     results: list[tuple[np.ndarray, np.ndarray | None]] = [None] * len(encodings)  # type: ignore[list-item]
     per_pair = lm.n_layers * lm.n_heads * 4
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     for batch in _batches([len(e.input_ids) for e in encodings], per_pair, max_batch):
-        width = max(len(encodings[i].input_ids) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        types = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            e = encodings[i]
-            n = len(e.input_ids)
-            ids[row, :n] = torch.from_numpy(e.input_ids)
-            mask[row, :n] = 1
-            if e.token_type_ids is not None:
-                types[row, :n] = torch.from_numpy(e.token_type_ids)
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        if encodings[batch[0]].token_type_ids is not None:
-            inputs["token_type_ids"] = types
-        inputs = {k: v.to(lm.device) for k, v in lm.forward_kwargs(inputs).items()}
+        inputs = padded_inputs(lm, [encodings[i] for i in batch])
         with torch.inference_mode():
             out = lm.model(**inputs, output_attentions=True, return_dict=True)
         if not out.attentions:

@@ -170,27 +170,6 @@ def heads_masked(lm: LoadedModel, mask: Any) -> Iterator[None]:
             handle.remove()
 
 
-def _padded_batch(lm: LoadedModel, encodings: Sequence[Any]) -> dict[str, Any]:
-    """Right-padded input tensors for ``encodings`` (``extract.Encoding``), filtered for the model's forward."""
-    import torch
-
-    width = max(len(e.input_ids) for e in encodings)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(encodings), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(encodings), width), dtype=torch.long)
-    types = torch.zeros((len(encodings), width), dtype=torch.long)
-    for row, e in enumerate(encodings):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.from_numpy(e.input_ids)
-        attention_mask[row, :n] = 1
-        if e.token_type_ids is not None:
-            types[row, :n] = torch.from_numpy(e.token_type_ids)
-    inputs = {"input_ids": ids, "attention_mask": attention_mask}
-    if encodings[0].token_type_ids is not None:
-        inputs["token_type_ids"] = types
-    return {k: v.to(lm.device) for k, v in lm.forward_kwargs(inputs).items()}
-
-
 def _require_classifier(lm: LoadedModel, what: str) -> tuple[str, ...]:
     if not lm.has_classifier:
         raise ModelError(f"{lm.model_id} has no classification head; {what} needs one (load a fine-tuned model)")
@@ -216,14 +195,14 @@ def ablate_heads(lm: LoadedModel, text: str, text_pair: str | None = None, heads
     """The classifier's probabilities for one input with all heads and with ``heads_off`` removed."""
     import torch
 
-    from attnflows_panel.extract import encode
+    from attnflows_panel.extract import encode, padded_inputs
 
     labels = _require_classifier(lm, "head ablation")
     heads = _head_list(lm, heads_off)
     mask = np.ones((lm.n_layers, lm.n_heads))
     for layer, head in heads:
         mask[layer, head] = 0.0
-    inputs = _padded_batch(lm, [encode(lm, text, text_pair)])
+    inputs = padded_inputs(lm, [encode(lm, text, text_pair)])
     with torch.inference_mode():
         original = lm.model(**inputs).logits[0]
         with heads_masked(lm, mask):
@@ -255,7 +234,7 @@ def head_importance(
     """
     import torch
 
-    from attnflows_panel.extract import encode
+    from attnflows_panel.extract import encode, padded_inputs
 
     names = _require_classifier(lm, "head importance")
     texts, targets, pairs = _importance_inputs(lm, names, texts, labels, text_pairs)
@@ -267,7 +246,7 @@ def head_importance(
     total = torch.zeros((lm.n_layers, lm.n_heads), dtype=torch.float64)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        inputs = _padded_batch(lm, [encodings[i] for i in batch])
+        inputs = padded_inputs(lm, [encodings[i] for i in batch])
         xi = torch.ones((len(batch), lm.n_layers, lm.n_heads), dtype=dtype, device=lm.device, requires_grad=True)
         with torch.enable_grad(), heads_masked(lm, xi):
             logits = lm.model(**inputs).logits
