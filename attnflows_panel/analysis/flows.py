@@ -369,6 +369,53 @@ def attention_rollout(A: Any, head_mask: Any = None) -> np.ndarray:
     return R
 
 
+def rollout_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tuple[int, int] | None = None) -> AttentionTrace:
+    """Rollout as a trace: the root's relevance pushed down through :func:`residual_attention`.
+
+    ``r_level(root) = 1``; a layer-l edge carries ``r_{l+1}(v) * W_l[v, w]`` and ``r_l(w)`` sums what
+    arrives (so ``influence[0]`` is the root's row of :func:`attention_rollout`). Edges of at least
+    ``tau`` are kept; ``counts`` counts them per token. An empty head mask gives an empty trace.
+    """
+    arr = validate_attention(A)
+    L, H, n, _ = arr.shape
+    tau = validate_tau(tau)
+    mask = validate_head_mask(head_mask, L, H)
+    r_level, r_token = validate_root((L, 0) if root is None else root, L, n)
+    W = residual_attention(arr, mask)
+    relevance = np.zeros((L + 1, n))
+    counts = np.zeros((L + 1, n), dtype=np.int64)
+    relevance[r_level, r_token] = 1.0
+    parts: list[tuple[np.ndarray, ...]] = []
+    for level in range(r_level, 0, -1) if mask.any() else ():
+        carried = relevance[level][:, None] * W[level - 1]
+        relevance[level - 1] = carried.sum(axis=0)
+        query, key = np.nonzero(carried >= tau)
+        counts[level - 1] = np.bincount(key, minlength=n)
+        parts.append((np.full(query.size, level - 1), query, key, carried[query, key]))
+    layer, query, key, weight = (np.concatenate(c) for c in zip(*parts, strict=True)) if parts else (np.zeros(0, np.int64),) * 3 + (np.zeros(0),)
+    reached = counts > 0
+    reached[r_level, r_token] = True
+    influence = np.where(np.arange(L + 1)[:, None] < r_level, relevance, 0.0) if mask.any() else np.zeros((L + 1, n))
+    return AttentionTrace(
+        edge_layer=layer.astype(np.int64),
+        edge_query=query.astype(np.int64),
+        edge_key=key.astype(np.int64),
+        edge_head=np.full(layer.size, -1, dtype=np.int64),
+        edge_weight=weight.astype(np.float64),
+        edge_heads=mask[layer] if layer.size else np.zeros((0, H), dtype=bool),
+        counts=counts,
+        influence=influence,
+        reached=reached,
+        root=(r_level, r_token),
+        direction="backward",
+        combine="mean",
+        tau=tau,
+        alpha=0.0,
+        top_k=None,
+        head_mask=mask.copy(),
+    )
+
+
 def attention_flow(
     A: Any,
     head_mask: Any = None,

@@ -437,3 +437,28 @@ def test_bad_parameters() -> None:
         attention_flow(A, sources=[0, 4])
     with pytest.raises(InputError, match=r"flow level 0 is unknown: source levels run from 1 to 2"):
         attention_flow(A, level=0)
+
+
+def test_rollout_trace_relevance_is_the_rollout_row() -> None:
+    from attnflows_panel.analysis.flows import attention_rollout, rollout_trace
+
+    rng = np.random.default_rng(5)
+    A = rng.dirichlet(np.ones(6), size=(3, 2, 6))
+    mask = np.array([[True, False], [True, True], [False, True]])
+    trace = rollout_trace(A, mask, tau=0.05, root=(3, 2))
+    R = attention_rollout(A, mask)
+    np.testing.assert_allclose(trace.influence[0], R[3][2], atol=1e-12)
+    np.testing.assert_allclose(trace.influence.sum(axis=1)[:3], 1.0)
+    assert (trace.edge_weight >= 0.05).all() and trace.n_edges > 0
+    # a plain loop over the kept edges of the top layer
+    W = np.stack([(A[l][mask[l]].mean(0) + np.eye(6)) / 2 for l in range(3)])
+    top = [(q, k) for q in range(6) for k in range(6) if (q == 2) and W[2][q, k] >= 0.05]
+    assert sorted(zip(trace.edge_query[trace.edge_layer == 2].tolist(), trace.edge_key[trace.edge_layer == 2].tolist(), strict=True)) == top
+
+
+def test_rollout_trace_empty_mask_is_empty() -> None:
+    from attnflows_panel.analysis.flows import rollout_trace
+
+    A = np.full((2, 2, 3, 3), 1 / 3)
+    trace = rollout_trace(A, np.zeros((2, 2), bool))
+    assert trace.n_edges == 0 and not trace.influence.any()
