@@ -233,3 +233,19 @@ def extract_pair(pair: ModelPair, text: str, text_pair: str | None = None) -> tu
         ((attention, logits),) = forward_attention(lm, [encoding])
         records.append(make_record(lm, encoding, text, text_pair, attention, logits))
     return records[0], records[1]
+
+
+def merge_tokens(tokens: list[str], word_ids: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Words from word pieces (``##`` / ``Ġ`` / ``▁`` markers dropped) and each token's word index."""
+    words: list[str] = []
+    index = np.empty(len(tokens), dtype=np.int64)
+    previous = None
+    for i, (token, wid) in enumerate(zip(tokens, word_ids.tolist(), strict=True)):
+        piece = token[2:] if token.startswith("##") else token.lstrip("Ġ▁")
+        if wid >= 0 and wid == previous:
+            words[-1] += piece
+        else:
+            words.append(piece or token)
+        index[i] = len(words) - 1
+        previous = wid if wid >= 0 else None
+    return words, index

@@ -114,3 +114,22 @@ def default_pretrained():
     from attnflows_panel.models import default_pretrained_path, load_encoder
 
     return load_encoder(default_pretrained_path())
+
+
+SMALL_FINETUNE = dict(max_train=320, heldout=200, batch_size=16)
+
+
+@pytest.fixture(scope="session")
+def small_finetune():
+    """The default encoder fine-tuned on 320 bundled examples (about half a minute on two cores)."""
+    from attnflows_panel.models.finetune import FinetuneConfig, finetune
+
+    return finetune(FinetuneConfig(**SMALL_FINETUNE), progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_pair(default_pretrained, small_finetune):
+    """The real default encoder and its small fine-tune, as a comparable pair."""
+    from attnflows_panel.models import ModelPair, load_encoder
+
+    return ModelPair(default_pretrained, load_encoder(small_finetune.path))

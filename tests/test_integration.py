@@ -9,21 +9,12 @@ import pytest
 
 from attnflows_panel.corpus import heldout_sentiment_corpus
 from attnflows_panel.extract import extract_pair
-from attnflows_panel.models import ModelPair, load_encoder
 from attnflows_panel.models.finetune import FinetuneConfig, finetune
 from attnflows_panel.store import extract_corpus
 
+from conftest import SMALL_FINETUNE
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def small_finetune():
-    return finetune(FinetuneConfig(max_train=320, heldout=200, batch_size=16), progress=False)
-
-
-@pytest.fixture(scope="module")
-def real_pair(default_pretrained, small_finetune) -> ModelPair:
-    return ModelPair(default_pretrained, load_encoder(small_finetune.path))
 
 
 def test_finetune_runs_end_to_end(small_finetune) -> None:
@@ -32,7 +23,7 @@ def test_finetune_runs_end_to_end(small_finetune) -> None:
     assert m["labels"] == ["negative", "positive"] and m["task"] == "sentiment"
     assert m["heldout_accuracy"] > m["majority_baseline"]
     assert Path(small_finetune.path, "model.safetensors").is_file()
-    again = finetune(FinetuneConfig(max_train=320, heldout=200, batch_size=16), progress=False)
+    again = finetune(FinetuneConfig(**SMALL_FINETUNE), progress=False)
     assert again.reused and again.path == small_finetune.path
 
 

@@ -41,3 +41,10 @@ def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str = 
         bound = float(np.nanmax(np.abs(frame[measure]))) or 1.0
         opts["clim"] = (-bound, bound)
     return hv.HeatMap(frame, ["head", "layer"], [measure]).opts(**opts)
+
+
+def heads_at(grid: hv.HeatMap, index: list[int]) -> list[tuple[int, int]]:
+    """The (0-based layer, head) of the cells a Selection1D ``index`` on ``grid`` points at (Bokeh's cell order)."""
+    gridded = grid.gridded
+    heads, layers = gridded.dimension_values("head"), gridded.dimension_values("layer")
+    return [(int(layers[i]) - 1, int(heads[i])) for i in index]

@@ -60,3 +60,15 @@ def test_large_matrix_goes_through_datashader() -> None:
 def test_matrix_shape_mismatch() -> None:
     with pytest.raises(ValueError, match=r"expected \(2, 2\) for 2 tokens"):
         attention_matrix(np.eye(3), ["a", "b"])
+
+
+def test_selection_indices_map_to_the_cells_bokeh_draws() -> None:
+    from attnflows_panel.plots.head_grid import heads_at
+
+    values = np.arange(6 * 12, dtype=float).reshape(6, 12)
+    element = head_grid(values, "v")
+    figure = hv.render(element)
+    source = next(r.data_source for r in figure.renderers if "zvalues" in r.data_source.data)
+    for index in (0, 5, 52, 71):
+        layer, head = heads_at(element, [index])[0]
+        assert source.data["zvalues"][index] == values[layer, head]
