@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install prepare serve demo test bench clean
+.PHONY: install browser prepare serve test bench clean
 
 # torch==2.13.0 first: the CPU build (a bare `torch` would pull several GB of CUDA).
 $(STAMP): pyproject.toml
@@ -16,15 +16,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Browser tests drive Debian's chromium (a Playwright browser download never works offline).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
 # Fine-tune the default model and extract the default corpus run (cached: seconds on a second call).
 prepare: install
 	$(VENV)/bin/attnflows prepare
 
-# Until the dashboard lands (issue 4), serving means the text demo of the default pair.
 serve: prepare
-	$(VENV)/bin/attnflows demo --quiet
+	$(VENV)/bin/panel serve apps/compare.py
 
-test: install
+test: install browser
 	$(PY) -m pytest
 
 bench: install
