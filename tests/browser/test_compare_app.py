@@ -30,6 +30,20 @@ def console_errors(msgs: list) -> list[str]:
     return [m.text for m in msgs if m.type == "error"]
 
 
+def serve_view(page, pair) -> CompareView:
+    """Serve a CompareView of ``TEXT`` and return the session's view once its plots are drawn."""
+    views: list[CompareView] = []
+
+    def app() -> pn.viewable.Viewable:
+        views.append(CompareView(pair, TEXT))
+        return views[-1]
+
+    serve_component(page, app)
+    page.wait_for_selector(".bk-events", timeout=30_000)
+    time.sleep(2)
+    return views[0]
+
+
 def test_compare_app_renders_without_errors(page, real_pair, artifacts: Path) -> None:
     msgs, _ = serve_component(page, lambda: create_app(real_pair, TEXT))
     page.wait_for_selector("text=pre-trained vs fine-tuned", timeout=30_000)
@@ -42,17 +56,7 @@ def test_compare_app_renders_without_errors(page, real_pair, artifacts: Path) ->
 
 
 def test_grid_brush_sets_head_mask_and_filters_flows(page, real_pair) -> None:
-    views: list[CompareView] = []
-
-    def app() -> pn.viewable.Viewable:
-        view = CompareView(real_pair, TEXT)
-        views.append(view)
-        return view
-
-    serve_component(page, app)
-    page.wait_for_selector(".bk-events", timeout=30_000)
-    time.sleep(2)
-    view = views[0]
+    view = serve_view(page, real_pair)
     before = flow_edges(view)
     assert view.head_mask.all()
     grid = page.locator(".bk-events").first
@@ -69,17 +73,7 @@ def test_grid_brush_sets_head_mask_and_filters_flows(page, real_pair) -> None:
 
 
 def test_tap_on_the_flow_diagram_reroots_the_trace(page, real_pair) -> None:
-    views: list[CompareView] = []
-
-    def app() -> pn.viewable.Viewable:
-        view = CompareView(real_pair, TEXT)
-        views.append(view)
-        return view
-
-    serve_component(page, app)
-    page.wait_for_selector(".bk-events", timeout=30_000)
-    time.sleep(2)
-    view = views[0]
+    view = serve_view(page, real_pair)
     flow = page.locator(".bk-events").nth(2)  # grid, sentence view, then the flow diagram
     box = flow.bounding_box()
     flow.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.4})
