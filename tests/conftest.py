@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import string
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,14 @@ def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
     if chromium is None:
         pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get install chromium chromium-driver)")
     return {**browser_type_launch_args, "executable_path": chromium, "args": CHROMIUM_FLAGS}
+
+
+@pytest.fixture(autouse=True)
+def stop_panel_servers():
+    """Stop the servers ``serve_component`` starts: their non-daemon threads would keep pytest from exiting."""
+    yield
+    if "panel" in sys.modules:
+        sys.modules["panel"].state.kill_all_servers()
 
 
 @pytest.fixture(scope="session")
