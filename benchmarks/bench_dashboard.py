@@ -1,0 +1,263 @@
+"""Benchmark a head brush in CompareView on the default pair: the server-side update against a rebuild.
+
+    .venv/bin/python benchmarks/bench_dashboard.py [--quick] [--profile]
+
+The view is rendered into a Bokeh Document the way ``panel serve`` renders a session (no browser, no
+socket; a document without a server session applies Panel's updates synchronously, as a session does
+inside a brush callback). Each brush calls ``select_heads`` and is timed until the flow diagram, the
+matrices and the sentence view hold the new state and the PATCH-DOC messages a Bokeh server would
+send are encoded. The baseline, measured in the same run for the same head masks, is what an app
+without incremental updates pays: a new CompareView rendered into a fresh document and encoded as a
+PULL-DOC-REPLY. Extracted records are cached across views, so neither side runs the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import pstats
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import transformers
+
+try:
+    import attnflows_panel  # noqa: F401
+except ImportError:  # run from a checkout without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bokeh.document import Document
+from bokeh.document.events import DocumentPatchedEvent
+from bokeh.models import GlyphRenderer, Image, Model, Quad, Segment, Title
+from bokeh.protocol import Protocol
+from bokeh.protocol.message import Message
+from panel.io.state import set_curdoc
+
+from attnflows_panel.analysis.flows import trace_cls_flow
+from attnflows_panel.components import CompareView
+from attnflows_panel.models import ModelPair, default_pair
+
+BUDGET_MS = 100.0  # "no visible lag"
+PASSAGE = (
+    "The car that picked me up this morning had nobody in the driver's seat, and for the first few "
+    "minutes I held the door handle and watched every junction. It waited for a cyclist, let a bus "
+    "pull out, and slowed down near the school long before I would have. By the time we reached the "
+    "bridge I was reading my messages, and when it parked neatly outside the office I almost forgot "
+    "to thank it. My brother still says he would never trust a machine with his children, but he "
+    "asked me three times how much the ride cost and whether it works in the rain at night. On the way "
+    "home the same service sent a different car, older and noisier, which hesitated at a roundabout and "
+    "braked hard when a dog ran across the road. Nobody was hurt, the dog included, yet I sat up straight "
+    "again for the rest of the trip and kept one eye on the mirrors. I still think these cars will be "
+    "ordinary in ten years, but I understand my brother a little better than I did this morning."
+)
+FLOW_TITLE = re.compile(r"pre-trained vs fine-tuned \((\d+) edges\)")
+PROTOCOL = Protocol()
+
+
+def sentence_of(pair: ModelPair, n_tokens: int) -> str:
+    """The longest prefix of ``PASSAGE`` (skipping words that overshoot) with exactly ``n_tokens`` tokens."""
+    tokenizer, words = pair.pretrained.tokenizer, []
+    for word in PASSAGE.split():
+        if len(tokenizer(" ".join([*words, word]))["input_ids"]) <= n_tokens:
+            words.append(word)
+    text = " ".join(words)
+    if len(tokenizer(text)["input_ids"]) != n_tokens:
+        raise ValueError(f"the passage cannot make a {n_tokens}-token input")
+    return text
+
+
+def brushes(n_layers: int, n_heads: int, rounds: int) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Rounds of: the last layer, a 2 x 2 block, one head, every head. Each touches the last layer, where the
+    [CLS] trace starts, so its flows are never empty, and each differs from the brush before it."""
+    last, out = n_layers - 1, []
+    for r in range(rounds):
+        head = (5 * r + 1) % (n_heads - 1)
+        out += [
+            ("last layer", [(last, h) for h in range(n_heads)]),
+            ("2 x 2 block", [(last - 1, head), (last - 1, head + 1), (last, head), (last, head + 1)]),
+            ("one head", [(last, (head + 2) % n_heads)]),
+            ("all heads", []),
+        ]
+    return out
+
+
+def render(view: CompareView) -> tuple[Document, Model]:
+    doc = Document()
+    root = view.__panel__().get_root(doc, comm=None)
+    doc.add_root(root)
+    return doc, root
+
+
+def fingerprint(root: Model) -> dict[str, set[str]]:
+    """A digest of the data behind each dependent pane: flow edges, matrices, sentence shading."""
+    panes: dict[str, set[str]] = {"flow diagram": set(), "matrices": set(), "sentence view": set()}
+    for r in root.select({"type": GlyphRenderer}):
+        data = r.data_source.data
+        if isinstance(r.glyph, Segment):
+            pane = "flow diagram"
+        elif isinstance(r.glyph, Image):
+            pane = "matrices"
+        elif isinstance(r.glyph, Quad) and "word" in data:
+            pane = "sentence view"
+        else:
+            continue
+        digest = hashlib.sha1()
+        for key in sorted(data):
+            digest.update(key.encode() + np.ascontiguousarray(np.asarray(data[key], dtype=object).astype(str)).tobytes())
+        panes[pane].add(digest.hexdigest())
+    return panes
+
+
+def flow_edges_shown(root: Model) -> int:
+    (edges,) = [int(m.group(1)) for t in root.select({"type": Title}) if (m := FLOW_TITLE.fullmatch(t.text or ""))]
+    return edges
+
+
+def expected_edges(view: CompareView) -> int:
+    return sum(trace_cls_flow(r.attention, view.head_mask, tau=view.tau).n_edges for r in view.records)
+
+
+def encoded_bytes(message: Message) -> int:
+    """Encode a message as the server does before writing it: JSON content plus binary buffers."""
+    return len(message.content_json) + sum(len(buffer.to_bytes()) for buffer in message.buffers)
+
+
+def brush(view: CompareView, doc: Document, heads: list[tuple[int, int]]) -> tuple[float, float, int]:
+    """Seconds for the callback and for encoding its patches, and the patch bytes; checks every pane followed."""
+    events: list[DocumentPatchedEvent] = []
+    doc.on_change(events.append)
+    before = fingerprint(doc.roots[0])
+    t0 = time.perf_counter()
+    with set_curdoc(doc):
+        view.select_heads(heads)
+    t1 = time.perf_counter()
+    size = sum(encoded_bytes(PROTOCOL.create("PATCH-DOC", [e])) for e in events if isinstance(e, DocumentPatchedEvent))
+    t2 = time.perf_counter()
+    doc.remove_on_change(events.append)
+    after = fingerprint(doc.roots[0])
+    stale = [pane for pane in after if not after[pane] or after[pane] == before[pane]]
+    if stale or flow_edges_shown(doc.roots[0]) != expected_edges(view):
+        raise RuntimeError(f"brush {heads} did not update: {stale or 'flow diagram title'}")
+    return t1 - t0, t2 - t1, size
+
+
+def rebuild(pair: ModelPair, text: str, heads: list[tuple[int, int]]) -> tuple[float, float, int]:
+    """Seconds to build and render a new view for ``heads`` and to encode the whole document, and its bytes."""
+    t0 = time.perf_counter()
+    view = CompareView(pair, text)
+    view.select_heads(heads)
+    doc, root = render(view)
+    t1 = time.perf_counter()
+    size = encoded_bytes(PROTOCOL.create("PULL-DOC-REPLY", "0", doc))
+    t2 = time.perf_counter()
+    if flow_edges_shown(root) != expected_edges(view):
+        raise RuntimeError("the rebuilt view shows the wrong flows")
+    return t1 - t0, t2 - t1, size
+
+
+def summary(samples: list[tuple[float, float, int]]) -> tuple[float, float, float, float, float]:
+    """Median and p90 of the total in ms, median callback and encoding ms, median KB."""
+    total = sorted(1e3 * (a + b) for a, b, _ in samples)
+    p90 = total[int(0.9 * (len(total) - 1))]
+    return (statistics.median(total), p90, statistics.median(1e3 * a for a, _, _ in samples), statistics.median(1e3 * b for _, b, _ in samples), statistics.median(s / 1e3 for _, _, s in samples))
+
+
+def bench_brush(pair: ModelPair, n_tokens: int, rounds: int, n_rebuilds: int) -> None:
+    text = sentence_of(pair, n_tokens)
+    view = CompareView(pair, text)
+    if view.records[0].n_tokens != n_tokens:
+        raise RuntimeError(f"expected {n_tokens} tokens, the view has {view.records[0].n_tokens}")
+    t0 = time.perf_counter()
+    doc, _ = render(view)
+    t_first = time.perf_counter() - t0
+    warm_up = [(pair.n_layers - 1, 0)]  # the first update of every plot type is not counted
+    brush(view, doc, warm_up)
+    rebuild(pair, text, warm_up)
+    states = brushes(pair.n_layers, pair.n_heads, rounds)
+    kinds: dict[str, list[float]] = {}
+    updates = []
+    for kind, heads in states:
+        updates.append(brush(view, doc, heads))
+        kinds.setdefault(kind, []).append(1e3 * sum(updates[-1][:2]))
+    rebuilds = [rebuild(pair, text, heads) for _, heads in states[:n_rebuilds]]
+    u_med, u_p90, u_cb, u_enc, u_kb = summary(updates)
+    r_med, r_p90, r_build, r_enc, r_kb = summary(rebuilds)
+    print(f"== head brush, n={n_tokens} tokens ({pair.n_layers} x {pair.n_heads} heads), first render {t_first:.2f} s ==")
+    print(
+        f"incremental update over {len(updates)} brushes: median {u_med:.0f} ms (callback {u_cb:.0f} + patch encoding {u_enc:.0f}; "
+        f"{u_kb:.0f} KB), p90 {u_p90:.0f} ms | {u_med / BUDGET_MS:.1f}x the {BUDGET_MS:.0f} ms budget"
+    )
+    print(
+        f"rebuild from scratch over {len(rebuilds)} of the same masks: median {r_med:.0f} ms (view + render {r_build:.0f} "
+        f"+ document encoding {r_enc:.0f}; {r_kb:.0f} KB), p90 {r_p90:.0f} ms | ratio rebuild / update {r_med / u_med:.2f}x"
+    )
+    print("update median by brush: " + ", ".join(f"{kind} {statistics.median(ms):.0f} ms" for kind, ms in kinds.items()) + " | every pane followed every brush: True")
+
+
+# (label, file suffix, function): the first two split the callback; the others run inside them.
+PROFILE_SPLIT = [
+    ("param.depends panes rebuilt (matrices, sentence view)", "panel/param.py", "_replace_pane"),
+    ("DynamicMap plots refreshed in place (flows, grid outline)", "holoviews/plotting/plot.py", "refresh"),
+]
+PROFILE_INSIDE = [
+    ("new HoloViews/Bokeh plots built", "holoviews/plotting/renderer.py", "get_plot"),
+    ("Bokeh document references recomputed", "bokeh/document/models.py", "recompute"),
+    ("HoloViews range computation", "holoviews/plotting/plot.py", "compute_ranges"),
+    ("flow_diagram (pure builder)", "attnflows_panel/plots/flow_diagram.py", "flow_diagram"),
+    ("sentence_view (pure builder)", "attnflows_panel/plots/sentence_view.py", "sentence_view"),
+    ("attention_matrix (pure builder)", "attnflows_panel/plots/attention_matrix.py", "attention_matrix"),
+    ("trace_cls_flow", "attnflows_panel/analysis/flows.py", "trace_cls_flow"),
+]
+
+
+def profile_brush(pair: ModelPair, n_tokens: int) -> None:
+    """Where a brush's time goes: cumulative time of the main stages under cProfile (which inflates all of them)."""
+    view = CompareView(pair, sentence_of(pair, n_tokens))
+    doc, _ = render(view)
+    brush(view, doc, [(pair.n_layers - 1, 0)])
+    states = brushes(pair.n_layers, pair.n_heads, 1)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _, heads in states:
+        with set_curdoc(doc):
+            view.select_heads(heads)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = sum(ct for (file, _, func), (_, _, _, ct, _) in stats.items() if func == "select_heads" and "attnflows_panel" in file)
+    print(f"== where a brush's time goes (n={n_tokens}, cProfile over {len(states)} brushes: {1e3 * total / len(states):.0f} ms per brush) ==")
+    for heading, rows in (("split of the callback:", PROFILE_SPLIT), ("inside it (overlapping):", PROFILE_INSIDE)):
+        print(heading)
+        for label, path, name in rows:
+            ct = sum(v[3] for (file, _, func), v in stats.items() if func == name and file.replace("\\", "/").endswith(path))
+            print(f"  {label:<58} {1e3 * ct / len(states):6.0f} ms per brush ({ct / total:4.0%})")
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round of brushes at 64 tokens only")
+    parser.add_argument("--profile", action="store_true", help="also break a brush down by stage with cProfile")
+    args = parser.parse_args()
+    transformers.utils.logging.disable_progress_bar()
+    t_load, pair = timed(lambda: default_pair(progress=False))
+    print(f"default pair loaded in {t_load:.1f} s")
+    bench_brush(pair, 64, rounds=1 if args.quick else 3, n_rebuilds=4 if args.quick else 6)
+    if not args.quick:
+        bench_brush(pair, 128, rounds=2, n_rebuilds=4)
+    if args.profile:
+        profile_brush(pair, 64)
+
+
+if __name__ == "__main__":
+    main()
