@@ -1,41 +1,48 @@
-"""``create_app()``: the Panel template that ``panel serve apps/compare.py`` shows."""
+"""The Panel templates that ``panel serve apps/compare.py`` and ``apps/single.py`` show."""
 
 from __future__ import annotations
 
 import html
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import holoviews as hv
 import panel as pn
 
-from attnflows_panel.components.compare_view import CompareView
+from attnflows_panel.analysis.embedding import HeadEmbedding
+from attnflows_panel.components import AttentionView, CompareView, SingleView
 from attnflows_panel.examples import load_examples
+from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
+from attnflows_panel.prepare import Prepared
 
-_PAIR_LOCK = threading.Lock()
-_PAIR: ModelPair | None = None
-_PAIR_ERROR: str = ""
+DEFAULT_MODEL_TITLE = "all-MiniLM-L6-v2"
 
-
-def shared_default_pair() -> ModelPair:
-    """The default pair, loaded (and fine-tuned the first time) once per server process."""
-    global _PAIR, _PAIR_ERROR
-    with _PAIR_LOCK:
-        if _PAIR is None:
-            from attnflows_panel.models import default_pair
-
-            try:
-                _PAIR = default_pair(progress=False)
-            except Exception as exc:  # shown on the page; the server keeps running
-                _PAIR_ERROR = f"{type(exc).__name__}: {exc}"
-                raise
-        return _PAIR
+_LOCK = threading.Lock()
+_PREPARED: Prepared | None = None
+_STAGE = ""  # what the shared preparation is doing, shown by every waiting page
 
 
-def _examples_menu(view: CompareView) -> pn.widgets.Select:
+def shared_default() -> Prepared:
+    """The default pair, corpus run and head map, prepared (the first time) once per server process."""
+    global _PREPARED, _STAGE
+    with _LOCK:
+        if _PREPARED is None:
+            from attnflows_panel.prepare import prepare_default
+
+            def report(stage: str) -> None:
+                global _STAGE
+                _STAGE = stage
+
+            _PREPARED = prepare_default(progress=False, report=report)
+            _STAGE = ""
+        return _PREPARED
+
+
+def _examples_menu(view: AttentionView) -> pn.widgets.Select:
     examples = {"(choose an example)": None} | {f"{e.name} — {e.task}": e for e in load_examples()}
-    menu = pn.widgets.Select(label="Examples", options=list(examples), sizing_mode="stretch_width")
+    menu = pn.widgets.Select(name="Examples", options=list(examples), sizing_mode="stretch_width")
 
     def pick(event: object) -> None:
         example = examples[menu.value]
@@ -46,51 +53,155 @@ def _examples_menu(view: CompareView) -> pn.widgets.Select:
     return menu
 
 
-def _when_ready(load: Callable[[], ModelPair], build: Callable[[ModelPair], None], status: pn.pane.Markdown) -> None:
-    """Load the pair off the event loop, then build the page; the page shows progress meanwhile."""
-    result: dict[str, ModelPair] = {}
+def _in_background(work: Callable[[], Any], done: Callable[[Any], None], failed: Callable[[Exception], None], status: pn.pane.Markdown | None = None) -> None:
+    """Run ``work`` off the event loop, then call ``done`` (or ``failed``) on it; ``status`` shows the shared stage."""
+    result: dict[str, Any] = {}
 
-    def work() -> None:
+    def run() -> None:
         try:
-            result["pair"] = load()
-        except Exception as exc:  # noqa: BLE001 - reported on the page
-            result["error"] = exc  # type: ignore[assignment]
+            result["value"] = work()
+        except Exception as exc:  # noqa: BLE001 - reported on the page; the server keeps running
+            result["error"] = exc
 
-    thread = threading.Thread(target=work, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
 
     def poll() -> None:
         if thread.is_alive():
+            if status is not None and _STAGE:
+                status.object = html.escape(_STAGE)
             return
         callback.stop()
-        if "pair" in result:
-            build(result["pair"])
+        if "value" in result:
+            done(result["value"])
         else:
-            status.object = f"**Could not prepare the models:** {html.escape(str(result['error']))}"
+            failed(result["error"])
 
-    callback = pn.state.add_periodic_callback(poll, period=500)
+    callback = pn.state.add_periodic_callback(poll, period=400)
 
 
-def create_app(pair: ModelPair | None = None, text: str | None = None) -> pn.template.BootstrapTemplate:
-    """The comparison dashboard for ``pair`` (default: the offline default pair) in a Bootstrap template."""
+def _served() -> bool:
+    return pn.state.curdoc is not None and pn.state.curdoc.session_context is not None
+
+
+def _page(title: str) -> tuple[pn.template.BootstrapTemplate, pn.Column, pn.Column]:
     hv.extension("bokeh", logo=False)
     pn.extension(notifications=False)
-    template = pn.template.BootstrapTemplate(title="attnflows — pre-trained vs fine-tuned attention", sidebar_width=330)
-    status = pn.pane.Markdown("Preparing the default models (the first run fine-tunes them; this takes a few minutes)…")
-    progress = pn.indicators.Progress(active=True, width=300)
-    sidebar, main = pn.Column(sizing_mode="stretch_width"), pn.Column(status, progress, sizing_mode="stretch_width")
+    template = pn.template.BootstrapTemplate(title=title, sidebar_width=330)
+    sidebar, main = pn.Column(sizing_mode="stretch_width"), pn.Column(sizing_mode="stretch_width")
     template.sidebar.append(sidebar)
     template.main.append(main)
+    return template, sidebar, main
 
-    def build(loaded: ModelPair) -> None:
-        view = CompareView(loaded, text)
+
+def _waiting(message: str) -> tuple[pn.pane.Markdown, pn.indicators.Progress]:
+    return pn.pane.Markdown(html.escape(message)), pn.indicators.Progress(active=True, width=300)
+
+
+def create_app(pair: ModelPair | None = None, text: str | None = None, head_map: HeadEmbedding | None = None) -> pn.template.BootstrapTemplate:
+    """The comparison dashboard for ``pair`` (default: the offline default pair and its corpus head map)."""
+    template, sidebar, main = _page("attnflows — pre-trained vs fine-tuned attention")
+
+    def build(pair: ModelPair, head_map: HeadEmbedding | None) -> None:
+        view = CompareView(pair, text, head_map=head_map)
         sidebar[:] = [_examples_menu(view), view.controls()]
         main[:] = [view]
 
     if pair is not None:
-        build(pair)
-    elif pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-        _when_ready(shared_default_pair, build, status)
-    else:
-        build(shared_default_pair())
+        build(pair, head_map)
+        return template
+    if not _served():
+        prepared = shared_default()
+        build(prepared.pair, prepared.head_map)
+        return template
+    status, progress = _waiting("Preparing the default models (the first run fine-tunes them; this takes a few minutes)…")
+    main[:] = [status, progress]
+
+    def failed(exc: Exception) -> None:
+        main[:] = [pn.pane.Alert(f"Could not prepare the models: {html.escape(str(exc))}", alert_type="danger")]
+
+    _in_background(shared_default, lambda prepared: build(prepared.pair, prepared.head_map), failed, status)
+    return template
+
+
+def _default_single() -> tuple[LoadedModel, HeadEmbedding | None]:
+    """The default pre-trained model and, when the default run is prepared, its heads' places on the corpus map."""
+    from attnflows_panel.models import default_pretrained_path, load_encoder
+
+    model = load_encoder(default_pretrained_path())
+    return model, (_PREPARED.head_map if _PREPARED is not None else _cached_head_map())
+
+
+def _cached_head_map() -> HeadEmbedding | None:
+    """The default run's head map if it is already on disk (never computed here: the single app does not need it)."""
+    from attnflows_panel.errors import AttnflowsError
+    from attnflows_panel.head_map import cached_head_map
+    from attnflows_panel.prepare import default_run_dir
+    from attnflows_panel.store import RunStore
+
+    try:
+        return cached_head_map(RunStore.open(default_run_dir()))
+    except AttnflowsError:
+        return None
+
+
+def _model_heads(head_map: HeadEmbedding | None, name: str) -> HeadEmbedding | None:
+    if head_map is None:
+        return None
+    points = head_map.points[head_map.points["model"] == name].reset_index(drop=True)
+    return HeadEmbedding(points, head_map.moves.iloc[0:0], head_map.method, head_map.stress)
+
+
+def create_single_app(model: LoadedModel | None = None, text: str | None = None, head_map: HeadEmbedding | None = None) -> pn.template.BootstrapTemplate:
+    """One model's attention (default: the offline pre-trained BERT); any encoder can be loaded by hub name or path."""
+    template, sidebar, main = _page("attnflows — attention in one model")
+    chooser = pn.widgets.TextInput(name="Model (hub name or local path)", placeholder="e.g. /path/to/checkpoint or bert-base-uncased", sizing_mode="stretch_width")
+    load_button = pn.widgets.Button(name="Load model", button_type="primary")
+    message = pn.pane.Markdown("", sizing_mode="stretch_width")
+    loader = pn.Column(chooser, load_button, message, sizing_mode="stretch_width")
+    current: dict[str, AttentionView] = {}
+
+    def build(loaded: LoadedModel, heads: HeadEmbedding | None, title: str | None = None) -> None:
+        view = SingleView(loaded, current["view"].text if current else text, head_map=heads, title=title)
+        current["view"] = view
+        sidebar[:] = [loader, _examples_menu(view), view.controls()]
+        main[:] = [view]
+
+    def load(_: object = None) -> None:
+        from attnflows_panel.models import load_encoder
+
+        name = chooser.value.strip()
+        if not name:
+            message.object = "Type a hub name or a local path first."
+            return
+        message.object = f"Loading {html.escape(name)}…"
+        load_button.disabled = True
+
+        def done(loaded: LoadedModel) -> None:
+            load_button.disabled = False
+            message.object = f"Loaded {html.escape(name)}: {loaded.n_layers} layers × {loaded.n_heads} heads."
+            build(loaded, None)
+
+        def failed(exc: Exception) -> None:
+            load_button.disabled = False
+            message.object = f"**Could not load it:** {html.escape(str(exc))}"
+
+        _in_background(lambda: load_encoder(name), done, failed)
+
+    load_button.on_click(load)
+    if model is not None:
+        build(model, head_map)
+        return template
+    if not _served():
+        loaded, heads = _default_single()
+        build(loaded, _model_heads(heads, "pretrained"), DEFAULT_MODEL_TITLE)
+        return template
+    status, progress = _waiting("Loading the default model…")
+    main[:] = [status, progress]
+    sidebar[:] = [loader]
+
+    def failed(exc: Exception) -> None:
+        main[:] = [pn.pane.Alert(f"Could not load the default model: {html.escape(str(exc))}", alert_type="danger")]
+
+    _in_background(_default_single, lambda result: build(result[0], _model_heads(result[1], "pretrained"), DEFAULT_MODEL_TITLE), failed)
     return template

@@ -169,3 +169,36 @@ def stop_panel_servers():
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+PLOT_POINT_JS = """([title, x, y]) => {
+  const seen = new Set();
+  function* walk(view) {
+    if (view == null || seen.has(view)) return;
+    seen.add(view);
+    yield view;
+    if (typeof view.children === "function") for (const child of view.children()) yield* walk(child);
+  }
+  for (const root of Object.values(Bokeh.index)) {
+    for (const view of walk(root)) {
+      const title_text = view.model && view.model.title != null ? view.model.title.text : null;
+      if (view.frame != null && title_text != null && title_text.startsWith(title)) {
+        const canvas = view.canvas_view.el.getBoundingClientRect();
+        return [canvas.x + view.frame.x_scale.compute(x), canvas.y + view.frame.y_scale.compute(y)];
+      }
+    }
+  }
+  return null;
+}"""
+
+
+@pytest.fixture
+def plot_point():
+    """``plot_point(page, title, x, y)``: the page position of data point (x, y) in the Bokeh plot whose title starts with ``title``."""
+
+    def locate(page, title: str, x: float, y: float) -> tuple[float, float]:
+        point = page.evaluate(PLOT_POINT_JS, [title, x, y])
+        assert point is not None, f"no Bokeh plot titled {title!r} on the page"
+        return point[0], point[1]
+
+    return locate

@@ -7,26 +7,31 @@ import warnings
 from collections import OrderedDict
 
 from attnflows_panel.errors import TruncationWarning
-from attnflows_panel.extract import AttentionRecord, extract_pair
+from attnflows_panel.extract import AttentionRecord, extract, extract_pair
+from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
 
 _LOCK = threading.Lock()
-_CACHE: OrderedDict[tuple[int, str, str | None], tuple[AttentionRecord, AttentionRecord]] = OrderedDict()
+# values keep their source alive, so an id in a key is never reused by another model while cached
+_CACHE: OrderedDict[tuple[int, str, str | None], tuple[object, tuple[AttentionRecord, ...]]] = OrderedDict()
 MAX_ITEMS = 32
 
 
-def pair_records(pair: ModelPair, text: str, text_pair: str | None = None) -> tuple[AttentionRecord, AttentionRecord]:
-    """Both models' records for one input, reused across sessions (truncation is kept in ``n_truncated``)."""
-    key = (id(pair), text, text_pair)
+def cached_records(source: ModelPair | LoadedModel, text: str, text_pair: str | None = None) -> tuple[AttentionRecord, ...]:
+    """The records of one input (pre-trained then fine-tuned for a pair), reused across sessions.
+
+    Truncation is kept in each record's ``n_truncated``.
+    """
+    key = (id(source), text, text_pair)
     with _LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
-            return _CACHE[key]
+            return _CACHE[key][1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TruncationWarning)
-        records = extract_pair(pair, text, text_pair)
+        records = extract_pair(source, text, text_pair) if isinstance(source, ModelPair) else (extract(source, None, text, text_pair),)
     with _LOCK:
-        _CACHE[key] = records
+        _CACHE[key] = (source, records)
         while len(_CACHE) > MAX_ITEMS:
             _CACHE.popitem(last=False)
     return records

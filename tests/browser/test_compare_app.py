@@ -55,20 +55,21 @@ def test_compare_app_renders_without_errors(page, real_pair, artifacts: Path) ->
     assert console_errors(msgs) == []
 
 
-def test_grid_brush_sets_head_mask_and_filters_flows(page, real_pair) -> None:
+def drag(page, start: tuple[float, float], end: tuple[float, float]) -> None:
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(*end, steps=8)
+    page.mouse.up()
+
+
+def test_grid_brush_sets_head_mask_and_filters_flows(page, real_pair, plot_point) -> None:
     view = serve_view(page, real_pair)
     before = flow_edges(view)
     assert view.head_mask.all()
-    grid = page.locator(".bk-events").first
-    box = grid.bounding_box()
-    # drag over the grid's top rows (the deepest layers), across heads 8-9 of 12
-    page.mouse.move(box["x"] + box["width"] * 0.50, box["y"] + box["height"] * 0.13)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * 0.60, box["y"] + box["height"] * 0.28, steps=8)
-    page.mouse.up()
+    # a box over heads 8-9 of the two deepest layers (the grid's y axis counts layers from 1)
+    drag(page, plot_point(page, "model difference", 7.6, 6.4), plot_point(page, "model difference", 9.4, 4.6))
     wait_until(lambda: 0 < view.head_mask.sum() < view.head_mask.size, page, timeout=10_000)
-    selected = {tuple(h) for h in np.argwhere(view.head_mask).tolist()}
-    assert selected == {(4, 8), (4, 9), (5, 8), (5, 9)}
+    assert set(view.selected_heads()) == {(4, 8), (4, 9), (5, 8), (5, 9)}
     assert flow_edges(view) < before
 
 

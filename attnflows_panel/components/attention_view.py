@@ -1,0 +1,284 @@
+"""AttentionView: one input through one or two models, with heads brushed in the grid or the corpus head map."""
+
+from __future__ import annotations
+
+import html
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+
+from attnflows_panel.analysis.compare import head_js_divergence
+from attnflows_panel.analysis.embedding import HeadEmbedding
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, rollout_trace, trace_cls_flow
+from attnflows_panel.analysis.heads import MEASURES, head_measures
+from attnflows_panel.components.records import cached_records
+from attnflows_panel.errors import AttnflowsError
+from attnflows_panel.extract import merge_tokens
+from attnflows_panel.models.loading import LoadedModel
+from attnflows_panel.models.pair import ModelPair
+from attnflows_panel.plots.attention_matrix import attention_matrix
+from attnflows_panel.plots.flow_diagram import flow_diagram
+from attnflows_panel.plots.head_embedding import head_embedding
+from attnflows_panel.plots.head_grid import head_grid, heads_at
+from attnflows_panel.plots.sentence_view import sentence_view
+
+DIFFERENCE = "model difference (JS, bits)"
+MEASURE_NAMES = [name for name, _ in MEASURES]
+DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
+EACH_HEAD_UP_TO = 3  # selections this small show one matrix per head; larger ones show the mean
+
+
+class AttentionView(pn.viewable.Viewer):
+    """Head grid, head map, flow diagram, matrices and sentence view of one input, linked by the head mask."""
+
+    text = param.String(default=DEFAULT_TEXT, doc="The sentence (first segment).")
+    text_pair = param.String(default="", doc="Optional second segment.")
+    tau = param.Number(default=0.1, bounds=(0.01, 1.0), step=0.01, doc="Keep edges with at least this weight.")
+    alpha = param.Number(default=0.5, bounds=(0.0, 1.0), step=0.05, doc="Weight of deeper influence.")
+    method = param.Selector(default="trace", objects=["trace", "rollout"], doc="CLS trace or rollout relevance.")
+    combine = param.Selector(default="union", objects=["union", "mean"], doc="How heads combine in the trace.")
+    layout = param.Selector(default="layered", objects=["layered", "radial"])
+    measure = param.Selector(default=MEASURE_NAMES[0], objects=MEASURE_NAMES, doc="Colour of the head grid.")
+    head_mask = param.Array(default=None, doc="Selected heads, bool [layers, heads]; all when nothing is brushed.")
+    root = param.Tuple(default=(-1, 0), length=2, doc="(level, token) the trace starts from; level -1 is the deepest.")
+    records = param.Parameter(default=None, precedence=-1, doc="One record of the input per model, in model order.")
+    notice = param.String(default="", precedence=-1)
+
+    def __init__(self, models: dict[str, LoadedModel], source: ModelPair | LoadedModel, text: str | None, head_map: HeadEmbedding | None, titles: dict[str, str], **params: object) -> None:
+        super().__init__(**params)
+        self.models, self.names, self.titles, self._source = models, tuple(models), titles, source
+        first = models[self.names[0]]
+        self.n_layers, self.n_heads = first.n_layers, first.n_heads
+        self.head_mask = np.ones((self.n_layers, self.n_heads), dtype=bool)
+        self.ablation = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self._ablate_button = pn.widgets.Button(label="Switch selected heads off", color="primary")
+        self._ablate_button.on_click(self._ablate)
+        self._grid = hv.DynamicMap(self._grid_element, streams=[hv.streams.Params(self, self._grid_streams())])
+        hv.streams.Selection1D(source=self._grid).param.watch(self._on_grid_selection, "index")
+        self.head_map = head_map
+        self._map_dots = None if head_map is None else self._head_map_dots(head_map)
+        flow_streams = ["records", "head_mask", "tau", "alpha", "method", "combine", "layout", "root"]
+        self._flows = {}
+        for shown in self._flow_groups():
+            tap = hv.streams.Tap(transient=True)
+            tap.add_subscriber(self._on_tap)
+            self._flows[shown] = hv.DynamicMap(self._flow_callback(shown), streams=[hv.streams.Params(self, flow_streams), tap])
+        if text is not None:
+            self.text = text
+        self.param.watch(self._update_records, ["text", "text_pair"])
+        self._update_records()
+
+    def _grid_streams(self) -> list[str]:
+        return ["records", "measure"]
+
+    def _flow_groups(self) -> list[tuple[str, ...]]:
+        return [self.names]
+
+    # ------------------------------------------------------------------ state
+    def _update_records(self, *_: object) -> None:
+        text, pair_text = self.text, self.text_pair.strip() or None
+        self.ablation.object = ""
+        if not text.strip():
+            self.param.update(records=None, notice="Type a sentence to see how the models attend to it.")
+            return
+        try:
+            records = cached_records(self._source, text, pair_text)
+        except AttnflowsError as exc:
+            self.param.update(records=None, notice=str(exc))
+            return
+        notice = ""
+        if records[0].n_truncated:
+            notice = f"The input was longer than the model allows: the last {records[0].n_truncated} tokens were dropped."
+        self.param.update(records=records, root=(-1, 0), notice=notice)
+
+    def _on_grid_selection(self, event: param.parameterized.Event) -> None:
+        self.select_heads(heads_at(self._grid.last, event.new) if event.new else [])
+
+    def _on_map_selection(self, event: param.parameterized.Event) -> None:
+        rows = self.head_map.points.iloc[event.new]
+        self.select_heads(list(zip(rows["layer"].astype(int), rows["head"].astype(int), strict=True)))
+
+    def select_heads(self, heads: list[tuple[int, int]]) -> None:
+        """Set the head mask to ``heads`` (layer, head), or to every head when empty."""
+        mask = np.zeros((self.n_layers, self.n_heads), dtype=bool)
+        for layer, head in heads:
+            mask[layer, head] = True
+        self.head_mask = mask if mask.any() else ~mask
+
+    def selected_heads(self) -> list[tuple[int, int]]:
+        """The (layer, head) pairs in the head mask."""
+        return [(int(layer), int(head)) for layer, head in np.argwhere(self.head_mask)]
+
+    def _on_tap(self, x: float | None = None, y: float | None = None, **_: object) -> None:
+        """Re-root the trace on the token nearest a click in the flow diagram."""
+        if self.records is None or x is None or y is None:
+            return
+        n, levels = self.records[0].n_tokens, self.n_layers + 1
+        if self.layout == "layered":
+            token, level = int(round(x)), int(round(y))
+        else:
+            level = int(round(np.hypot(x, y) - 1.0))
+            token = int(round(((np.pi / 2 - np.arctan2(y, x)) % (2 * np.pi)) / (2 * np.pi) * n)) % n
+        if 0 <= token < n and 1 <= level < levels:
+            self.root = (level, token)
+
+    def _root(self) -> tuple[int, int]:
+        level, token = self.root
+        return (self.n_layers if level < 0 else level, token)
+
+    # ------------------------------------------------------------------ elements
+    def _traces(self) -> dict[str, object]:
+        traces = {}
+        for name, record in zip(self.names, self.records, strict=True):
+            if self.method == "rollout":
+                traces[name] = rollout_trace(record.attention, self.head_mask, tau=self.tau, root=self._root())
+            else:
+                traces[name] = trace_cls_flow(record.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine)
+        return traces
+
+    def _flow_callback(self, shown: tuple[str, ...]):  # noqa: ANN202
+        def callback(**_: object) -> hv.Overlay:
+            return self._flow_element(shown)
+
+        return callback
+
+    def _flow_element(self, shown: tuple[str, ...]) -> hv.Overlay:
+        width = 900 if len(shown) == len(self.names) else 560
+        if self.records is None:
+            return hv.Overlay([hv.Text(0, 0, "")]).opts(xaxis=None, yaxis=None, width=width, height=120)
+        traces = self._traces()
+        drawn = {name: traces[name] for name in shown}
+        title = " vs ".join(self.titles[name] for name in shown)
+        edges = sum(t.n_edges for t in drawn.values())
+        diagram = flow_diagram(self.records[0].tokens, drawn, layout=self.layout, width=width, height=520 if self.layout == "layered" else width)
+        return diagram.opts(title=f"{title} ({edges} edges)")
+
+    def _grid_values(self) -> np.ndarray:
+        record = self.records[-1]
+        return head_measures(record.attention, record.tokens, record.cls_mask, record.sep_mask)[self.measure]
+
+    def _grid_title(self) -> str:
+        return f"{self.measure} ({self.titles[self.names[-1]]})"
+
+    def _grid_element(self, **_: object) -> hv.HeatMap:
+        values = np.full((self.n_layers, self.n_heads), np.nan) if self.records is None else self._grid_values()
+        difference = self.measure == DIFFERENCE
+        return head_grid(values, "JS (bits)" if difference else self.measure, title=self._grid_title(), cmap="magma_r" if difference else "viridis", width=440, height=300)
+
+    def _grid_outline(self, **_: object) -> hv.Rectangles:
+        """Outlines of the selected cells, so a brush in the head map shows in the grid too."""
+        heads = [] if self.head_mask.all() else self.selected_heads()
+        boxes = pd.DataFrame([(h - 0.5, layer + 0.5, h + 0.5, layer + 1.5) for layer, h in heads], columns=["x0", "y0", "x1", "y1"])
+        return hv.Rectangles(boxes, ["x0", "y0", "x1", "y1"]).opts(fill_alpha=0, line_color="#d62728", line_width=2)
+
+    def _head_map_dots(self, head_map: HeadEmbedding) -> hv.Points:
+        """The head map's points (with their own brushing stream) and the fine-tuning moves beneath them."""
+        points = head_map.points.assign(model=head_map.points["model"].map(self.titles).fillna(head_map.points["model"]))
+        overlay = head_embedding(points, head_map.moves, title="heads over the corpus (drag to select)", width=460, height=330)
+        dots = overlay.Points.Heads
+        hv.streams.Selection1D(source=dots).param.watch(self._on_map_selection, "index")
+        self._map_overlay = overlay
+        return dots
+
+    def _map_highlight(self, **_: object) -> hv.Points:
+        heads = set() if self.head_mask.all() else set(self.selected_heads())
+        points = self.head_map.points
+        chosen = points[[(int(layer), int(head)) in heads for layer, head in zip(points["layer"], points["head"], strict=True)]]
+        return hv.Points(chosen, ["x", "y"]).opts(size=13, fill_alpha=0, line_color="#d62728", line_width=2)
+
+    # ------------------------------------------------------------------ panes
+    def _flow_panel(self) -> pn.viewable.Viewable:
+        return pn.pane.HoloViews(self._flows[self.names], linked_axes=False)
+
+    @param.depends("records", "head_mask")
+    def _matrices(self) -> pn.viewable.Viewable:
+        if self.records is None:
+            return pn.pane.Markdown("")
+        heads = np.argwhere(self.head_mask)
+        groups = [[h] for h in heads] if len(heads) <= EACH_HEAD_UP_TO else [heads]
+        rows: list[pn.viewable.Viewable] = []
+        for group in groups:
+            group = np.asarray(group)
+            label = f"mean of {len(group)} heads" if len(group) > 1 else f"layer {group[0][0] + 1}, head {group[0][1]}"
+            panes = []
+            for name, record in zip(self.names, self.records, strict=True):
+                matrix = record.attention[group[:, 0], group[:, 1]].mean(axis=0)
+                panes.append(pn.pane.HoloViews(attention_matrix(matrix, record.tokens, title=f"{self.titles[name]}: {label}", size=340), linked_axes=False))
+            rows.extend(panes)
+        return pn.FlexBox(*rows, sizing_mode="stretch_width")
+
+    @param.depends("records", "head_mask", "tau", "alpha", "method", "combine", "root")
+    def _sentence(self) -> pn.viewable.Viewable:
+        if self.records is None:
+            return pn.pane.Markdown("")
+        words, index = merge_tokens(self.records[0].tokens, self.records[0].word_ids)
+        traces = self._traces()
+        values, captions = {}, {}
+        for name, record in zip(self.names, self.records, strict=True):
+            values[name] = np.bincount(index, weights=traces[name].influence[0], minlength=len(words))
+            captions[name] = f"{self.titles[name]}: influence on the input"
+            if record.predicted_label is not None:
+                captions[name] = f"{self.titles[name]}: predicts {record.predicted_label} ({record.probabilities.max():.0%})"
+        return pn.pane.HoloViews(sentence_view(words, values, captions, max_chars=96, width=900), linked_axes=False)
+
+    @param.depends("notice")
+    def _notice(self) -> pn.viewable.Viewable:
+        if not self.notice:
+            return pn.pane.Markdown("", margin=0)
+        return pn.pane.Alert(html.escape(self.notice), alert_type="warning" if self.records is not None else "info")
+
+    def _ablate(self, _: object = None) -> None:
+        from attnflows_panel.analysis.ablation import ablate_heads
+
+        if self.records is None:
+            return
+        name = self.names[-1]
+        lm = self.models[name]
+        if not lm.has_classifier:
+            self.ablation.object = f"{html.escape(self.titles[name])} has no classification head, so there is no prediction to ablate."
+            return
+        heads = self.selected_heads()
+        result = ablate_heads(lm, self.text, self.text_pair.strip() or None, heads)
+        before = f"{html.escape(result.original_label)} ({result.original_probabilities.max():.0%})"
+        after = f"{html.escape(result.predicted_label)} ({result.probabilities.max():.0%})"
+        change = "**changes**" if result.prediction_changed else "stays"
+        self.ablation.object = f"With {len(heads)} heads off, the prediction of {html.escape(self.titles[name])} {change}: {before} → {after}."
+
+    def _widgets(self) -> dict[str, dict[str, object]]:
+        return {
+            "text": {"type": pn.widgets.TextAreaInput, "name": "Sentence", "height": 90},
+            "text_pair": {"type": pn.widgets.TextInput, "name": "Second segment (optional)"},
+            "method": {"type": pn.widgets.RadioButtonGroup, "name": "Flow"},
+            "tau": {"type": pn.widgets.FloatSlider, "name": "tau (edge threshold)"},
+            "alpha": {"type": pn.widgets.FloatSlider, "name": "alpha (deeper influence)"},
+            "combine": {"type": pn.widgets.RadioButtonGroup, "name": "Heads"},
+            "layout": {"type": pn.widgets.RadioButtonGroup, "name": "Layout"},
+            "measure": {"type": pn.widgets.Select, "name": "Grid colour"},
+        }
+
+    def controls(self) -> pn.viewable.Viewable:
+        """The widgets that drive this view."""
+        widgets = self._widgets()
+        return pn.Param(self.param, parameters=list(widgets), widgets=widgets, show_name=False, sizing_mode="stretch_width")
+
+    def _head_map_pane(self) -> pn.viewable.Viewable:
+        if self._map_dots is None:
+            return pn.pane.Markdown("", margin=0)
+        highlight = hv.DynamicMap(self._map_highlight, streams=[hv.streams.Params(self, ["head_mask"])])
+        look = self._map_overlay.opts.get("plot").kwargs
+        return pn.pane.HoloViews((self._map_overlay * highlight).opts(hv.opts.Overlay(**look)), linked_axes=False)
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        outline = hv.DynamicMap(self._grid_outline, streams=[hv.streams.Params(self, ["head_mask"])])
+        grid = pn.pane.HoloViews(self._grid * outline, linked_axes=False)
+        return pn.Column(
+            self._notice,
+            pn.Row(pn.Column(grid, self._ablate_button, self.ablation, width=460), self._head_map_pane()),
+            self._sentence,
+            self._flow_panel,
+            self._matrices,
+            sizing_mode="stretch_width",
+        )
