@@ -1,4 +1,4 @@
-"""The ``attnflows`` command: finetune, extract, info, prepare and a text demo."""
+"""The ``attnflows`` command: finetune, extract, info, prepare, a text demo and a static HTML export."""
 
 from __future__ import annotations
 
@@ -163,6 +163,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from attnflows_panel.analysis.flows import validate_alpha, validate_tau
+    from attnflows_panel.export import export_dashboard, output_path, validate_top_heads
+    from attnflows_panel.extract import extract_pair
+    from attnflows_panel.models import ModelPair
+
+    if not args.text.strip():
+        raise InputError("--text is empty: give the sentence to export")
+    if args.text_pair is not None and not args.text_pair.strip():
+        raise InputError("--text-pair is empty: leave it out for a single sentence")
+    target = output_path(args.output)
+    validate_tau(args.tau)
+    validate_alpha(args.alpha)
+    validate_top_heads(args.top_heads)
+    pair = ModelPair(**_models_for(args, progress=not args.quiet))
+    records = extract_pair(pair, args.text, args.text_pair)
+    path = export_dashboard(records, target, tau=args.tau, alpha=args.alpha, top_heads=args.top_heads)
+    print(f"{path}: {path.stat().st_size / 2**20:.1f} MB, {records[0].n_tokens} tokens; opens offline in any browser")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnflows", description="Analyse and compare attention in Transformer encoders.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -205,6 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--text-pair", help="optional second segment")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
+
+    exp = sub.add_parser("export", help="write a self-contained HTML dashboard for one input", description="Compare the pre-trained and fine-tuned models on one input in a single HTML file that opens offline: select heads in the grid and the [CLS] trace is recomputed in the browser.")
+    exp.add_argument("--text", default=DEMO_TEXT, help="the sentence (default: the demo sentence)")
+    exp.add_argument("--text-pair", help="optional second segment")
+    exp.add_argument("--output", "-o", type=Path, required=True, help="the HTML file to write (its directory must exist)")
+    exp.add_argument("--pretrained", help="pre-trained model, hub name or path (default: bundled BERT)")
+    exp.add_argument("--finetuned", help="fine-tuned model, hub name or path (default: the bundled BERT fine-tuned on sentiment, made if missing)")
+    exp.add_argument("--tau", type=float, default=0.1, help="keep attention edges of at least this weight, in (0, 1] (default 0.1)")
+    exp.add_argument("--alpha", type=float, default=0.5, help="weight of deeper influence, in [0, 1] (default 0.5)")
+    exp.add_argument("--top-heads", type=int, default=4, help="show the matrices of this many heads the models differ most on, 0 to 8 (default 4)")
+    exp.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    exp.add_argument("--quiet", action="store_true", help="no progress bars")
+    exp.set_defaults(func=cmd_export, model=None)
     return parser
 
 

@@ -1,0 +1,408 @@
+"""Static export: one self-contained HTML file whose head grid re-traces the [CLS] flow in the browser.
+
+The file holds Bokeh models only (rendered from the plot builders, with Bokeh's JS and CSS inline), so
+it opens offline and without Python. For the trace it ships, per model, the attention entries at or
+above ``tau``: exactly what a union-combined :func:`trace_cls_flow` at that ``tau`` can keep.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import holoviews as hv
+import numpy as np
+from bokeh.document import Document
+from bokeh.embed.bundle import bundle_for_objs_and_resources
+from bokeh.embed.elements import html_page_for_render_items
+from bokeh.embed.util import standalone_docs_json_and_render_items
+from bokeh.layouts import column, row
+from bokeh.models import CustomJS, CustomJSHover, Div, GlyphRenderer, HoverTool, Image, LayoutDOM, Plot, Quad, Rect, Scatter, Segment
+from bokeh.resources import INLINE
+
+from attnflows_panel.analysis.compare import head_js_divergence, require_same_shape
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, AttentionTrace, compare_traces, trace_cls_flow, validate_alpha, validate_attention, validate_head_mask, validate_tau
+from attnflows_panel.errors import InputError
+from attnflows_panel.extract import AttentionRecord, merge_tokens
+from attnflows_panel.paths import atomic_file
+from attnflows_panel.plots.attention_matrix import attention_matrix
+from attnflows_panel.plots.flow_diagram import LABEL_COLORS, ROOT_COLOR, flow_diagram
+from attnflows_panel.plots.head_grid import head_grid
+from attnflows_panel.plots.sentence_view import sentence_view
+
+MAX_TOP_HEADS = 8  # two matrices a head: with the grid, flows and sentence this stays under ~20 figures
+MODEL_TITLES = {PRETRAINED: "pre-trained", FINETUNED: "fine-tuned"}
+UNREACHED_COLOR = "#d9d9d9"
+DEFAULT_TITLE = "attnflows: pre-trained vs fine-tuned"
+EDGE_FIELDS = ["x0", "y0", "x1", "y1", "layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned", "color", "width"]
+NODE_FIELDS = ["x", "y", "level", "index", "token", "influence_pretrained", "influence_finetuned", "label", "influence", "size", "color"]
+PAGE_STYLE = {"font-family": "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif", "font-size": "14px", "color": "#222222"}
+
+# Runs in the browser on every change of the grid selection; mirrors trace_cls_flow(combine="union")
+# from [CLS] at the deepest level, flow_edges/flow_nodes/flow_diagram and the sentence shading.
+TRACE_JS = """
+const sel = new Uint8Array(L * H);
+const picked = grid.selected.indices;
+if (picked.length === 0) sel.fill(1); else for (const i of picked) sel[cell_layer[i] * H + cell_head[i]] = 1;
+let n_selected = 0;
+for (const s of sel) n_selected += s;
+
+function trace(m) {
+  const counts = [];
+  const influence = [];
+  for (let l = 0; l <= L; l++) { counts.push(new Float64Array(n)); influence.push(new Float64Array(n)); }
+  const edges = new Map();
+  let frontier = [0];
+  for (let level = L; level >= 1; level--) {
+    const layer = level - 1;
+    if (!sel.subarray(layer * H, layer * H + H).some((s) => s) || frontier.length === 0) break;
+    const c = counts[level - 1];
+    for (const q of frontier) {
+      const row = layer * n + q;
+      for (let e = m.offsets[row]; e < m.offsets[row + 1]; e++) {
+        const h = m.head[e];
+        if (!sel[layer * H + h]) continue;
+        const k = m.key[e];
+        const id = row * n + k;
+        const edge = edges.get(id);
+        if (edge === undefined) {
+          edges.set(id, {layer, query: q, key: k, weight: m.weight[e], heads: [h]});
+          c[k] += 1;
+        } else {
+          edge.heads.push(h);
+          edge.weight = Math.max(edge.weight, m.weight[e]);
+        }
+      }
+    }
+    frontier = [];
+    for (let k = 0; k < n; k++) if (c[k] > 0) frontier.push(k);
+  }
+  for (let level = L - 1; level >= 0; level--)
+    for (let w = 0; w < n; w++) influence[level][w] = counts[level][w] + alpha * influence[level + 1][w];
+  const reached = (level, w) => (level === L ? w === 0 : counts[level][w] > 0);
+  return {edges, influence, reached};
+}
+
+const pre = trace(models.pretrained);
+const fine = trace(models.finetuned);
+const ids = Array.from(new Set([...pre.edges.keys(), ...fine.edges.keys()])).sort((a, b) => a - b);
+const E = {};
+for (const f of edge_fields) E[f] = [];
+const tally = {shared: 0, pretrained: 0, finetuned: 0};
+for (const id of ids) {
+  const p = pre.edges.get(id), f = fine.edges.get(id);
+  const e = p !== undefined ? p : f;
+  const label = p !== undefined && f !== undefined ? "shared" : (p !== undefined ? "pretrained" : "finetuned");
+  const weight = Math.max(p !== undefined ? p.weight : -Infinity, f !== undefined ? f.weight : -Infinity);
+  tally[label] += 1;
+  E.x0.push(e.key); E.y0.push(e.layer); E.x1.push(e.query); E.y1.push(e.layer + 1);
+  E.layer.push(e.layer); E.query.push(e.query); E.key.push(e.key);
+  E.query_token.push(tokens[e.query]); E.key_token.push(tokens[e.key]);
+  E.label.push(label); E.weight.push(weight);
+  E.heads_pretrained.push(p !== undefined ? p.heads.join(", ") : "-");
+  E.weight_pretrained.push(p !== undefined ? p.weight : NaN);
+  E.heads_finetuned.push(f !== undefined ? f.heads.join(", ") : "-");
+  E.weight_finetuned.push(f !== undefined ? f.weight : NaN);
+  E.color.push(colors[label]); E.width.push(0.5 + 4.5 * weight);
+}
+edges.data = E;
+
+const N = {};
+for (const f of node_fields) N[f] = [];
+let peak = 1e-9;
+for (let level = 0; level <= L; level++) {
+  for (let w = 0; w < n; w++) {
+    const p = pre.reached(level, w), f = fine.reached(level, w);
+    const ip = pre.influence[level][w], fi = fine.influence[level][w];
+    N.x.push(w); N.y.push(level); N.level.push(level); N.index.push(w); N.token.push(tokens[w]);
+    N.influence_pretrained.push(ip); N.influence_finetuned.push(fi);
+    N.label.push(p && f ? "shared" : (p ? "pretrained" : (f ? "finetuned" : "")));
+    N.influence.push(Math.max(ip, fi));
+    peak = Math.max(peak, ip, fi);
+  }
+}
+for (let i = 0; i < N.x.length; i++) {
+  const root = N.level[i] === L && N.index[i] === 0;
+  N.size.push(root ? 16 : (N.label[i] !== "" ? 5 + 13 * Math.sqrt(N.influence[i] / peak) : 3));
+  N.color.push(root ? root_color : (N.label[i] !== "" ? colors[N.label[i]] : unreached_color));
+}
+nodes.data = N;
+
+const W = Object.assign({}, words.data);
+W.value = [];
+W.alpha = [];
+for (const t of [pre, fine]) {
+  const values = new Array(n_words).fill(0);
+  for (let w = 0; w < n; w++) values[word_index[w]] += t.influence[0][w];
+  const top = Math.max(...values);
+  const scale = top > 0 ? top : 1;
+  for (const v of values) { W.value.push(v); W.alpha.push(Math.min(1, Math.max(0, v / scale))); }
+}
+words.data = W;
+
+title.text = flow_title(ids.length);
+status.text = status_html(ids.length, tally.shared, tally.pretrained, tally.finetuned, n_selected, L * H);
+"""
+
+STATUS_JS = """
+function flow_title(total) { return `pre-trained vs fine-tuned: ${total} edges from [CLS]`; }
+function status_html(total, shared, pre, fine, selected, heads) {
+  const which = selected === heads ? `all ${heads} heads` : `${selected} of ${heads} heads selected`;
+  return `<b>${total}</b> edges (${shared} shared, ${pre} pre-trained only, ${fine} fine-tuned only); ${which}`;
+}
+"""
+
+
+def flow_title(total: int) -> str:
+    """The flow diagram's title (the browser writes the same through ``STATUS_JS``)."""
+    return f"pre-trained vs fine-tuned: {total} edges from [CLS]"
+
+
+def status_html(total: int, shared: int, pre: int, fine: int, selected: int, heads: int) -> str:
+    """The edge and head count line above the flow diagram, numbers only (the browser mirrors it)."""
+    which = f"all {heads} heads" if selected == heads else f"{selected} of {heads} heads selected"
+    return f"<b>{total}</b> edges ({shared} shared, {pre} pre-trained only, {fine} fine-tuned only); {which}"
+
+
+def sparse_attention(attention: Any, tau: float) -> dict[str, np.ndarray]:
+    """Entries ``A[l, h, q, k] >= tau`` grouped by (layer, query), then key and head.
+
+    ``offsets`` ``[L * n + 1]`` delimits the group of row ``l * n + q``; ``head``, ``key`` and ``weight``
+    (float32, the values ``tau`` was compared with) hold one entry each.
+    """
+    arr = validate_attention(attention)
+    tau = validate_tau(tau)
+    L, _, n, _ = arr.shape
+    layer, head, query, key = np.nonzero(arr >= tau)  # the comparison trace_cls_flow makes on the same array
+    order = np.lexsort((head, key, query, layer))
+    layer, head, query, key = layer[order], head[order], query[order], key[order]
+    offsets = np.zeros(L * n + 1, dtype=np.int32)
+    np.cumsum(np.bincount(layer * n + query, minlength=L * n), out=offsets[1:])
+    return {"offsets": offsets, "head": head.astype(np.int32), "key": key.astype(np.int32), "weight": arr[layer, head, query, key].astype(np.float32)}
+
+
+def validate_top_heads(top_heads: Any, n_heads: int | None = None) -> int:
+    """Check the number of top heads whose matrices are shown: 0 to ``MAX_TOP_HEADS`` and at most ``n_heads``."""
+    bound = MAX_TOP_HEADS if n_heads is None else min(MAX_TOP_HEADS, n_heads)
+    if isinstance(top_heads, bool) or not isinstance(top_heads, int | np.integer) or not 0 <= top_heads <= bound:
+        raise InputError(f"the number of top heads must be a whole number from 0 to {bound}, got {top_heads!r}")
+    return int(top_heads)
+
+
+def output_path(path: str | os.PathLike) -> Path:
+    """``path`` checked for writing: not a directory, and in a directory that exists."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise InputError(f"cannot write the dashboard to {target}: it is a directory; name an .html file")
+    if not target.parent.is_dir():
+        raise InputError(f"cannot write the dashboard to {target}: directory {target.parent} does not exist")
+    return target
+
+
+def export_dashboard(
+    records: Sequence[AttentionRecord] | None,
+    path: str | os.PathLike,
+    *,
+    tau: float = 0.1,
+    alpha: float = 0.5,
+    top_heads: int = 4,
+    head_mask: Any = None,
+    title: str = DEFAULT_TITLE,
+) -> Path:
+    """Write the (pre-trained, fine-tuned) ``records`` of one input as one self-contained HTML file; returns its path.
+
+    ``head_mask`` ([L, H] bool, all heads when None or all True) is the initial grid selection.
+    The file is written to a temporary sibling first and renamed, so a failure leaves nothing behind.
+    """
+    target = output_path(path)
+    page = dashboard_html(records, tau=tau, alpha=alpha, top_heads=top_heads, head_mask=head_mask, title=title)
+    with atomic_file(target) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.chmod(0o644)  # the temporary file is private (0600); a report is for reading and sharing
+    return target
+
+
+def dashboard_html(records: Sequence[AttentionRecord] | None, *, tau: float = 0.1, alpha: float = 0.5, top_heads: int = 4, head_mask: Any = None, title: str = DEFAULT_TITLE) -> str:
+    """The dashboard as an HTML string with Bokeh's JS and CSS inline (see :func:`export_dashboard`)."""
+    document = Document()
+    document.add_root(dashboard_layout(records, tau=tau, alpha=alpha, top_heads=top_heads, head_mask=head_mask))
+    docs_json, render_items = standalone_docs_json_and_render_items([document])
+    bundle = bundle_for_objs_and_resources([document], INLINE)
+    # Bokeh adds the external files every imported model class declares, used or not (Panel's ES-module
+    # shim among them); this page uses Bokeh's own models only, which are all in the inline bundle.
+    bundle.js_files.clear()
+    bundle.css_files.clear()
+    return html_page_for_render_items(bundle, docs_json, render_items, title=title)  # Bokeh escapes the <title>
+
+
+def _check_records(records: Sequence[AttentionRecord] | None) -> tuple[AttentionRecord, AttentionRecord]:
+    if records is None:
+        raise InputError("nothing to export: no sentence has been run through the models")
+    if len(records) != 2:
+        raise InputError(f"need the (pre-trained, fine-tuned) records of one input, got {len(records)} records")
+    pre, fine = records
+    require_same_shape(pre.attention.shape, fine.attention.shape)
+    if list(pre.tokens) != list(fine.tokens):
+        raise InputError("the two records tokenize the input differently; export the records of one input through one pair")
+    return pre, fine
+
+
+def dashboard_layout(records: Sequence[AttentionRecord] | None, *, tau: float = 0.1, alpha: float = 0.5, top_heads: int = 4, head_mask: Any = None) -> LayoutDOM:
+    """The Bokeh layout of the dashboard: header, head grid and sentence view, flow diagram, top-head matrices."""
+    pre, fine = _check_records(records)
+    tau, alpha = validate_tau(tau), validate_alpha(alpha)
+    L, H, n, _ = pre.attention.shape
+    top_heads = validate_top_heads(top_heads, L * H)
+    mask = validate_head_mask(head_mask, L, H)
+    if not mask.any():
+        mask = ~mask  # an empty selection means every head, as in the app
+    traces = {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union") for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
+    js = head_js_divergence(pre.attention, fine.attention)
+    words, word_index = merge_tokens(pre.tokens, pre.word_ids)
+
+    grid_fig = hv.render(head_grid(js, "JS (bits)", title="model difference (JS, bits): select heads", cmap="magma_r", width=440, height=320), backend="bokeh")
+    grid = _renderer(grid_fig, Rect).data_source
+    grid.name = "head_grid"
+    cell_layer = np.asarray(grid.data["layer"], dtype=np.int32) - 1
+    cell_head = np.asarray(grid.data["head"], dtype=np.int32)
+    if not mask.all():
+        grid.selected.indices = [i for i in range(L * H) if mask[cell_layer[i], cell_head[i]]]
+
+    flow_fig, edges, nodes = _flow_figure(pre.tokens, traces)
+    sentence_fig, word_source = _sentence_figure(words, word_index, traces, fine)
+    comparison = compare_traces(traces[PRETRAINED], traces[FINETUNED])
+    tally = {label: int((comparison.edge_label == label).sum()) for label in (SHARED, PRETRAINED, FINETUNED)}
+    total = int(comparison.edge_label.size)
+    flow_fig.title.text = flow_title(total)
+    status = Div(text=status_html(total, tally[SHARED], tally[PRETRAINED], tally[FINETUNED], int(mask.sum()), L * H), name="edge_count", styles=PAGE_STYLE)
+
+    callback = CustomJS(
+        args=dict(
+            grid=grid, edges=edges, nodes=nodes, words=word_source, title=flow_fig.title, status=status,
+            L=L, H=H, n=n, alpha=alpha, cell_layer=cell_layer, cell_head=cell_head, tokens=list(pre.tokens),
+            word_index=word_index.astype(np.int32), n_words=len(words),
+            models={name: sparse_attention(r.attention, tau) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))},
+            edge_fields=EDGE_FIELDS, node_fields=NODE_FIELDS, colors=LABEL_COLORS, root_color=ROOT_COLOR, unreached_color=UNREACHED_COLOR,
+        ),
+        code=STATUS_JS + TRACE_JS,
+    )
+    grid.selected.js_on_change("indices", callback)
+    layout = column(
+        Div(text=_header_html(pre, fine, tau, alpha), name="header", width=1100, styles=PAGE_STYLE),
+        row(grid_fig, sentence_fig),
+        status,
+        flow_fig,
+        *_matrix_rows(pre, fine, js, top_heads),
+        margin=(12, 16, 24, 16),
+    )
+    for plot in layout.select({"type": Plot}):
+        plot.output_backend = "canvas"  # no WebGL bundle to inline, and no GPU needed to view the file
+    return layout
+
+
+def _renderer(fig: Any, glyph_type: type) -> GlyphRenderer:
+    return next(r for r in fig.renderers if isinstance(r, GlyphRenderer) and isinstance(r.glyph, glyph_type))
+
+
+def _map_fields(renderer: GlyphRenderer, **fields: str) -> None:
+    """Point glyph properties at data columns in every state (HoloViews turns constant columns into values)."""
+    for glyph in (renderer.glyph, renderer.selection_glyph, renderer.nonselection_glyph, renderer.hover_glyph, renderer.muted_glyph):
+        if glyph is not None and glyph != "auto":
+            for prop, column_name in fields.items():
+                setattr(glyph, prop, column_name)
+
+
+def _flow_figure(tokens: Sequence[str], traces: dict[str, AttentionTrace]) -> tuple[Any, Any, Any]:
+    """The merged, layered flow diagram and its edge and node sources, in the columns the browser rewrites."""
+    width = int(np.clip(12 * len(tokens) + 160, 900, 2600))
+    fig = hv.render(flow_diagram(tokens, traces, layout="layered", width=width, height=540), backend="bokeh")
+    segments, points = _renderer(fig, Segment), _renderer(fig, Scatter)
+    _map_fields(segments, line_color="color", line_width="width")
+    _map_fields(points, fill_color="color", size="size")
+    for renderer, fields, name in ((segments, EDGE_FIELDS, "flow_edges"), (points, NODE_FIELDS, "flow_nodes")):
+        data = renderer.data_source.data
+        # an empty trace comes out of HoloViews as empty float arrays, which BokehJS rejects as colours
+        renderer.data_source.data = {f: data[f] if len(data[f]) else [] for f in fields}
+        renderer.data_source.name = name
+    return fig, segments.data_source, points.data_source
+
+
+def _sentence_figure(words: list[str], word_index: np.ndarray, traces: dict[str, AttentionTrace], fine: AttentionRecord) -> tuple[Any, Any]:
+    """Words shaded by each model's influence on the input, the fine-tuned prediction in its caption."""
+    values = {name: np.bincount(word_index, weights=trace.influence[0], minlength=len(words)) for name, trace in traces.items()}
+    captions = {PRETRAINED: "pre-trained: influence on the input", FINETUNED: "fine-tuned: influence on the input"}
+    if fine.predicted_label is not None:
+        captions[FINETUNED] = f"fine-tuned: predicts {fine.predicted_label} ({fine.probabilities.max():.0%})"
+    fig = hv.render(sentence_view(words, values, captions, max_chars=62, width=640), backend="bokeh")
+    quads = _renderer(fig, Quad)
+    _map_fields(quads, fill_color="color", fill_alpha="alpha")
+    quads.data_source.name = "sentence_words"
+    return fig, quads.data_source
+
+
+def _matrix_rows(pre: AttentionRecord, fine: AttentionRecord, js: np.ndarray, top_heads: int) -> list[LayoutDOM]:
+    """For the ``top_heads`` heads the models differ most on: both models' matrices side by side, as uint8."""
+    if top_heads == 0:
+        return []
+    n = pre.n_tokens
+    size = int(np.clip(4 * n, 340, 560))
+    rows: list[LayoutDOM] = [Div(text=f"<b>The {top_heads} heads the models differ most on</b> (Jensen-Shannon divergence of their rows)", styles=PAGE_STYLE)]
+    for flat in np.argsort(-js, axis=None, kind="stable")[:top_heads]:
+        layer, head = np.unravel_index(int(flat), js.shape)
+        figs = []
+        for name, record in ((PRETRAINED, pre), (FINETUNED, fine)):
+            label = f"{MODEL_TITLES[name]}: layer {layer + 1}, head {head} (JS {js[layer, head]:.3f} bits)"
+            fig = hv.render(attention_matrix(record.attention[layer, head], record.tokens, title=label, size=size, rasterize=False), backend="bokeh")
+            _quantize_image(fig, list(record.tokens))
+            _thin_ticks(fig, size)
+            figs.append(fig)
+        rows.append(row(*figs))
+    return rows
+
+
+def _quantize_image(fig: Any, tokens: list[str]) -> None:
+    """Ship the matrix as uint8 (weight * 255); colours and the hover still show weights, the hover names tokens."""
+    renderer = _renderer(fig, Image)
+    image = np.asarray(renderer.data_source.data["image"][0], dtype=np.float64)
+    renderer.data_source.data["image"] = [np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)]
+    mapper = renderer.glyph.color_mapper
+    mapper.low, mapper.high = 0.0, max(float(mapper.high) * 255, 1.0)
+    for tool in (t for t in fig.tools if isinstance(t, HoverTool)):
+        tool.tooltips = [("key", "$x{custom}"), ("query", "$y{custom}"), ("weight", "@image{custom}")]
+        tool.formatters = {
+            "$x": CustomJSHover(args=dict(tokens=tokens), code="const i = Math.round(value); return `${tokens[i]} (${i})`"),
+            "$y": CustomJSHover(args=dict(tokens=tokens), code="const i = tokens.length - 1 - Math.round(value); return `${tokens[i]} (${i})`"),
+            "@image": CustomJSHover(code="return (value / 255).toFixed(3)"),
+        }
+
+
+def _thin_ticks(fig: Any, size: int, px_per_label: int = 12) -> None:
+    """Keep every k-th token label so that labels on an axis of ``size`` pixels do not overlap."""
+    for axis in (*fig.xaxis, *fig.yaxis):
+        ticks = list(axis.ticker.ticks)
+        step = max(1, -(-len(ticks) * px_per_label // size))
+        axis.ticker.ticks = ticks[::step]
+
+
+def _model_name(model_id: str) -> str:
+    """A local model path shortened to its last two parts (the file may be shared); hub names as they are."""
+    return "/".join(Path(model_id).parts[-2:]) if os.path.isabs(model_id) else model_id
+
+
+def _header_html(pre: AttentionRecord, fine: AttentionRecord, tau: float, alpha: float) -> str:
+    """Title, the input, the models and the settings; every text from users and models escaped."""
+    e = html.escape
+    parts = [f"<h2 style='margin: 0 0 6px 0'>{DEFAULT_TITLE}</h2>", f"<div><b>Sentence:</b> {e(pre.text)}</div>"]
+    if pre.text_pair is not None:
+        parts.append(f"<div><b>Second segment:</b> {e(pre.text_pair)}</div>")
+    models = f"pre-trained <code>{e(_model_name(pre.model_id))}</code>, fine-tuned <code>{e(_model_name(fine.model_id))}</code>"
+    if fine.predicted_label is not None:
+        models += f"; the fine-tuned model predicts <b>{e(fine.predicted_label)}</b> ({fine.probabilities.max():.0%})"
+    parts.append(f"<div><b>Models:</b> {models}</div>")
+    truncated = f", the last {pre.n_truncated} dropped (model maximum)" if pre.n_truncated else ""
+    parts.append(f"<div><b>Settings:</b> CLS trace from [CLS] at the last layer, tau = {tau:g}, alpha = {alpha:g}, heads combined by union; {pre.n_tokens} tokens{truncated}</div>")
+    parts.append("<div style='color: #555555'>Select heads in the grid (box select, or tap; shift adds); no selection means all heads. The flow diagram and the word shading follow.</div>")
+    return "".join(parts)

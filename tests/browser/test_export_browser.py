@@ -1,0 +1,165 @@
+"""An exported dashboard in a real browser with the network cut: it renders, and head selection re-traces in JS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from panel.tests.util import wait_until
+
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, compare_traces, trace_cls_flow
+from attnflows_panel.export import export_dashboard
+from attnflows_panel.extract import extract_pair, merge_tokens
+from attnflows_panel.plots.flow_diagram import flow_edges, flow_nodes
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
+TINY_TEXT = "the car was good and i love it"
+LOCAL_SCHEMES = ("file:", "data:", "blob:")
+
+SOURCE_DATA = """name => {
+  const data = Bokeh.documents[0].get_model_by_name(name).data;
+  return Object.fromEntries(Object.entries(data).map(([k, v]) => [k, Array.from(v)]));
+}"""
+SELECT = "indices => { Bokeh.documents[0].get_model_by_name('head_grid').selected.indices = indices; }"
+TEXT_OF = "name => Bokeh.documents[0].get_model_by_name(name).text"
+
+
+@dataclass
+class Visit:
+    """What a page did while open: console errors, uncaught exceptions, requests leaving the machine, dialogs."""
+
+    errors: list[str] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+
+def open_offline(page, path: Path) -> Visit:
+    """Open ``path`` with every non-local request aborted and recorded; return once Bokeh has drawn the document."""
+    visit = Visit()
+    page.on("console", lambda m: visit.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda exc: visit.errors.append(str(exc)))
+    page.on("request", lambda r: None if r.url.startswith(LOCAL_SCHEMES) else visit.outside.append(r.url))
+    page.on("dialog", lambda d: (visit.dialogs.append(d.message), d.dismiss()))
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(LOCAL_SCHEMES) else route.abort())
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.goto(path.as_uri())
+    page.wait_for_function("() => window.Bokeh !== undefined && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle", timeout=30_000)
+    return visit
+
+
+def source(page, name: str) -> dict[str, list]:
+    return page.evaluate(SOURCE_DATA, name)
+
+
+def cell_indices(page, mask: np.ndarray) -> list[int]:
+    """The grid cells (Bokeh's order) of the heads in ``mask``."""
+    grid = source(page, "head_grid")
+    return [i for i, (layer, head) in enumerate(zip(grid["layer"], grid["head"], strict=True)) if mask[int(layer) - 1, int(head)]]
+
+
+def mask_of(page, indices: list[int], shape: tuple[int, int]) -> np.ndarray:
+    grid = source(page, "head_grid")
+    mask = np.zeros(shape, dtype=bool)
+    for i in indices:
+        mask[int(grid["layer"][i]) - 1, int(grid["head"][i])] = True
+    return mask if mask.any() else ~mask
+
+
+def python_traces(records, mask: np.ndarray, tau: float, alpha: float) -> dict:
+    return {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union") for name, r in zip((PRETRAINED, FINETUNED), records, strict=True)}
+
+
+def assert_matches_python(page, records, mask: np.ndarray, tau: float, alpha: float) -> None:
+    """The browser's edges, nodes and word shading equal the app's functions on Python's traces for ``mask``."""
+    pre = records[0]
+    traces = python_traces(records, mask, tau, alpha)
+    edges, expected = source(page, "flow_edges"), flow_edges(pre.tokens, traces)
+    for column in ("layer", "query", "key", "query_token", "key_token", "label", "heads_pretrained", "heads_finetuned"):
+        assert edges[column] == expected[column].tolist(), column
+    for column in ("weight", "weight_pretrained", "weight_finetuned"):
+        np.testing.assert_array_equal(np.asarray(edges[column], dtype=float), expected[column].to_numpy(float), err_msg=column)
+    nodes, expected_nodes = source(page, "flow_nodes"), flow_nodes(pre.tokens, traces)
+    assert nodes["label"] == expected_nodes["label"].tolist()
+    for column in ("influence_pretrained", "influence_finetuned"):
+        np.testing.assert_array_equal(nodes[column], expected_nodes[column].to_numpy(), err_msg=column)
+    words, index = merge_tokens(pre.tokens, pre.word_ids)
+    shaded = source(page, "sentence_words")["value"]
+    expected_words = np.concatenate([np.bincount(index, weights=traces[name].influence[0], minlength=len(words)) for name in (PRETRAINED, FINETUNED)])
+    np.testing.assert_array_equal(shaded, expected_words)
+    total = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size
+    assert len(edges["key"]) == total
+    assert page.evaluate(TEXT_OF, "edge_count").startswith(f"<b>{total}</b> edges")
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tiny_pair):
+    return extract_pair(tiny_pair, TINY_TEXT)
+
+
+def test_browser_trace_equals_trace_cls_flow_for_any_head_selection(page, tiny_records, tmp_path: Path) -> None:
+    attention = tiny_records[0].attention
+    tau = float(np.sort(attention.ravel())[int(0.8 * attention.size)])  # one entry sits exactly on the threshold
+    alpha = 0.3
+    path = export_dashboard(tiny_records, tmp_path / "tiny.html", tau=tau, alpha=alpha, top_heads=2)
+    visit = open_offline(page, path)
+    shape = attention.shape[:2]
+    initial = {name: source(page, name) for name in ("flow_edges", "flow_nodes", "sentence_words")}
+    initial_status = page.evaluate(TEXT_OF, "edge_count")
+    assert_matches_python(page, tiny_records, np.ones(shape, dtype=bool), tau, alpha)
+    rng = np.random.default_rng(1)
+    masks = [rng.random(shape) < 0.5 for _ in range(6)] + [np.eye(*shape, dtype=bool), np.zeros(shape, dtype=bool)]
+    masks[-1][-1, :] = True  # the deepest layer only
+    for mask in masks:
+        page.evaluate(SELECT, cell_indices(page, mask))
+        assert_matches_python(page, tiny_records, mask, tau, alpha)
+    page.evaluate(SELECT, [])  # an empty selection means every head: back to the state Python rendered
+    assert page.evaluate(TEXT_OF, "edge_count") == initial_status
+    for name, data in initial.items():
+        now = source(page, name)
+        assert now.keys() == data.keys()
+        for column, values in data.items():
+            if values and isinstance(values[0], str):
+                assert now[column] == values, (name, column)
+            else:
+                np.testing.assert_array_equal(now[column], values, err_msg=f"{name}.{column}")
+    assert visit.errors == [] and visit.outside == []
+
+
+def test_box_select_in_the_grid_retraces_offline(page, real_pair, plot_point, tmp_path: Path, artifacts: Path) -> None:
+    records = extract_pair(real_pair, TEXT)
+    path = export_dashboard(records, tmp_path / "report.html")
+    visit = open_offline(page, path)
+    assert page.locator("canvas").count() >= 5
+    before = len(source(page, "flow_edges")["key"])
+    # drag over heads 8-9 of the grid's two top rows (layers 5 and 6, the deepest)
+    page.mouse.move(*plot_point(page, "model difference", 7.6, 6.4))
+    page.mouse.down()
+    page.mouse.move(*plot_point(page, "model difference", 9.4, 4.6), steps=8)
+    page.mouse.up()
+    wait_until(lambda: len(source(page, "flow_edges")["key"]) != before, page, timeout=10_000)
+    indices = page.evaluate("() => Array.from(Bokeh.documents[0].get_model_by_name('head_grid').selected.indices)")
+    mask = mask_of(page, indices, records[0].attention.shape[:2])
+    assert {tuple(h) for h in np.argwhere(mask).tolist()} == {(4, 8), (4, 9), (5, 8), (5, 9)}
+    traces = python_traces(records, mask, 0.1, 0.5)
+    total = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size
+    assert len(source(page, "flow_edges")["key"]) == total
+    assert page.evaluate(TEXT_OF, "edge_count").startswith(f"<b>{total}</b> edges")
+    assert page.get_by_text(f"{total} edges (").first.is_visible()
+    page.screenshot(path=str(artifacts / "export.png"), full_page=True)
+    assert visit.errors == [] and visit.outside == []
+
+
+@pytest.mark.parametrize(("text", "text_pair"), [("<img src=x onerror=alert(1)>", None), ("a <script>alert(2)</script> b", "</script><script>alert(3)</script>")])
+def test_user_text_is_shown_never_run(page, tiny_pair, tmp_path: Path, text: str, text_pair: str | None) -> None:
+    path = export_dashboard(extract_pair(tiny_pair, text, text_pair), tmp_path / "xss.html", top_heads=0, title=text)
+    visit = open_offline(page, path)
+    page.wait_for_timeout(500)
+    for shown in (text, text_pair):
+        if shown is not None:
+            assert page.get_by_text(shown, exact=False).first.is_visible()
+    assert page.title() == text
+    assert visit.dialogs == [] and visit.errors == [] and visit.outside == []

@@ -1,0 +1,224 @@
+"""Static export: one self-contained, escaped HTML file whose shipped data is what the CLS trace keeps."""
+
+from __future__ import annotations
+
+import html
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, compare_traces, trace_cls_flow
+from attnflows_panel.cli import main
+from attnflows_panel.errors import InputError
+from attnflows_panel.export import EDGE_FIELDS, NODE_FIELDS, dashboard_layout, export_dashboard, sparse_attention
+from attnflows_panel.extract import extract_pair
+from attnflows_panel.plots.flow_diagram import flow_edges
+
+TEXT = "the car was good and i love it"
+XSS_TEXT = "<img src=x onerror=alert(1)>"
+XSS_PAIR = "</script><script>alert(2)</script>"
+RESOURCE_ATTRIBUTES = {"src", "href", "srcset", "data", "poster", "action", "formaction", "background"}
+
+
+class PageScan(HTMLParser):
+    """Tags with resource-loading attributes, style text and the Bokeh document JSON of a page (script bodies are not parsed as HTML)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[tuple[str, str, str | None]] = []
+        self.styles: list[str] = []
+        self.docs_json: list[str] = []
+        self._inside: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.loads += [(tag, name, value) for name, value in attrs if name in RESOURCE_ATTRIBUTES or (tag == "meta" and name == "http-equiv")]
+        self._inside = "json" if tag == "script" and ("type", "application/json") in attrs else tag
+
+    def handle_endtag(self, tag: str) -> None:
+        self._inside = None
+
+    def handle_data(self, data: str) -> None:
+        if self._inside == "style":
+            self.styles.append(data)
+        elif self._inside == "json":
+            self.docs_json.append(data)
+
+
+def scan(path: Path) -> PageScan:
+    parser = PageScan()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def bokeh_models(page: PageScan) -> dict[str, dict]:
+    """The page's named Bokeh models (name -> attributes), from the document JSON Bokeh embeds HTML-escaped."""
+    (docs,) = (json.loads(html.unescape(text)) for text in page.docs_json)
+    named: dict[str, dict] = {}
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            attributes = node.get("attributes")
+            if node.get("type") == "object" and isinstance(attributes, dict) and "name" in attributes:
+                named[attributes["name"]] = attributes
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(docs)
+    return named
+
+
+@pytest.fixture(scope="module")
+def records(tiny_pair):
+    return extract_pair(tiny_pair, TEXT)
+
+
+def threshold_at_an_entry(attention: np.ndarray) -> float:
+    """A tau equal to one attention value (float32 -> float is exact), so one entry sits on the threshold."""
+    values = np.sort(attention.ravel())
+    return float(values[int(0.8 * values.size)])
+
+
+def test_export_is_one_file_that_loads_nothing(records, tmp_path: Path) -> None:
+    path = export_dashboard(records, tmp_path / "report.html")
+    assert path == tmp_path / "report.html" and path.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert path.stat().st_size < 2.5 * 2**20
+    page = scan(path)
+    assert page.loads == []  # no <script src>, <link href>, <img src>, meta refresh ...
+    assert not any("@import" in css or "url(" in css for css in page.styles)
+    assert "googleapis" not in path.read_text(encoding="utf-8").split("<script")[0]  # no web fonts in the head
+    named = bokeh_models(page)
+    assert {"header", "head_grid", "flow_edges", "flow_nodes", "sentence_words", "edge_count"} <= named.keys()
+
+
+def test_export_escapes_user_text(tiny_pair, tmp_path: Path) -> None:
+    path = export_dashboard(extract_pair(tiny_pair, XSS_TEXT, XSS_PAIR), tmp_path / "xss.html", top_heads=0, title=XSS_TEXT)
+    text = path.read_text(encoding="utf-8")
+    assert "<img src=x onerror" not in text and "<script>alert(2)" not in text
+    assert f"<title>{html.escape(XSS_TEXT, quote=False)}</title>" in text
+    header = bokeh_models(scan(path))["header"]["text"]
+    assert html.escape(XSS_TEXT) in header and html.escape(XSS_PAIR) in header
+    assert "<img" not in header and "<script" not in header
+
+
+def test_shipped_entries_are_exactly_those_at_or_above_tau(records) -> None:
+    attention = records[1].attention
+    tau = threshold_at_an_entry(attention)
+    L, H, n, _ = attention.shape
+    sparse = sparse_attention(attention, tau)
+    assert sparse["weight"].dtype == np.float32 and sparse["offsets"].shape == (L * n + 1,)
+    rows = np.repeat(np.arange(L * n), np.diff(sparse["offsets"]))
+    shipped = set(zip(rows // n, sparse["head"].tolist(), rows % n, sparse["key"].tolist(), strict=True))
+    expected = {tuple(int(i) for i in idx) for idx in np.argwhere(attention >= tau)}
+    assert shipped == expected
+    assert (sparse["weight"] == tau).any()  # the entry on the threshold is kept, as the trace keeps it
+    layer, query = rows // n, rows % n
+    np.testing.assert_array_equal(sparse["weight"], attention[layer, sparse["head"], query, sparse["key"]])
+    above = sparse_attention(attention, float(np.nextafter(np.float32(tau), np.float32(1))))
+    assert above["weight"].size == sparse["weight"].size - int((attention == np.float32(tau)).sum())
+
+
+def test_shipped_entries_hold_every_edge_of_the_union_trace(records) -> None:
+    """For random head masks each kept edge's passing heads and weight are the shipped entries of its (layer, query, key)."""
+    attention = records[0].attention
+    tau = threshold_at_an_entry(attention)
+    L, H, n, _ = attention.shape
+    sparse = sparse_attention(attention, tau)
+    rows = np.repeat(np.arange(L * n), np.diff(sparse["offsets"]))
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(6):
+        mask = rng.random((L, H)) < 0.5
+        trace = trace_cls_flow(attention, mask, tau=tau, combine="union")
+        checked += trace.n_edges
+        for layer, query, key, heads, weight in zip(trace.edge_layer, trace.edge_query, trace.edge_key, trace.edge_heads, trace.edge_weight, strict=True):
+            at = (rows == layer * n + query) & (sparse["key"] == key) & mask[layer, sparse["head"]]
+            assert set(sparse["head"][at].tolist()) == set(np.flatnonzero(heads).tolist())
+            assert sparse["weight"][at].max() == weight
+    assert checked > 0
+
+
+def test_layout_starts_from_the_given_head_mask(records) -> None:
+    pre, fine = records
+    tau = threshold_at_an_entry(pre.attention)
+    mask = np.zeros((pre.n_layers, pre.n_heads), dtype=bool)
+    mask[:, :2] = True
+    layout = dashboard_layout(records, tau=tau, alpha=0.3, top_heads=0, head_mask=mask)
+    grid = layout.select_one({"name": "head_grid"})
+    picked = {(int(grid.data["layer"][i]) - 1, int(grid.data["head"][i])) for i in grid.selected.indices}
+    assert picked == {tuple(h) for h in np.argwhere(mask).tolist()}
+    traces = {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=0.3) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
+    edges = layout.select_one({"name": "flow_edges"}).data
+    expected = flow_edges(pre.tokens, traces)
+    assert list(edges) == EDGE_FIELDS and list(layout.select_one({"name": "flow_nodes"}).data) == NODE_FIELDS
+    np.testing.assert_array_equal(edges["key"], expected["key"])
+    assert list(edges["label"]) == list(expected["label"])
+    total = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size
+    assert len(edges["key"]) == total and f"<b>{total}</b> edges" in layout.select_one({"name": "edge_count"}).text
+    assert f"{int(mask.sum())} of {mask.size} heads selected" in layout.select_one({"name": "edge_count"}).text
+
+
+def test_bad_inputs_are_refused_and_leave_nothing(records, tmp_path: Path) -> None:
+    existing = tmp_path / "old.html"
+    existing.write_text("old")
+    with pytest.raises(InputError, match="directory .*missing does not exist"):
+        export_dashboard(records, tmp_path / "missing" / "report.html")
+    with pytest.raises(InputError, match="is a directory"):
+        export_dashboard(records, tmp_path)
+    with pytest.raises(InputError, match="top heads must be a whole number from 0 to 8, got 9"):
+        export_dashboard(records, existing, top_heads=9)
+    with pytest.raises(InputError, match="tau must be in"):
+        export_dashboard(records, existing, tau=0)
+    with pytest.raises(InputError, match="nothing to export"):
+        export_dashboard(None, existing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.html"] and existing.read_text() == "old"
+
+
+def test_cli_export(tiny_dir: Path, tiny_classifier_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report.html"
+    models = ["--pretrained", str(tiny_dir), "--finetuned", str(tiny_classifier_dir)]
+    assert main(["export", *models, "--text", TEXT, "--tau", "0.05", "--top-heads", "2", "-o", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: ")
+    assert "tau = 0.05" in bokeh_models(scan(out))["header"]["text"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--text", " ", "-o", "{tmp}/r.html"], "attnflows: error: --text is empty: give the sentence to export"),
+        (["-o", "{tmp}/no/r.html"], "attnflows: error: cannot write the dashboard to {tmp}/no/r.html: directory {tmp}/no does not exist"),
+        (["--tau", "1.5", "-o", "{tmp}/r.html"], "attnflows: error: tau must be in (0, 1], got 1.5"),
+        (["--top-heads", "-1", "-o", "{tmp}/r.html"], "attnflows: error: the number of top heads must be a whole number from 0 to 8, got -1"),
+    ],
+)
+def test_cli_export_errors_are_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", *(a.format(tmp=tmp_path) for a in args)]) == 2
+    assert capsys.readouterr().err.strip() == message.format(tmp=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: attnflows export" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_128_token_sentence_of_the_real_pair_stays_small(real_pair, tmp_path: Path) -> None:
+    words = ("the self-driving car stopped safely at the crossing and i finally felt relaxed after a long drive " * 12).split()
+    tokenizer = real_pair.pretrained.tokenizer
+    while len(tokenizer(" ".join(words))["input_ids"]) > 128:
+        words.pop()
+    records = extract_pair(real_pair, " ".join(words))
+    assert records[0].n_tokens >= 126
+    path = export_dashboard(records, tmp_path / "long.html")
+    assert path.stat().st_size < 3 * 2**20  # BertViz: 53.5 MB for one model
