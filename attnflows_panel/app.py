@@ -42,7 +42,7 @@ def shared_default() -> Prepared:
 
 def _examples_menu(view: AttentionView) -> pn.widgets.Select:
     examples = {"(choose an example)": None} | {f"{e.name} — {e.task}": e for e in load_examples()}
-    menu = pn.widgets.Select(name="Examples", options=list(examples), sizing_mode="stretch_width")
+    menu = pn.widgets.Select(label="Examples", options=list(examples), sizing_mode="stretch_width")
 
     def pick(event: object) -> None:
         example = examples[menu.value]
@@ -155,8 +155,8 @@ def _model_heads(head_map: HeadEmbedding | None, name: str) -> HeadEmbedding | N
 def create_single_app(model: LoadedModel | None = None, text: str | None = None, head_map: HeadEmbedding | None = None) -> pn.template.BootstrapTemplate:
     """One model's attention (default: the offline pre-trained BERT); any encoder can be loaded by hub name or path."""
     template, sidebar, main = _page("attnflows — attention in one model")
-    chooser = pn.widgets.TextInput(name="Model (hub name or local path)", placeholder="e.g. /path/to/checkpoint or bert-base-uncased", sizing_mode="stretch_width")
-    load_button = pn.widgets.Button(name="Load model", button_type="primary")
+    chooser = pn.widgets.TextInput(label="Model (hub name or local path)", placeholder="e.g. /path/to/checkpoint or bert-base-uncased", sizing_mode="stretch_width")
+    load_button = pn.widgets.Button(label="Load model", color="primary")
     message = pn.pane.Markdown("", sizing_mode="stretch_width")
     loader = pn.Column(chooser, load_button, message, sizing_mode="stretch_width")
     current: dict[str, AttentionView] = {}

@@ -83,7 +83,9 @@ def _models_for(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
 
 
 def _default_run_dir(corpus_path: Path | None) -> Path:
-    return home() / "runs" / (corpus_path.stem if corpus_path else "sentiment-heldout")
+    from attnflows_panel.prepare import default_run_dir
+
+    return home() / "runs" / corpus_path.stem if corpus_path else default_run_dir()
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -127,18 +129,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from attnflows_panel.corpus import heldout_sentiment_corpus
-    from attnflows_panel.models import default_pair
-    from attnflows_panel.store import extract_corpus
+    from attnflows_panel.prepare import prepare_default
 
-    pair = default_pair(progress=not args.quiet)
-    store = extract_corpus(
-        {"pretrained": pair.pretrained, "finetuned": pair.finetuned},
-        heldout_sentiment_corpus(),
-        _default_run_dir(None),
-        progress=not args.quiet,
-    )
-    print(f"default models ready; corpus run {store.path}: {store.describe()}")
+    prepared = prepare_default(progress=not args.quiet, report=lambda stage: None if args.quiet else print(stage, flush=True))
+    store = prepared.store
+    print(f"default models ready; corpus run {store.path}: {store.describe()}; head map of {len(prepared.head_map.points)} heads")
     return 0
 
 

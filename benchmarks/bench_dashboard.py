@@ -135,7 +135,9 @@ def brush(view: CompareView, doc: Document, heads: list[tuple[int, int]]) -> tup
     before = fingerprint(doc.roots[0])
     t0 = time.perf_counter()
     with set_curdoc(doc):
+        doc.hold("combine")  # a server session holds a callback's events and sends them together
         view.select_heads(heads)
+        doc.unhold()
     t1 = time.perf_counter()
     size = sum(encoded_bytes(PROTOCOL.create("PATCH-DOC", [e])) for e in events if isinstance(e, DocumentPatchedEvent))
     t2 = time.perf_counter()

@@ -28,7 +28,6 @@ from attnflows_panel.plots.sentence_view import sentence_view
 DIFFERENCE = "model difference (JS, bits)"
 MEASURE_NAMES = [name for name, _ in MEASURES]
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
-EACH_HEAD_UP_TO = 3  # selections this small show one matrix per head; larger ones show the mean
 
 
 class AttentionView(pn.viewable.Viewer):
@@ -56,16 +55,9 @@ class AttentionView(pn.viewable.Viewer):
         self.ablation = pn.pane.Markdown("", sizing_mode="stretch_width")
         self._ablate_button = pn.widgets.Button(label="Switch selected heads off", color="primary")
         self._ablate_button.on_click(self._ablate)
-        self._grid = hv.DynamicMap(self._grid_element, streams=[hv.streams.Params(self, self._grid_streams())])
-        hv.streams.Selection1D(source=self._grid).param.watch(self._on_grid_selection, "index")
         self.head_map = head_map
-        self._map_dots = None if head_map is None else self._head_map_dots(head_map)
-        flow_streams = ["records", "head_mask", "tau", "alpha", "method", "combine", "layout", "root"]
-        self._flows = {}
-        for shown in self._flow_groups():
-            tap = hv.streams.Tap(transient=True)
-            tap.add_subscriber(self._on_tap)
-            self._flows[shown] = hv.DynamicMap(self._flow_callback(shown), streams=[hv.streams.Params(self, flow_streams), tap])
+        self._followers: dict[str, list[hv.streams.Params]] = {}
+        self._flows: dict[tuple[str, ...], hv.DynamicMap] = {}
         if text is not None:
             self.text = text
         self.param.watch(self._update_records, ["text", "text_pair"])
@@ -74,8 +66,21 @@ class AttentionView(pn.viewable.Viewer):
     def _grid_streams(self) -> list[str]:
         return ["records", "measure"]
 
-    def _flow_groups(self) -> list[tuple[str, ...]]:
-        return [self.names]
+    def _follow(self, key: str, callback: object, names: list[str], *extra: hv.streams.Stream) -> hv.DynamicMap:
+        """A new DynamicMap of ``callback`` following the params ``names``; the one made before under ``key`` stops.
+
+        Each pane gets its own DynamicMap, so showing the view again never shows a stale first frame.
+        """
+        self._stop(key)
+        follower = hv.streams.Params(self, names)
+        self._followers[key] = [follower]
+        return hv.DynamicMap(callback, streams=[follower, *extra])
+
+    def _stop(self, prefix: str) -> None:
+        """Stop the DynamicMaps made under keys starting with ``prefix`` from following this view."""
+        for key in [k for k in self._followers if k.startswith(prefix)]:
+            for stream in self._followers.pop(key):
+                stream.unwatch()
 
     # ------------------------------------------------------------------ state
     def _update_records(self, *_: object) -> None:
@@ -94,8 +99,6 @@ class AttentionView(pn.viewable.Viewer):
             notice = f"The input was longer than the model allows: the last {records[0].n_truncated} tokens were dropped."
         self.param.update(records=records, root=(-1, 0), notice=notice)
 
-    def _on_grid_selection(self, event: param.parameterized.Event) -> None:
-        self.select_heads(heads_at(self._grid.last, event.new) if event.new else [])
 
     def _on_map_selection(self, event: param.parameterized.Event) -> None:
         rows = self.head_map.points.iloc[event.new]
@@ -106,7 +109,8 @@ class AttentionView(pn.viewable.Viewer):
         mask = np.zeros((self.n_layers, self.n_heads), dtype=bool)
         for layer, head in heads:
             mask[layer, head] = True
-        self.head_mask = mask if mask.any() else ~mask
+        with pn.io.hold(freeze=True):  # one model-graph recompute for every pane the mask updates
+            self.head_mask = mask if mask.any() else ~mask
 
     def selected_heads(self) -> list[tuple[int, int]]:
         """The (layer, head) pairs in the head mask."""
@@ -123,7 +127,8 @@ class AttentionView(pn.viewable.Viewer):
             level = int(round(np.hypot(x, y) - 1.0))
             token = int(round(((np.pi / 2 - np.arctan2(y, x)) % (2 * np.pi)) / (2 * np.pi) * n)) % n
         if 0 <= token < n and 1 <= level < levels:
-            self.root = (level, token)
+            with pn.io.hold(freeze=True):
+                self.root = (level, token)
 
     def _root(self) -> tuple[int, int]:
         level, token = self.root
@@ -139,11 +144,17 @@ class AttentionView(pn.viewable.Viewer):
                 traces[name] = trace_cls_flow(record.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine)
         return traces
 
-    def _flow_callback(self, shown: tuple[str, ...]):  # noqa: ANN202
+    def _flow_map(self, shown: tuple[str, ...]) -> hv.DynamicMap:
+        """The flow diagram of the models ``shown``, following the head mask and flow settings; a click re-roots it."""
+
         def callback(**_: object) -> hv.Overlay:
             return self._flow_element(shown)
 
-        return callback
+        tap = hv.streams.Tap(transient=True)
+        tap.add_subscriber(self._on_tap)
+        names = ["records", "head_mask", "tau", "alpha", "method", "combine", "root"]
+        self._flows[shown] = self._follow(f"flow {' '.join(shown)}", callback, names, tap)
+        return self._flows[shown]
 
     def _flow_element(self, shown: tuple[str, ...]) -> hv.Overlay:
         width = 900 if len(shown) == len(self.names) else 560
@@ -174,14 +185,6 @@ class AttentionView(pn.viewable.Viewer):
         boxes = pd.DataFrame([(h - 0.5, layer + 0.5, h + 0.5, layer + 1.5) for layer, h in heads], columns=["x0", "y0", "x1", "y1"])
         return hv.Rectangles(boxes, ["x0", "y0", "x1", "y1"]).opts(fill_alpha=0, line_color="#d62728", line_width=2)
 
-    def _head_map_dots(self, head_map: HeadEmbedding) -> hv.Points:
-        """The head map's points (with their own brushing stream) and the fine-tuning moves beneath them."""
-        points = head_map.points.assign(model=head_map.points["model"].map(self.titles).fillna(head_map.points["model"]))
-        overlay = head_embedding(points, head_map.moves, title="heads over the corpus (drag to select)", width=460, height=330)
-        dots = overlay.Points.Heads
-        hv.streams.Selection1D(source=dots).param.watch(self._on_map_selection, "index")
-        self._map_overlay = overlay
-        return dots
 
     def _map_highlight(self, **_: object) -> hv.Points:
         heads = set() if self.head_mask.all() else set(self.selected_heads())
@@ -190,30 +193,52 @@ class AttentionView(pn.viewable.Viewer):
         return hv.Points(chosen, ["x", "y"]).opts(size=13, fill_alpha=0, line_color="#d62728", line_width=2)
 
     # ------------------------------------------------------------------ panes
+    # Panes are rebuilt when the input changes (plot sizes follow it); a brush updates their data in place.
+    @param.depends("layout")
     def _flow_panel(self) -> pn.viewable.Viewable:
-        return pn.pane.HoloViews(self._flows[self.names], linked_axes=False)
+        self._stop("flow ")
+        return pn.pane.HoloViews(self._flow_map(self.names), linked_axes=False)
 
-    @param.depends("records", "head_mask")
+    def _grid_pane(self) -> pn.viewable.Viewable:
+        grid = self._follow("grid", self._grid_element, self._grid_streams())
+        selection = hv.streams.Selection1D(source=grid)
+        selection.param.watch(lambda event: self.select_heads(heads_at(grid.last, event.new) if event.new else []), "index")
+        outline = self._follow("grid outline", self._grid_outline, ["head_mask"])
+        return pn.pane.HoloViews(grid * outline, linked_axes=False)
+
+    def _head_map_pane(self) -> pn.viewable.Viewable:
+        if self.head_map is None:
+            return pn.pane.Markdown("", margin=0)
+        points = self.head_map.points.assign(model=self.head_map.points["model"].map(self.titles).fillna(self.head_map.points["model"]))
+        overlay = head_embedding(points, self.head_map.moves, title="heads over the corpus (drag to select)", width=460, height=330)
+        hv.streams.Selection1D(source=overlay.Points.Heads).param.watch(self._on_map_selection, "index")
+        highlight = self._follow("head map", self._map_highlight, ["head_mask"])
+        return pn.pane.HoloViews((overlay * highlight).opts(hv.opts.Overlay(**overlay.opts.get("plot").kwargs)), linked_axes=False)
+
+    @param.depends("records")
     def _matrices(self) -> pn.viewable.Viewable:
         if self.records is None:
             return pn.pane.Markdown("")
-        heads = np.argwhere(self.head_mask)
-        groups = [[h] for h in heads] if len(heads) <= EACH_HEAD_UP_TO else [heads]
-        rows: list[pn.viewable.Viewable] = []
-        for group in groups:
-            group = np.asarray(group)
-            label = f"mean of {len(group)} heads" if len(group) > 1 else f"layer {group[0][0] + 1}, head {group[0][1]}"
-            panes = []
-            for name, record in zip(self.names, self.records, strict=True):
-                matrix = record.attention[group[:, 0], group[:, 1]].mean(axis=0)
-                panes.append(pn.pane.HoloViews(attention_matrix(matrix, record.tokens, title=f"{self.titles[name]}: {label}", size=340), linked_axes=False))
-            rows.extend(panes)
-        return pn.FlexBox(*rows, sizing_mode="stretch_width")
+        panes = [pn.pane.HoloViews(self._follow(f"matrix {name}", self._matrix_callback(index), ["head_mask"]), linked_axes=False) for index, name in enumerate(self.names)]
+        return pn.FlexBox(*panes, sizing_mode="stretch_width")
 
-    @param.depends("records", "head_mask", "tau", "alpha", "method", "combine", "root")
+    def _matrix_callback(self, index: int):  # noqa: ANN202
+        def callback(**_: object) -> hv.Element:
+            record, heads = self.records[index], np.argwhere(self.head_mask)
+            label = f"mean of {len(heads)} heads" if len(heads) > 1 else f"layer {heads[0][0] + 1}, head {heads[0][1]}"
+            matrix = record.attention[heads[:, 0], heads[:, 1]].mean(axis=0)
+            return attention_matrix(matrix, record.tokens, title=f"{self.titles[self.names[index]]}: {label}", size=340)
+
+        return callback
+
+    @param.depends("records")
     def _sentence(self) -> pn.viewable.Viewable:
         if self.records is None:
             return pn.pane.Markdown("")
+        names = ["head_mask", "tau", "alpha", "method", "combine", "root"]
+        return pn.pane.HoloViews(self._follow("sentence", self._sentence_element, names), linked_axes=False)
+
+    def _sentence_element(self, **_: object) -> hv.Overlay:
         words, index = merge_tokens(self.records[0].tokens, self.records[0].word_ids)
         traces = self._traces()
         values, captions = {}, {}
@@ -222,7 +247,7 @@ class AttentionView(pn.viewable.Viewer):
             captions[name] = f"{self.titles[name]}: influence on the input"
             if record.predicted_label is not None:
                 captions[name] = f"{self.titles[name]}: predicts {record.predicted_label} ({record.probabilities.max():.0%})"
-        return pn.pane.HoloViews(sentence_view(words, values, captions, max_chars=96, width=900), linked_axes=False)
+        return sentence_view(words, values, captions, max_chars=96, width=900)
 
     @param.depends("notice")
     def _notice(self) -> pn.viewable.Viewable:
@@ -264,19 +289,10 @@ class AttentionView(pn.viewable.Viewer):
         widgets = self._widgets()
         return pn.Param(self.param, parameters=list(widgets), widgets=widgets, show_name=False, sizing_mode="stretch_width")
 
-    def _head_map_pane(self) -> pn.viewable.Viewable:
-        if self._map_dots is None:
-            return pn.pane.Markdown("", margin=0)
-        highlight = hv.DynamicMap(self._map_highlight, streams=[hv.streams.Params(self, ["head_mask"])])
-        look = self._map_overlay.opts.get("plot").kwargs
-        return pn.pane.HoloViews((self._map_overlay * highlight).opts(hv.opts.Overlay(**look)), linked_axes=False)
-
     def __panel__(self) -> pn.viewable.Viewable:
-        outline = hv.DynamicMap(self._grid_outline, streams=[hv.streams.Params(self, ["head_mask"])])
-        grid = pn.pane.HoloViews(self._grid * outline, linked_axes=False)
         return pn.Column(
             self._notice,
-            pn.Row(pn.Column(grid, self._ablate_button, self.ablation, width=460), self._head_map_pane()),
+            pn.Row(pn.Column(self._grid_pane(), self._ablate_button, self.ablation, width=460), self._head_map_pane()),
             self._sentence,
             self._flow_panel,
             self._matrices,

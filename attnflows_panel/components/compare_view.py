@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import panel as pn
 import param
@@ -33,9 +36,6 @@ class CompareView(AttentionView):
     def _grid_streams(self) -> list[str]:
         return ["records", "measure", "grid_model"]
 
-    def _flow_groups(self) -> list[tuple[str, ...]]:
-        return [(PRETRAINED, FINETUNED), (PRETRAINED,), (FINETUNED,)]
-
     def _grid_values(self) -> np.ndarray:
         pre, fine = self.records
         if self.measure == DIFFERENCE:
@@ -46,11 +46,18 @@ class CompareView(AttentionView):
     def _grid_title(self) -> str:
         return self.measure if self.measure == DIFFERENCE else f"{self.measure} ({MODEL_TITLES[self.grid_model]})"
 
-    @param.depends("mode")
+    @param.depends("mode", "layout")
     def _flow_panel(self) -> pn.viewable.Viewable:
+        self._stop("flow ")
         if self.mode == "merged":
-            return pn.pane.HoloViews(self._flows[(PRETRAINED, FINETUNED)], linked_axes=False)
-        return pn.Row(pn.pane.HoloViews(self._flows[(PRETRAINED,)], linked_axes=False), pn.pane.HoloViews(self._flows[(FINETUNED,)], linked_axes=False))
+            return pn.pane.HoloViews(self._flow_map((PRETRAINED, FINETUNED)), linked_axes=False)
+        return pn.Row(*(pn.pane.HoloViews(self._flow_map((name,)), linked_axes=False) for name in (PRETRAINED, FINETUNED)))
+
+    def export(self, path: str | os.PathLike, *, top_heads: int = 4) -> Path:
+        """Write this input, tau, alpha and head selection as a self-contained HTML dashboard (see ``attnflows export``)."""
+        from attnflows_panel.export import export_dashboard
+
+        return export_dashboard(self.records, path, tau=self.tau, alpha=self.alpha, top_heads=top_heads, head_mask=self.head_mask)
 
     def _widgets(self) -> dict[str, dict[str, object]]:
         return super()._widgets() | {

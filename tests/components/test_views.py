@@ -1,0 +1,181 @@
+"""CompareView and SingleView on tiny random encoders: state, linking, notices and escaping, without a browser."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import panel as pn
+import pytest
+from bokeh.document import Document
+
+from attnflows_panel.analysis.compare import head_js_divergence
+from attnflows_panel.analysis.embedding import HeadEmbedding
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, trace_cls_flow
+from attnflows_panel.app import create_app, create_single_app
+from attnflows_panel.components import CompareView, SingleView
+from attnflows_panel.components.attention_view import DIFFERENCE
+from attnflows_panel.components.records import cached_records
+from attnflows_panel.errors import AttnflowsError
+
+TEXT = "the movie was good, but the car was bad"
+
+
+def rendered(view) -> Document:
+    """Render the view into a Bokeh document, as a server session does."""
+    doc = Document()
+    view.__panel__().get_root(doc)
+    return doc
+
+
+def head_map(n_layers: int, n_heads: int) -> HeadEmbedding:
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    points = pd.concat(
+        [pd.DataFrame({"model": model, "layer": layer.ravel(), "head": head.ravel(), "x": layer.ravel() + shift, "y": head.ravel() * 1.0}) for model, shift in ((PRETRAINED, 0.0), (FINETUNED, 0.1))],
+        ignore_index=True,
+    )
+    return HeadEmbedding(points, pd.DataFrame(columns=["layer", "head", "x_from", "y_from", "x_to", "y_to", "dx", "dy", "distance"]), "test")
+
+
+def test_compare_view_grid_shows_the_model_difference(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    pre, fine = view.records
+    assert view.measure == DIFFERENCE
+    grid = view._grid_element()
+    values = grid.dframe().set_index(["layer", "head"])[grid.vdims[0].name]
+    expected = head_js_divergence(pre.attention, fine.attention)
+    assert values.loc[(1, 2)] == pytest.approx(expected[0, 2])
+    view.param.update(measure="entropy", grid_model=PRETRAINED)
+    assert "pre-trained" in view._grid_element().opts.get().kwargs["title"]
+
+
+def test_selecting_heads_filters_every_flow_consistently(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    rendered(view)
+    everything = {name: t.n_edges for name, t in view._traces().items()}
+    view.select_heads([(1, 0), (0, 3)])
+    assert view.selected_heads() == [(0, 3), (1, 0)]
+    for name, record in zip((PRETRAINED, FINETUNED), view.records, strict=True):
+        expected = trace_cls_flow(record.attention, view.head_mask, tau=0.05, alpha=view.alpha)
+        assert view._traces()[name].n_edges == expected.n_edges <= everything[name]
+    merged = view._flows[(PRETRAINED, FINETUNED)][()]
+    assert f"({sum(t.n_edges for t in view._traces().values())} edges)" in merged.opts.get().kwargs["title"]
+    view.select_heads([])
+    assert view.head_mask.all()
+
+
+def test_matrices_show_the_selected_head_or_the_mean_of_the_selection(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    maps = [pane.object for pane in view._matrices()]
+    view.select_heads([(1, 2)])
+    assert [m[()].opts.get().kwargs["title"] for m in maps] == ["pre-trained: layer 2, head 2", "fine-tuned: layer 2, head 2"]
+    np.testing.assert_allclose(maps[1][()].dimension_values("weight", flat=False)[::-1], view.records[1].attention[1, 2], rtol=1e-6)
+    view.select_heads([])
+    assert [m[()].opts.get().kwargs["title"] for m in maps] == ["pre-trained: mean of 8 heads", "fine-tuned: mean of 8 heads"]
+
+
+def test_showing_the_view_again_shows_the_current_state(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    rendered(view)
+    view.select_heads([(1, 0)])
+    rendered(view)
+    title = view._flows[(PRETRAINED, FINETUNED)].last.opts.get().kwargs["title"]
+    assert f"({sum(t.n_edges for t in view._traces().values())} edges)" in title
+
+
+def test_a_head_map_brush_selects_those_heads_in_both_models(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT, head_map=head_map(2, 4))
+    rendered(view)
+    points = view.head_map.points
+    picked = points.index[(points["layer"] == 1) & (points["head"].isin([1, 3])) & (points["model"] == FINETUNED)].tolist()
+    view._on_map_selection(type("Event", (), {"new": picked})())
+    assert view.selected_heads() == [(1, 1), (1, 3)]
+    outlined = view._grid_outline().dframe()
+    assert len(outlined) == 2
+    assert len(view._map_highlight().dframe()) == 4  # both models' copies of the two heads
+
+
+def test_tap_reroots_on_the_nearest_token_in_both_layouts(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    view._on_tap(x=2.2, y=1.1)
+    assert view.root == (1, 2)
+    assert view._traces()[FINETUNED].root == (1, 2)
+    view.layout = "radial"
+    n = view.records[0].n_tokens
+    angle = np.pi / 2 - 2 * np.pi * 3 / n
+    view._on_tap(x=3.0 * np.cos(angle), y=3.0 * np.sin(angle))  # radius 1 + level 2, token 3
+    assert view.root == (2, 3)
+    view._on_tap(x=0.0, y=0.0)  # the input level cannot be a root
+    assert view.root == (2, 3)
+
+
+def test_empty_text_shows_a_hint_instead_of_plots(tiny_pair) -> None:
+    view = CompareView(tiny_pair, "   ")
+    rendered(view)
+    assert view.records is None
+    assert "Type a sentence" in view.notice
+    assert view._notice().alert_type == "info"
+    view.text = TEXT
+    assert view.records is not None and view.notice == ""
+
+
+def test_a_too_long_input_is_truncated_with_a_notice(tiny_pair) -> None:
+    view = CompareView(tiny_pair, " ".join(["good"] * 80))
+    assert view.records[0].n_tokens == tiny_pair.pretrained.max_tokens
+    assert "the last 18 tokens were dropped" in view.notice
+    assert view._notice().alert_type == "warning"
+
+
+def test_html_in_the_input_or_a_message_reaches_the_page_escaped(tiny_pair) -> None:
+    attack = "<img src=x onerror=alert(1)>"
+    view = CompareView(tiny_pair, attack)
+    rendered(view)
+    view.notice = f"bad input {attack}"
+    assert "<img" not in view._notice().object and "&lt;img" in view._notice().object
+    view._ablate()
+    assert "<img" not in view.ablation.object
+
+
+def test_ablation_reports_the_fine_tuned_prediction_before_and_after(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    view.select_heads([(0, 0), (1, 1)])
+    view._ablate()
+    assert view.ablation.object.startswith("With 2 heads off, the prediction of fine-tuned")
+    assert "→" in view.ablation.object
+
+
+def test_single_view_has_no_difference_measure_and_one_model(tiny) -> None:
+    view = SingleView(tiny, TEXT, title="tiny")
+    rendered(view)
+    assert len(view.records) == 1 and DIFFERENCE not in view.param.measure.objects
+    assert list(view._flows) == [(PRETRAINED,)]
+    assert "tiny (" in view._flows[(PRETRAINED,)][()].opts.get().kwargs["title"]
+    view._ablate()
+    assert "no classification head" in view.ablation.object
+    assert "mode" not in view._widgets()
+
+
+def test_records_are_cached_per_model_and_input(tiny_pair, tiny) -> None:
+    first = cached_records(tiny_pair, TEXT)
+    assert cached_records(tiny_pair, TEXT) is first
+    single = cached_records(tiny, TEXT)
+    assert len(single) == 1 and single is not first
+
+
+def test_apps_build_for_a_given_pair_or_model(tiny_pair, tiny) -> None:
+    def labels(template) -> set[str]:
+        return {getattr(w, "label", None) or getattr(w, "name", "") for w in template.sidebar[0].select(pn.widgets.Widget)}
+
+    compare, single = create_app(tiny_pair, TEXT), create_single_app(tiny, TEXT)
+    assert {"Examples", "Grid model", "Models", "Sentence"} <= labels(compare)
+    assert {"Model (hub name or local path)", "Sentence"} <= labels(single) and "Grid model" not in labels(single)
+
+
+def test_compare_view_exports_its_input_and_selection(tiny_pair, tmp_path) -> None:
+    view = CompareView(tiny_pair, "<b>the car</b> was good", tau=0.05)
+    view.select_heads([(1, 0), (1, 3)])
+    path = view.export(tmp_path / "report.html", top_heads=2)
+    page = path.read_text()
+    assert "the car" in page and "<b>the car" not in page and "&lt;b&gt;the car" not in page  # escaped, then escaped again inside the JSON
+    with pytest.raises(AttnflowsError):
+        CompareView(tiny_pair, "  ").export(tmp_path / "empty.html")
+    assert not (tmp_path / "empty.html").exists()
