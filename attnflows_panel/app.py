@@ -19,8 +19,10 @@ from attnflows_panel.prepare import Prepared
 
 DEFAULT_MODEL_TITLE = "all-MiniLM-L6-v2"
 
-_LOCK = threading.Lock()
+# One model load at a time per process: transformers' lazy imports break when two threads race through them.
+_LOCK = threading.RLock()
 _PREPARED: Prepared | None = None
+_DEFAULT_SINGLE: LoadedModel | None = None
 _STAGE = ""  # what the shared preparation is doing, shown by every waiting page
 
 
@@ -124,12 +126,22 @@ def create_app(pair: ModelPair | None = None, text: str | None = None, head_map:
     return template
 
 
-def _default_single() -> tuple[LoadedModel, HeadEmbedding | None]:
-    """The default pre-trained model and, when the default run is prepared, its heads' places on the corpus map."""
-    from attnflows_panel.models import default_pretrained_path, load_encoder
+def _load(name: str) -> LoadedModel:
+    from attnflows_panel.models import load_encoder
 
-    model = load_encoder(default_pretrained_path())
-    return model, (_PREPARED.head_map if _PREPARED is not None else _cached_head_map())
+    with _LOCK:
+        return load_encoder(name)
+
+
+def _default_single() -> tuple[LoadedModel, HeadEmbedding | None]:
+    """The default pre-trained model (loaded once per process) and, if already prepared, its heads on the corpus map."""
+    global _DEFAULT_SINGLE
+    from attnflows_panel.models import default_pretrained_path
+
+    with _LOCK:
+        if _DEFAULT_SINGLE is None:
+            _DEFAULT_SINGLE = _load(str(default_pretrained_path()))
+    return _DEFAULT_SINGLE, (_PREPARED.head_map if _PREPARED is not None else _cached_head_map())
 
 
 def _cached_head_map() -> HeadEmbedding | None:
@@ -168,8 +180,6 @@ def create_single_app(model: LoadedModel | None = None, text: str | None = None,
         main[:] = [view]
 
     def load(_: object = None) -> None:
-        from attnflows_panel.models import load_encoder
-
         name = chooser.value.strip()
         if not name:
             message.object = "Type a hub name or a local path first."
@@ -186,7 +196,7 @@ def create_single_app(model: LoadedModel | None = None, text: str | None = None,
             load_button.disabled = False
             message.object = f"**Could not load it:** {html.escape(str(exc))}"
 
-        _in_background(lambda: load_encoder(name), done, failed)
+        _in_background(lambda: _load(name), done, failed)
 
     load_button.on_click(load)
     if model is not None:

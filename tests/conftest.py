@@ -6,6 +6,7 @@ import os
 import shutil
 import string
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,31 @@ def plot_point():
         return point[0], point[1]
 
     return locate
+
+
+@pytest.fixture
+def serve_app_file(tmp_path: Path):
+    """``serve_app_file(name)``: serve ``apps/<name>.py`` with ``panel serve`` and an empty cache; returns its URL."""
+    import subprocess
+    import urllib.request
+
+    servers: list[subprocess.Popen] = []
+
+    def serve(name: str, port: int) -> str:
+        env = {**os.environ, "ATTNFLOWS_HOME": str(tmp_path / "home")}
+        app = Path(__file__).resolve().parents[1] / "apps" / f"{name}.py"
+        command = [sys.executable, "-m", "panel", "serve", str(app), "--port", str(port), "--address", "127.0.0.1"]
+        servers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        url = f"http://127.0.0.1:{port}/{name}"
+        for _ in range(120):
+            try:
+                if "attnflows" in urllib.request.urlopen(url, timeout=5).read().decode():
+                    return url
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"{url} did not serve within a minute")
+
+    yield serve
+    for server in servers:
+        server.terminate()
+        server.wait(timeout=30)

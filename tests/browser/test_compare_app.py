@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +26,18 @@ def console_errors(msgs: list) -> list[str]:
     return [m.text for m in msgs if m.type == "error"]
 
 
-def serve_view(page, pair) -> CompareView:
-    """Serve a CompareView of ``TEXT`` and return the session's view once its plots are drawn."""
+def serve_view(page, pair, text: str = TEXT, **params: object) -> tuple[CompareView, list]:
+    """Serve a CompareView and return the session's view once its plots are drawn, and the console messages."""
     views: list[CompareView] = []
 
     def app() -> pn.viewable.Viewable:
-        views.append(CompareView(pair, TEXT))
+        views.append(CompareView(pair, text, **params))
         return views[-1]
 
-    serve_component(page, app)
+    msgs, _ = serve_component(page, app)
     page.wait_for_selector(".bk-events", timeout=30_000)
     time.sleep(2)
-    return views[0]
+    return views[0], msgs
 
 
 def test_compare_app_renders_without_errors(page, real_pair, artifacts: Path) -> None:
@@ -63,7 +59,7 @@ def drag(page, start: tuple[float, float], end: tuple[float, float]) -> None:
 
 
 def test_grid_brush_sets_head_mask_and_filters_flows(page, real_pair, plot_point) -> None:
-    view = serve_view(page, real_pair)
+    view, _ = serve_view(page, real_pair)
     before = flow_edges(view)
     assert view.head_mask.all()
     # a box over heads 8-9 of the two deepest layers (the grid's y axis counts layers from 1)
@@ -74,7 +70,7 @@ def test_grid_brush_sets_head_mask_and_filters_flows(page, real_pair, plot_point
 
 
 def test_tap_on_the_flow_diagram_reroots_the_trace(page, real_pair) -> None:
-    view = serve_view(page, real_pair)
+    view, _ = serve_view(page, real_pair)
     flow = page.locator(".bk-events").nth(2)  # grid, sentence view, then the flow diagram
     box = flow.bounding_box()
     flow.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.4})
@@ -86,27 +82,77 @@ def test_tap_on_the_flow_diagram_reroots_the_trace(page, real_pair) -> None:
     assert not trace.reached[level + 1 :].any()
 
 
-def test_apps_compare_py_serves_and_shows_progress_while_preparing(page, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def real_head_map(real_pair, tmp_path_factory):
+    """The head map of the real pair over 24 held-out sentences (a small run, made once)."""
+    from attnflows_panel.corpus import heldout_sentiment_corpus
+    from attnflows_panel.head_map import run_head_map
+    from attnflows_panel.store import extract_corpus
+
+    corpus = heldout_sentiment_corpus().subset(range(24))
+    store = extract_corpus({"pretrained": real_pair.pretrained, "finetuned": real_pair.finetuned}, corpus, tmp_path_factory.mktemp("run") / "run", progress=False)
+    return run_head_map(store, 24)
+
+
+def test_head_map_brush_selects_those_heads_everywhere(page, real_pair, real_head_map, plot_point) -> None:
+    view, msgs = serve_view(page, real_pair, head_map=real_head_map)
+    points = real_head_map.points
+    # a box over the left part of the map, cut in the widest gap between points so pixel rounding cannot matter;
+    # either model's copy of a head selects it
+    xs = np.sort(points["x"].to_numpy())
+    lo, hi = len(xs) // 5, len(xs) // 2
+    widest = lo + int(np.argmax(np.diff(xs[lo:hi])))
+    x_cut = float(xs[widest] + xs[widest + 1]) / 2
+    low, high = float(points["y"].min()) - 0.01, float(points["y"].max()) + 0.01
+    inside = points[points["x"] <= x_cut]
+    expected = sorted({(int(layer), int(head)) for layer, head in zip(inside["layer"], inside["head"], strict=True)})
+    drag(page, plot_point(page, "heads over the corpus", float(points["x"].min()) - 0.01, high), plot_point(page, "heads over the corpus", x_cut, low))
+    wait_until(lambda: not view.head_mask.all(), page, timeout=10_000)
+    assert view.selected_heads() == expected
+    assert view._traces()["finetuned"].head_mask.sum() == len(expected)
+    assert console_errors(msgs) == []
+
+
+def test_html_in_the_sentence_is_shown_as_text(page, real_pair) -> None:
+    attack = "<img src=x onerror=alert(1)> and <script>alert(2)</script> are fun"
+    dialogs: list = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    msgs, _ = serve_component(page, lambda: create_app(real_pair, attack))
+    page.wait_for_selector(".bk-events", timeout=30_000)
+    time.sleep(2)
+    assert dialogs == []
+    assert page.locator("img[src='x']").count() == 0
+    assert page.locator("textarea").first.input_value() == attack
+    assert console_errors(msgs) == []
+
+
+def test_empty_and_too_long_text_show_notices(page, real_pair, artifacts: Path) -> None:
+    msgs, _ = serve_component(page, lambda: create_app(real_pair, TEXT))
+    page.wait_for_selector(".bk-events", timeout=30_000)
+    box = page.locator("textarea").first
+    box.fill("")
+    box.blur()
+    page.wait_for_selector("text=Type a sentence", timeout=20_000)
+    box.fill(" ".join(["wonderful"] * 600))
+    box.blur()
+    page.wait_for_selector("text=tokens were dropped", timeout=30_000)
+    page.screenshot(path=str(artifacts / "compare-truncated.png"))
+    assert "Traceback" not in page.content()
+    assert console_errors(msgs) == []
+
+
+def test_a_trace_without_edges_draws_without_browser_errors(page, real_pair) -> None:
+    view, msgs = serve_view(page, real_pair, tau=1.0)
+    assert flow_edges(view) == 0
+    assert console_errors(msgs) == []
+
+
+def test_apps_compare_py_serves_and_shows_progress_while_preparing(page, serve_app_file) -> None:
     """With no default models cached, the page shows progress (and no traceback) while they are prepared."""
-    port = 5191
-    env = {**os.environ, "ATTNFLOWS_HOME": str(tmp_path / "home")}
-    app = Path(__file__).resolve().parents[2] / "apps" / "compare.py"
-    server = subprocess.Popen([sys.executable, "-m", "panel", "serve", str(app), "--port", str(port), "--address", "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        body = ""
-        for _ in range(120):
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/compare", timeout=5).read().decode()
-                break
-            except OSError:
-                time.sleep(0.5)
-        assert "attnflows" in body
-        msgs: list = []
-        page.on("console", lambda message: msgs.append(message))
-        page.goto(f"http://127.0.0.1:{port}/compare")
-        page.wait_for_selector("text=Preparing the default models", timeout=30_000)
-        assert "Traceback" not in page.content()
-        assert console_errors(msgs) == []
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    url = serve_app_file("compare", 5191)
+    msgs: list = []
+    page.on("console", lambda message: msgs.append(message))
+    page.goto(url)
+    page.wait_for_selector("text=Loading the default models", timeout=30_000)
+    assert "Traceback" not in page.content()
+    assert console_errors(msgs) == []
