@@ -25,7 +25,7 @@ prepare: install
 	$(VENV)/bin/attnflows prepare
 
 serve: prepare
-	$(VENV)/bin/panel serve apps/compare.py
+	$(VENV)/bin/panel serve apps/compare.py apps/single.py
 
 test: install browser
 	$(PY) -m pytest
@@ -34,6 +34,7 @@ bench: install
 	$(PY) benchmarks/bench_flows.py
 	$(PY) benchmarks/bench_heads.py
 	$(PY) benchmarks/bench_embedding.py
+	$(PY) benchmarks/bench_dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
