@@ -88,7 +88,7 @@ def _served() -> bool:
 
 def _page(title: str) -> tuple[pn.template.BootstrapTemplate, pn.Column, pn.Column]:
     hv.extension("bokeh", logo=False)
-    pn.extension(notifications=False)
+    pn.extension(notifications=False, loading_indicator=True)
     template = pn.template.BootstrapTemplate(title=title, sidebar_width=330)
     sidebar, main = pn.Column(sizing_mode="stretch_width"), pn.Column(sizing_mode="stretch_width")
     template.sidebar.append(sidebar)

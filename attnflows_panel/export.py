@@ -356,35 +356,23 @@ def _matrix_rows(pre: AttentionRecord, fine: AttentionRecord, js: np.ndarray, to
         for name, record in ((PRETRAINED, pre), (FINETUNED, fine)):
             label = f"{MODEL_TITLES[name]}: layer {layer + 1}, head {head} (JS {js[layer, head]:.3f} bits)"
             fig = hv.render(attention_matrix(record.attention[layer, head], record.tokens, title=label, size=size, rasterize=False), backend="bokeh")
-            _quantize_image(fig, list(record.tokens))
-            _thin_ticks(fig, size)
+            _quantize_image(fig)
             figs.append(fig)
         rows.append(row(*figs))
     return rows
 
 
-def _quantize_image(fig: Any, tokens: list[str]) -> None:
-    """Ship the matrix as uint8 (weight * 255); colours and the hover still show weights, the hover names tokens."""
+def _quantize_image(fig: Any) -> None:
+    """Ship the matrix as uint8 (weight * 255); colours and the hover still show weights."""
     renderer = _renderer(fig, Image)
     image = np.asarray(renderer.data_source.data["image"][0], dtype=np.float64)
     renderer.data_source.data["image"] = [np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)]
     mapper = renderer.glyph.color_mapper
     mapper.low, mapper.high = 0.0, max(float(mapper.high) * 255, 1.0)
     for tool in (t for t in fig.tools if isinstance(t, HoverTool)):
-        tool.tooltips = [("key", "$x{custom}"), ("query", "$y{custom}"), ("weight", "@image{custom}")]
-        tool.formatters = {
-            "$x": CustomJSHover(args=dict(tokens=tokens), code="const i = Math.round(value); return `${tokens[i]} (${i})`"),
-            "$y": CustomJSHover(args=dict(tokens=tokens), code="const i = tokens.length - 1 - Math.round(value); return `${tokens[i]} (${i})`"),
-            "@image": CustomJSHover(code="return (value / 255).toFixed(3)"),
-        }
-
-
-def _thin_ticks(fig: Any, size: int, px_per_label: int = 12) -> None:
-    """Keep every k-th token label so that labels on an axis of ``size`` pixels do not overlap."""
-    for axis in (*fig.xaxis, *fig.yaxis):
-        ticks = list(axis.ticker.ticks)
-        step = max(1, -(-len(ticks) * px_per_label // size))
-        axis.ticker.ticks = ticks[::step]
+        # keep attention_matrix's token formatters for the axes; the weight now arrives as uint8
+        tool.tooltips = [(label, "@image{custom}" if label == "weight" else field) for label, field in tool.tooltips]
+        tool.formatters = {**tool.formatters, "@image": CustomJSHover(code="return (value / 255).toFixed(3)")}
 
 
 def _model_name(model_id: str) -> str:

@@ -53,6 +53,7 @@ class AttentionView(pn.viewable.Viewer):
         self.n_layers, self.n_heads = first.n_layers, first.n_heads
         self.head_mask = np.ones((self.n_layers, self.n_heads), dtype=bool)
         self.ablation = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.notice_pane = pn.pane.Alert("", visible=False, sizing_mode="stretch_width")
         self._ablate_button = pn.widgets.Button(label="Switch selected heads off", color="primary")
         self._ablate_button.on_click(self._ablate)
         self.head_map = head_map
@@ -249,11 +250,12 @@ class AttentionView(pn.viewable.Viewer):
                 captions[name] = f"{self.titles[name]}: predicts {record.predicted_label} ({record.probabilities.max():.0%})"
         return sentence_view(words, values, captions, max_chars=96, width=900)
 
-    @param.depends("notice")
-    def _notice(self) -> pn.viewable.Viewable:
-        if not self.notice:
-            return pn.pane.Markdown("", margin=0)
-        return pn.pane.Alert(html.escape(self.notice), alert_type="warning" if self.records is not None else "info")
+    @param.depends("notice", "records", watch=True)
+    def _show_notice(self) -> None:
+        """Show the notice (escaped) in one persistent alert: a hint without an input, a warning with one."""
+        self.notice_pane.param.update(
+            object=html.escape(self.notice), alert_type="warning" if self.records is not None else "info", visible=bool(self.notice)
+        )
 
     def _ablate(self, _: object = None) -> None:
         from attnflows_panel.analysis.ablation import ablate_heads
@@ -274,7 +276,7 @@ class AttentionView(pn.viewable.Viewer):
 
     def _widgets(self) -> dict[str, dict[str, object]]:
         return {
-            "text": {"type": pn.widgets.TextAreaInput, "name": "Sentence", "height": 90},
+            "text": {"type": pn.widgets.TextAreaInput, "name": "Sentence", "height": 90, "max_length": 100_000},
             "text_pair": {"type": pn.widgets.TextInput, "name": "Second segment (optional)"},
             "method": {"type": pn.widgets.RadioButtonGroup, "name": "Flow"},
             "tau": {"type": pn.widgets.FloatSlider, "name": "tau (edge threshold)"},
@@ -291,7 +293,7 @@ class AttentionView(pn.viewable.Viewer):
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
-            self._notice,
+            self.notice_pane,
             pn.Row(pn.Column(self._grid_pane(), self._ablate_button, self.ablation, width=460), self._head_map_pane()),
             self._sentence,
             self._flow_panel,

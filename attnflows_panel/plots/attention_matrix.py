@@ -6,40 +6,73 @@ from collections.abc import Sequence
 
 import holoviews as hv
 import numpy as np
+from bokeh.models import CustomJSHover
 
 RASTERIZE_ABOVE = 96  # tokens; beyond this the matrix goes through datashader
+PX_PER_LABEL = 12  # one tick label per this many pixels, so labels never overlap
+
+# The token names arrive as data (``names``), never as code; Bokeh escapes what a formatter returns
+# before it builds the tooltip (templating.replace_placeholders_html), so markup in a token stays text.
+TOKEN_AT = """
+const i = Math.round(value);
+return (i >= 0 && i < names.length) ? `${names[i]} (${i})` : "";
+"""
 
 
-def _ticks(tokens: Sequence[str], limit: int = 64) -> list[tuple[int, str]]:
-    step = max(1, int(np.ceil(len(tokens) / limit)))
+def _ticks(tokens: Sequence[str], limit: int) -> list[tuple[int, str]]:
+    """Every ``step``-th (position, token), so that at most ``limit`` labels are shown."""
+    step = max(1, int(np.ceil(len(tokens) / max(1, limit))))
     return [(i, str(t)) for i, t in enumerate(tokens)][::step]
 
 
-def attention_matrix(attention: np.ndarray, tokens: Sequence[str], *, title: str = "", cmap: str = "Blues", size: int = 360, rasterize: bool | None = None) -> hv.Element:
-    """An ``[n, n]`` map, query rows top to bottom and keys left to right, token labels on both axes."""
+def token_hover(tokens: Sequence[str]) -> CustomJSHover:
+    """A tooltip formatter turning a hovered coordinate into ``"token (index)"`` by its rounded index."""
+    return CustomJSHover(args={"names": [str(t) for t in tokens]}, code=TOKEN_AT)
+
+
+def attention_matrix(
+    attention: np.ndarray,
+    tokens: Sequence[str],
+    *,
+    title: str = "",
+    cmap: str = "Blues",
+    size: int = 360,
+    rasterize: bool | None = None,
+    max_labels: int | None = None,
+) -> hv.Element:
+    """An ``[n, n]`` map: key ``j`` at x = j, query ``i`` at y = i, query 0 at the top; token labels on both axes.
+
+    The hover names the key and query tokens with their indices and gives the weight. At most
+    ``max_labels`` tick labels per axis (default: one per 12 pixels of ``size``).
+    """
     a = np.asarray(attention, dtype=np.float32)
     n = len(tokens)
     if a.shape != (n, n):
         raise ValueError(f"attention has shape {a.shape}, expected ({n}, {n}) for {n} tokens")
-    # hv.Image draws array row 0 at the top (y = n - 1), so query 0 sits at the top like a matrix
-    image = hv.Image(a, bounds=(-0.5, -0.5, n - 0.5, n - 0.5), kdims=["key", "query"], vdims=["weight"])
-    ticks = _ticks(tokens)
+    # hv.Image draws array row 0 at the top of its bounds, so the flipped rows put a[i, j] at (x = j, y = i);
+    # the inverted y axis then shows query 0 at the top. Explicit bounds also hold for a single token.
+    image = hv.Image(a[::-1], bounds=(-0.5, -0.5, n - 0.5, n - 0.5), kdims=["key", "query"], vdims=["weight"])
+    ticks = _ticks(tokens, max_labels if max_labels is not None else size // PX_PER_LABEL)
+    names = token_hover(tokens)  # one formatter model serves both axes
     plot_opts = dict(
         cmap=cmap,
         clim=(0.0, float(max(a.max(), 1e-6))),
         xticks=ticks,
-        yticks=[(n - 1 - i, t) for i, t in ticks],
+        yticks=ticks,
+        invert_yaxis=True,
         xrotation=90,
         title=title,
         width=size + 60,
         height=size,
         colorbar=False,
-        tools=["hover"],
+        hover_tooltips=[("key", "$x{custom}"), ("query", "$y{custom}"), ("weight", "@image{0.000}")],
+        hover_formatters={"$x": names, "$y": names},
         xlabel="key",
         ylabel="query",
     )
     if rasterize if rasterize is not None else n > RASTERIZE_ABOVE:
         from holoviews.operation.datashader import rasterize as ds_rasterize
 
-        return ds_rasterize(image, aggregator="mean").opts(**plot_opts)
+        # dynamic=False: an Image, not a DynamicMap, so views may return it from their own DynamicMaps
+        return ds_rasterize(image, aggregator="mean", dynamic=False).opts(**plot_opts)
     return image.opts(**plot_opts)

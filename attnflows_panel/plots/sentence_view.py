@@ -25,6 +25,28 @@ def sentence_layout(words: Sequence[str], max_chars: int = 90) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["x0", "x1", "line"])
 
 
+# Words and captions share one Labels layer and differ per row only in these styles: each mapped
+# style costs about as much per update as a layer of its own, so size and colour stay scalar.
+WORD_STYLE = {"align": "center", "font_style": "normal"}
+CAPTION_STYLE = {"align": "left", "font_style": "bold"}
+BLOCK_GAP = 1.6  # lines between two models' blocks; the caption sits in it
+
+
+def shading(values: np.ndarray) -> np.ndarray:
+    """Opacities in [0, 1]: the values scaled to their maximum (to 1 when none is positive), NaN as 0."""
+    finite = values[np.isfinite(values)]
+    peak = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    return np.clip(np.nan_to_num(values / peak), 0, 1)
+
+
+def _checked(words: Sequence[str], values: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    rows = [np.asarray(raw, dtype=float) for raw in values.values()]
+    for model, vals in zip(values, rows, strict=True):
+        if vals.shape != (len(words),):
+            raise ValueError(f"{model}: {vals.shape[0] if vals.ndim else 0} values for {len(words)} words")
+    return rows
+
+
 def sentence_view(
     words: Sequence[str],
     values: Mapping[str, np.ndarray],
@@ -34,30 +56,37 @@ def sentence_view(
     width: int = 900,
     title: str = "",
 ) -> hv.Overlay:
-    """Each model's row of words with a background whose opacity is the word's value (scaled to the row's max)."""
+    """Each model's block of words on boxes whose opacity is the word's value (scaled to the block's max).
+
+    Two layers, boxes and one Labels holding both the words and each block's caption, since every
+    layer costs a HoloViews update each time the view follows a brush.
+    """
+    rows = _checked(words, values)
     layout = sentence_layout(words, max_chars)
-    lines = int(layout["line"].max()) + 1 if len(layout) else 1
-    boxes, texts, captions_rows = [], [], []
-    for block, (model, raw) in enumerate(values.items()):
-        vals = np.asarray(raw, dtype=float)
-        if vals.shape != (len(words),):
-            raise ValueError(f"{model}: {vals.shape[0] if vals.ndim else 0} values for {len(words)} words")
-        peak = float(np.nanmax(vals)) if np.isfinite(vals).any() and np.nanmax(vals) > 0 else 1.0
-        top = -block * (lines + 1.6)
-        y = top - layout["line"].to_numpy()
-        frame = layout.assign(y0=y - 0.45, y1=y + 0.45, x=(layout["x0"] + layout["x1"]) / 2, y=y, word=list(words), value=vals, alpha=np.clip(np.nan_to_num(vals / peak), 0, 1), model=model, color=ROW_COLORS.get(model, "#555555"))
-        boxes.append(frame)
-        texts.append(frame)
-        captions_rows.append({"x": 0.0, "y": top + 1.0, "caption": (captions or {}).get(model, model)})
-    box_frame, text_frame = pd.concat(boxes, ignore_index=True), pd.concat(texts, ignore_index=True)
-    rects = hv.Rectangles(box_frame, ["x0", "y0", "x1", "y1"], ["word", "value", "alpha", "model", "color"]).opts(
+    x0, x1, line = (layout[c].to_numpy(dtype=float) for c in ("x0", "x1", "line"))
+    lines = int(line.max()) + 1 if len(line) else 1
+    models, blocks, n = list(values), len(values), len(words)
+    tops = -np.arange(blocks) * (lines + BLOCK_GAP)
+    y = (tops[:, None] - line[None, :]).ravel()  # block by block, word by word
+    word_column = np.array([str(w) for w in words] * blocks, dtype=object)
+    # DataFrames, not dicts of object arrays: HoloViews turns those into numpy str arrays, which its
+    # dtype_fix_hook then replaces column by column, one more patch message per column and update.
+    boxes = pd.DataFrame({
+        "x0": np.tile(x0, blocks), "y0": y - 0.45, "x1": np.tile(x1, blocks), "y1": y + 0.45, "word": word_column,
+        "value": np.concatenate([np.zeros(0), *rows]), "alpha": np.concatenate([np.zeros(0), *map(shading, rows)]),
+        "model": np.repeat(models, n).astype(object), "color": np.repeat([ROW_COLORS.get(m, "#555555") for m in models], n).astype(object),
+    })
+    texts = pd.DataFrame({
+        "x": np.r_[np.zeros(blocks), np.tile((x0 + x1) / 2, blocks)], "y": np.r_[tops + 1.0, y],
+        "text": np.r_[np.array([(captions or {}).get(m, m) for m in models], dtype=object), word_column],
+        **{k: np.array([CAPTION_STYLE[k]] * blocks + [WORD_STYLE[k]] * (n * blocks), dtype=object) for k in WORD_STYLE},
+    })
+    rects = hv.Rectangles(boxes, ["x0", "y0", "x1", "y1"], ["word", "value", "alpha", "model", "color"]).opts(
         color="color", alpha="alpha", line_alpha=0, hover_tooltips=[("word", "@word"), ("model", "@model"), ("value", "@value{0.000}")]
     )
-    labels = hv.Labels(text_frame, ["x", "y"], "word").opts(text_font_size="11pt", text_color="#222222")
-    caption = hv.Labels(pd.DataFrame(captions_rows), ["x", "y"], "caption").opts(text_align="left", text_font_size="10pt", text_font_style="bold", text_color="#444444")
-    blocks = len(values)
-    height = int(40 + blocks * (lines + 1.6) * 26)
-    bottom = -(blocks - 1) * (lines + 1.6) - lines
-    return (rects * labels * caption).opts(
+    labels = hv.Labels(texts, ["x", "y"], ["text", *WORD_STYLE]).opts(text_align="align", text_font_style="font_style", text_font_size="11pt", text_color="#222222")
+    height = int(40 + blocks * (lines + BLOCK_GAP) * 26)
+    bottom = -(blocks - 1) * (lines + BLOCK_GAP) - lines
+    return (rects * labels).opts(
         hv.opts.Overlay(width=width, height=height, xaxis=None, yaxis=None, xlim=(-0.5, max_chars + 0.5), ylim=(bottom - 0.2, 1.6), title=title, toolbar=None, show_frame=False)
     )

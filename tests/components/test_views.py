@@ -68,7 +68,7 @@ def test_matrices_show_the_selected_head_or_the_mean_of_the_selection(tiny_pair)
     maps = [pane.object for pane in view._matrices()]
     view.select_heads([(1, 2)])
     assert [m[()].opts.get().kwargs["title"] for m in maps] == ["pre-trained: layer 2, head 2", "fine-tuned: layer 2, head 2"]
-    np.testing.assert_allclose(maps[1][()].dimension_values("weight", flat=False)[::-1], view.records[1].attention[1, 2], rtol=1e-6)
+    np.testing.assert_allclose(maps[1][()].dimension_values("weight", flat=False), view.records[1].attention[1, 2], rtol=1e-6)
     view.select_heads([])
     assert [m[()].opts.get().kwargs["title"] for m in maps] == ["pre-trained: mean of 8 heads", "fine-tuned: mean of 8 heads"]
 
@@ -113,16 +113,16 @@ def test_empty_text_shows_a_hint_instead_of_plots(tiny_pair) -> None:
     rendered(view)
     assert view.records is None
     assert "Type a sentence" in view.notice
-    assert view._notice().alert_type == "info"
+    assert view.notice_pane.visible and view.notice_pane.alert_type == "info"
     view.text = TEXT
-    assert view.records is not None and view.notice == ""
+    assert view.records is not None and view.notice == "" and not view.notice_pane.visible
 
 
 def test_a_too_long_input_is_truncated_with_a_notice(tiny_pair) -> None:
     view = CompareView(tiny_pair, " ".join(["good"] * 80))
     assert view.records[0].n_tokens == tiny_pair.pretrained.max_tokens
     assert "the last 18 tokens were dropped" in view.notice
-    assert view._notice().alert_type == "warning"
+    assert view.notice_pane.visible and view.notice_pane.alert_type == "warning"
 
 
 def test_html_in_the_input_or_a_message_reaches_the_page_escaped(tiny_pair) -> None:
@@ -130,7 +130,7 @@ def test_html_in_the_input_or_a_message_reaches_the_page_escaped(tiny_pair) -> N
     view = CompareView(tiny_pair, attack)
     rendered(view)
     view.notice = f"bad input {attack}"
-    assert "<img" not in view._notice().object and "&lt;img" in view._notice().object
+    assert "<img" not in view.notice_pane.object and "&lt;img" in view.notice_pane.object
     view._ablate()
     assert "<img" not in view.ablation.object
 

@@ -50,9 +50,50 @@ def test_sentence_view_shades_by_value_and_keeps_markup_as_text() -> None:
     figure = hv.render(element)
     rect = next(r.data_source.data for r in figure.renderers if type(r.glyph).__name__ == "Quad")
     np.testing.assert_allclose(rect["alpha"], [0.0, 0.5, 1.0, 1.0, 0.0, 0.5])
-    texts = [r.data_source.data for r in figure.renderers if type(r.glyph).__name__ == "Text"]
-    assert words[0] in list(texts[0]["word"])
-    assert "fine-tuned: positive (91%)" in list(texts[1]["caption"])
+    (text,) = [r.data_source.data for r in figure.renderers if type(r.glyph).__name__ == "Text"]
+    assert words[0] in list(text["text"])  # a plain data value, drawn as text by a canvas glyph
+    assert "fine-tuned: positive (91%)" in list(text["text"]) and "pretrained" in list(text["text"])  # caption or model name
+
+
+def test_sentence_view_is_two_layers_with_words_and_captions_styled_per_row() -> None:
+    """Boxes plus one Labels layer: words centred at their box, each block's caption bold and left-aligned above it."""
+    words = ["good", "film"]
+    element = sentence_view(words, {"pretrained": np.array([1.0, 0.0]), "finetuned": np.array([0.0, 1.0])}, {"pretrained": "pre", "finetuned": "fine"})
+    assert [type(layer).__name__ for layer in element] == ["Rectangles", "Labels"]
+    figure = hv.render(element)
+    assert [type(r.glyph).__name__ for r in figure.renderers] == ["Quad", "Text"]
+    (text,) = [r for r in figure.renderers if type(r.glyph).__name__ == "Text"]
+    rows = pd.DataFrame({k: list(v) for k, v in text.data_source.data.items()})
+    word_rows, captions = rows[rows["text"].isin(words)], rows.set_index("text").loc[["pre", "fine"]]
+    for field in ("text_align", "text_font_style"):
+        assert getattr(text.glyph, field).field == field  # a data column, not one value
+    assert captions["text_align"].tolist() == ["left", "left"] and captions["text_font_style"].tolist() == ["bold", "bold"]
+    assert set(word_rows["text_align"]) == {"center"} and set(word_rows["text_font_style"]) == {"normal"}
+    quads = next(r.data_source.data for r in figure.renderers if type(r.glyph).__name__ == "Quad")
+    centres = (np.asarray(quads["left"]) + np.asarray(quads["right"])) / 2
+    np.testing.assert_allclose(word_rows["x"].to_numpy(), centres)  # both blocks' words, in order
+    np.testing.assert_allclose(word_rows["y"].to_numpy(), (np.asarray(quads["bottom"]) + np.asarray(quads["top"])) / 2)
+    assert captions.loc["pre", "y"] > word_rows["y"].iloc[0] > captions.loc["fine", "y"] > word_rows["y"].iloc[-1]  # caption above its block
+
+
+def test_sentence_view_follows_new_values_with_one_message_per_source() -> None:
+    """In place, as in the app: a new frame patches each of the two sources once (no per-column extras)."""
+    from bokeh.document import Document
+    from bokeh.document.events import ColumnDataChangedEvent
+
+    words, counter = ["a", "good", "film"], hv.streams.Counter()
+    dmap = hv.DynamicMap(lambda counter: sentence_view(words, {"pretrained": np.array([1.0, 2.0, 4.0]) ** counter}, {"pretrained": "pre"}), streams=[counter])
+    doc = Document()
+    plot = hv.renderer("bokeh").get_plot(dmap, doc=doc)
+    doc.add_root(plot.state)
+    quads = next(r.data_source for r in plot.state.renderers if type(r.glyph).__name__ == "Quad")
+    np.testing.assert_allclose(quads.data["alpha"], [1.0, 1.0, 1.0])  # counter 0: all values 1
+    events: list = []
+    doc.on_change(events.append)
+    counter.event()
+    patched = [e.model for e in events if isinstance(e, ColumnDataChangedEvent)]
+    assert len(patched) == len({id(m) for m in patched}) == 2
+    np.testing.assert_allclose(quads.data["alpha"], [0.25, 0.5, 1.0])
 
 
 def test_sentence_view_value_count_mismatch() -> None:

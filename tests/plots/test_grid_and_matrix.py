@@ -5,7 +5,7 @@ from __future__ import annotations
 import holoviews as hv
 import numpy as np
 import pytest
-from bokeh.models import BoxSelectTool, TapTool
+from bokeh.models import BoxSelectTool, CustomJSHover, HoverTool, TapTool
 
 from attnflows_panel.plots.attention_matrix import attention_matrix
 from attnflows_panel.plots.head_grid import head_grid, head_grid_frame
@@ -33,27 +33,94 @@ def test_grid_refuses_other_shapes() -> None:
         head_grid_frame(np.zeros(3), "x")
 
 
+def image_source(figure) -> dict:
+    return next(r.data_source.data for r in figure.renderers if "image" in r.data_source.data)
+
+
+def hover_of(figure) -> HoverTool:
+    return next(t for t in figure.tools if isinstance(t, HoverTool))
+
+
 def test_matrix_keeps_repeated_tokens_distinct() -> None:
-    a = np.eye(5)
     tokens = ["the", "cat", "the", "dog", "the"]
-    figure = hv.render(attention_matrix(a, tokens))
+    figure = hv.render(attention_matrix(np.eye(5), tokens))
     assert figure.xaxis[0].major_label_overrides == dict(enumerate(tokens))
-    # query 0 is drawn at the top
-    assert figure.yaxis[0].major_label_overrides[4] == "the" and figure.yaxis[0].major_label_overrides[3] == "cat"
+    assert figure.yaxis[0].major_label_overrides == dict(enumerate(tokens))  # y == query index
 
 
-def test_matrix_orientation() -> None:
-    a = np.zeros((3, 3))
-    a[0, 2] = 1.0  # query 0 attends to key 2
-    image = attention_matrix(a, ["a", "b", "c"])
-    assert image[2, 2] == 1.0  # key 2, drawn at the top row (query 0)
-    assert image[2, 0] == 0.0
+@pytest.mark.parametrize("rasterize", [False, True])
+def test_matrix_orientation(rasterize: bool) -> None:
+    """The value at (x = key j, y = query i) is attention[i, j], and query 0 is drawn at the top."""
+    n = 7
+    a = np.arange(n * n, dtype=float).reshape(n, n)
+    element = attention_matrix(a, [f"t{i}" for i in range(n)], rasterize=rasterize)
+    if not rasterize:
+        assert element[2, 0] == a[0, 2] and element[0, 2] == a[2, 0]  # element[key, query]
+    figure = hv.render(element)
+    data = image_source(figure)
+    # Bokeh puts image row k at y = y0 + k (cells of height dh / n): row i is query i, column j is key j
+    assert (data["x"][0], data["y"][0], data["dw"][0], data["dh"][0]) == (-0.5, -0.5, n, n)
+    np.testing.assert_allclose(np.asarray(data["image"][0]), a)
+    assert figure.y_range.start > figure.y_range.end  # inverted: y = 0 (query 0) at the top
+
+
+def test_matrix_of_one_token() -> None:
+    data = image_source(hv.render(attention_matrix(np.ones((1, 1)), ["[CLS]"])))
+    assert (data["x"][0], data["y"][0], data["dw"][0], data["dh"][0]) == (-0.5, -0.5, 1, 1)
+
+
+@pytest.mark.parametrize("rasterize", [False, True])
+def test_matrix_hover_names_tokens_from_data(rasterize: bool) -> None:
+    tokens = ["[CLS]", "<img src=x onerror=alert(1)>", "car", "car", "[SEP]"]
+    hover = hover_of(hv.render(attention_matrix(np.eye(5), tokens, rasterize=rasterize)))
+    assert hover.tooltips == [("key", "$x{custom}"), ("query", "$y{custom}"), ("weight", "@image{0.000}")]
+    for axis in ("$x", "$y"):
+        formatter = hover.formatters[axis]
+        assert isinstance(formatter, CustomJSHover) and formatter.args == {"names": tokens}
+        assert "<img" not in formatter.code and "car" not in formatter.code  # names are data, never code
+
+
+def test_matrix_tick_labels_thin_out_with_size() -> None:
+    tokens = [f"t{i}" for i in range(64)]
+    small = hv.render(attention_matrix(np.eye(64), tokens, size=340))
+    assert len(small.xaxis[0].major_label_overrides) <= 340 // 12 and len(small.yaxis[0].major_label_overrides) <= 340 // 12
+    assert small.yaxis[0].major_label_overrides[0] == "t0" and small.yaxis[0].major_label_overrides[3] == "t3"  # every 3rd
+    big = hv.render(attention_matrix(np.eye(64), tokens, size=800))
+    assert len(big.xaxis[0].major_label_overrides) == 64
+    assert len(hv.render(attention_matrix(np.eye(64), tokens, max_labels=8)).xaxis[0].major_label_overrides) == 8
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("rasterize", [False, True])
+def test_matrix_hover_in_a_browser(page, plot_point, tmp_path, rasterize: bool) -> None:
+    """Hovering cell (key 1, query 3) shows both tokens and their weight; markup in a token stays text."""
+    from bokeh.embed import file_html
+    from bokeh.resources import INLINE
+
+    n = 120 if rasterize else 8
+    tokens = ["[CLS]", "<img src=x onerror=window.__xss=1>", "the", "car", *[f"t{i}" for i in range(4, n)]]
+    a = np.random.default_rng(0).random((n, n))
+    path = tmp_path / "matrix.html"
+    path.write_text(file_html(hv.render(attention_matrix(a, tokens, title="M", rasterize=rasterize)), INLINE, "matrix"))
+    page.goto(path.as_uri())
+    page.wait_for_function("() => window.Bokeh !== undefined && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle")
+    page.mouse.move(*plot_point(page, "M", 1, 3))
+    tooltip = page.locator(".bk-tooltip-content")
+    tooltip.wait_for()
+    assert tooltip.inner_text().split("\n") == ["key:\t<img src=x onerror=window.__xss=1> (1)", "query:\tcar (3)", f"weight:\t{a[3, 1]:.3f}"]
+    assert page.evaluate("() => window.__xss") is None
 
 
 def test_large_matrix_goes_through_datashader() -> None:
-    n = 200
-    element = attention_matrix(np.full((n, n), 1 / n), [f"t{i}" for i in range(n)])
-    assert isinstance(element, hv.DynamicMap)
+    n = 1000
+    attention = np.random.default_rng(0).random((n, n)).astype(np.float32)
+    attention /= attention.sum(axis=1, keepdims=True)
+    element = attention_matrix(attention, [f"t{i}" for i in range(n)])
+    # a plain Image (views return it from their own DynamicMaps), aggregated by datashader to its canvas
+    assert isinstance(element, hv.Image)
+    values = element.dimension_values("weight", flat=False)
+    assert values.shape == (400, 400)
+    assert values.mean() == pytest.approx(attention.mean(), rel=1e-3)
     hv.render(element)
 
 
