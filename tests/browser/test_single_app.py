@@ -9,7 +9,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_single_app_serves_the_default_model_and_reports_a_bad_path(page, serve_app_file, artifacts: Path) -> None:
+def test_single_app_serves_the_default_model_reports_a_bad_path_and_loads_another(page, serve_app_file, small_finetune, artifacts: Path) -> None:
     url = serve_app_file("single", 5193)
     msgs: list = []
     page.on("console", lambda message: msgs.append(message))
@@ -25,5 +25,9 @@ def test_single_app_serves_the_default_model_and_reports_a_bad_path(page, serve_
     page.get_by_role("button", name="Load model").click()
     page.wait_for_selector("text=model path does not exist: /no/such/model", timeout=30_000)
     assert page.locator(".bk-events").count() >= 3  # the default model's plots are still there
+    chooser.fill(str(small_finetune.path))
+    page.get_by_role("button", name="Load model").click()
+    page.wait_for_selector("text=6 layers × 12 heads", timeout=60_000)
+    page.wait_for_selector("text=Switch selected heads off", timeout=60_000)
     assert "Traceback" not in page.content()
     assert [m.text for m in msgs if m.type == "error"] == []
