@@ -10,9 +10,8 @@ import pandas as pd
 import panel as pn
 import param
 
-from attnflows_panel.analysis.compare import head_js_divergence
 from attnflows_panel.analysis.embedding import HeadEmbedding
-from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, rollout_trace, trace_cls_flow
+from attnflows_panel.analysis.flows import rollout_trace, trace_cls_flow
 from attnflows_panel.analysis.heads import MEASURES, head_measures
 from attnflows_panel.components.records import cached_records
 from attnflows_panel.errors import AttnflowsError
