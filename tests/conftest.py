@@ -160,10 +160,14 @@ def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
 
 @pytest.fixture(autouse=True)
 def stop_panel_servers():
-    """Stop the servers ``serve_component`` starts: their non-daemon threads would keep pytest from exiting."""
+    """Stop the servers ``serve_component`` starts and forget their sessions' state.
+
+    Their non-daemon threads would keep pytest from exiting, and a template's busy indicator left in
+    Panel's global state would be updated, outside its document's lock, by the next test's callbacks.
+    """
     yield
     if "panel" in sys.modules:
-        sys.modules["panel"].state.kill_all_servers()
+        sys.modules["panel"].state.reset()
 
 
 @pytest.fixture(scope="session")
