@@ -15,6 +15,7 @@ from attnflows_panel.app import create_app, create_single_app
 from attnflows_panel.components import CompareView, SingleView
 from attnflows_panel.components.attention_view import DIFFERENCE
 from attnflows_panel.components.records import cached_records
+from attnflows_panel.plots.flow_diagram import flow_edges
 from attnflows_panel.errors import AttnflowsError
 
 TEXT = "the movie was good, but the car was bad"
@@ -57,20 +58,24 @@ def test_selecting_heads_filters_every_flow_consistently(tiny_pair) -> None:
     for name, record in zip((PRETRAINED, FINETUNED), view.records, strict=True):
         expected = trace_cls_flow(record.attention, view.head_mask, tau=0.05, alpha=view.alpha)
         assert view._traces()[name].n_edges == expected.n_edges <= everything[name]
-    merged = view._flows[(PRETRAINED, FINETUNED)][()]
-    assert f"({sum(t.n_edges for t in view._traces().values())} edges)" in merged.opts.get().kwargs["title"]
+    shown = view._live["flow pretrained finetuned"][0]  # what the page draws, written straight into its sources
+    assert f"({sum(t.n_edges for t in view._traces().values())} edges)" in shown.handles["plot"].title.text
+    edges = next(sub for key, sub in shown.subplots.items() if key[0] == "Segments").handles["source"].data
+    assert len(edges["x0"]) == len(flow_edges(view.records[0].tokens, view._traces()))
     view.select_heads([])
     assert view.head_mask.all()
 
 
 def test_matrices_show_the_selected_head_or_the_mean_of_the_selection(tiny_pair) -> None:
     view = CompareView(tiny_pair, TEXT)
-    maps = [pane.object for pane in view._matrices()]
+    rendered(view)
+    plots = [view._live[f"matrix {name}"][0] for name in (PRETRAINED, FINETUNED)]
     view.select_heads([(1, 2)])
-    assert [m[()].opts.get().kwargs["title"] for m in maps] == ["pre-trained: layer 2, head 2", "fine-tuned: layer 2, head 2"]
-    np.testing.assert_allclose(maps[1][()].dimension_values("weight", flat=False), view.records[1].attention[1, 2], rtol=1e-6)
+    assert [p.handles["plot"].title.text for p in plots] == ["pre-trained: layer 2, head 2", "fine-tuned: layer 2, head 2"]
+    shown = plots[1].handles["source"].data["image"][0]  # Bokeh's row i is y = i, the query index
+    np.testing.assert_allclose(shown, view.records[1].attention[1, 2], rtol=1e-6)
     view.select_heads([])
-    assert [m[()].opts.get().kwargs["title"] for m in maps] == ["pre-trained: mean of 8 heads", "fine-tuned: mean of 8 heads"]
+    assert [p.handles["plot"].title.text for p in plots] == ["pre-trained: mean of 8 heads", "fine-tuned: mean of 8 heads"]
 
 
 def test_showing_the_view_again_shows_the_current_state(tiny_pair) -> None:
