@@ -28,13 +28,13 @@ from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, Attent
 from attnflows_panel.errors import InputError
 from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.paths import atomic_file
+from attnflows_panel.plots import MODEL_TITLES
 from attnflows_panel.plots.attention_matrix import attention_matrix
 from attnflows_panel.plots.flow_diagram import LABEL_COLORS, ROOT_COLOR, flow_diagram
 from attnflows_panel.plots.head_grid import head_grid
 from attnflows_panel.plots.sentence_view import sentence_view
 
 MAX_TOP_HEADS = 8  # two matrices a head: with the grid, flows and sentence this stays under ~20 figures
-MODEL_TITLES = {PRETRAINED: "pre-trained", FINETUNED: "fine-tuned"}
 UNREACHED_COLOR = "#d9d9d9"
 DEFAULT_TITLE = "attnflows: pre-trained vs fine-tuned"
 EDGE_FIELDS = ["x0", "y0", "x1", "y1", "layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned", "color", "width"]

@@ -56,7 +56,8 @@ class AttentionView(pn.viewable.Viewer):
         self._ablate_button = pn.widgets.Button(label="Switch selected heads off", color="primary")
         self._ablate_button.on_click(self._ablate)
         self.head_map = head_map
-        self._followers: dict[str, list[hv.streams.Params]] = {}
+        self._followers: dict[str, hv.streams.Params] = {}
+        self._traced: tuple[object, tuple, dict[str, object]] | None = None  # records, settings, and their traces
         self._flows: dict[tuple[str, ...], hv.DynamicMap] = {}
         self._live: dict[str, tuple[object, object]] = {}
         self.param.watch(self._push_mask, "head_mask")
@@ -76,7 +77,7 @@ class AttentionView(pn.viewable.Viewer):
         self._stop(key)
         others = [n for n in names if n != "head_mask"]
         follower = hv.streams.Params(self, others)
-        self._followers[key] = [follower]
+        self._followers[key] = follower
         if len(others) == len(names):
             return hv.DynamicMap(callback, streams=[follower, *extra])
 
@@ -115,8 +116,7 @@ class AttentionView(pn.viewable.Viewer):
     def _stop(self, prefix: str) -> None:
         """Stop the DynamicMaps made under keys starting with ``prefix`` from following this view."""
         for key in [k for k in self._followers if k.startswith(prefix)]:
-            for stream in self._followers.pop(key):
-                stream.unwatch()
+            self._followers.pop(key).unwatch()
             self._live.pop(key, None)
 
     # ------------------------------------------------------------------ state
@@ -173,12 +173,17 @@ class AttentionView(pn.viewable.Viewer):
 
     # ------------------------------------------------------------------ elements
     def _traces(self) -> dict[str, object]:
+        """Each model's trace for the current state; the flow diagram and the sentence view share one computation."""
+        state = (self.head_mask.tobytes(), self.tau, self.alpha, self.method, self.combine, self.root)
+        if self._traced is not None and self._traced[0] is self.records and self._traced[1] == state:
+            return self._traced[2]
         traces = {}
         for name, record in zip(self.names, self.records, strict=True):
             if self.method == "rollout":
                 traces[name] = rollout_trace(record.attention, self.head_mask, tau=self.tau, root=self._root())
             else:
                 traces[name] = trace_cls_flow(record.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine)
+        self._traced = (self.records, state, traces)
         return traces
 
     def _flow_map(self, shown: tuple[str, ...]) -> hv.DynamicMap:
@@ -255,6 +260,7 @@ class AttentionView(pn.viewable.Viewer):
     @param.depends("records")
     def _matrices(self) -> pn.viewable.Viewable:
         if self.records is None:
+            self._stop("matrix")  # no input: a brush must not redraw the matrices it no longer shows
             return pn.pane.Markdown("")
         panes = [pn.pane.HoloViews(self._follow(f"matrix {name}", self._matrix_callback(index), ["head_mask"]), linked_axes=False) for index, name in enumerate(self.names)]
         return pn.FlexBox(*panes, sizing_mode="stretch_width")
@@ -271,6 +277,7 @@ class AttentionView(pn.viewable.Viewer):
     @param.depends("records")
     def _sentence(self) -> pn.viewable.Viewable:
         if self.records is None:
+            self._stop("sentence")
             return pn.pane.Markdown("")
         names = ["head_mask", "tau", "alpha", "method", "combine", "root"]
         return pn.pane.HoloViews(self._follow("sentence", self._sentence_element, names), linked_axes=False)

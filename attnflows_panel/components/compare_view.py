@@ -15,8 +15,7 @@ from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED
 from attnflows_panel.analysis.heads import head_measures
 from attnflows_panel.components.attention_view import DIFFERENCE, MEASURE_NAMES, AttentionView
 from attnflows_panel.models.pair import ModelPair
-
-MODEL_TITLES = {PRETRAINED: "pre-trained", FINETUNED: "fine-tuned"}
+from attnflows_panel.plots import MODEL_TITLES
 
 
 class CompareView(AttentionView):

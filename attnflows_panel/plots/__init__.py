@@ -8,3 +8,5 @@ hv.Store.set_current_backend("bokeh")
 PRETRAINED_COLOR = "#36b7bd"
 FINETUNED_COLOR = "#96519b"
 SHARED_COLOR = "#8a8a8a"
+
+MODEL_TITLES = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}

@@ -114,11 +114,13 @@ def test_tap_reroots_on_the_nearest_token_in_both_layouts(tiny_pair) -> None:
 
 
 def test_empty_text_shows_a_hint_instead_of_plots(tiny_pair) -> None:
-    view = CompareView(tiny_pair, "   ")
+    view = CompareView(tiny_pair, TEXT)
     rendered(view)
+    view.text = "   "
     assert view.records is None
     assert "Type a sentence" in view.notice
     assert view.notice_pane.visible and view.notice_pane.alert_type == "info"
+    view.select_heads([(0, 1)])  # a brush without an input redraws nothing that needs one
     view.text = TEXT
     assert view.records is not None and view.notice == "" and not view.notice_pane.visible
 
