@@ -14,11 +14,19 @@ from attnflows_panel.plots import FINETUNED_COLOR, PRETRAINED_COLOR, SHARED_COLO
 
 ROOT_COLOR = "#303030"
 LABEL_COLORS = {SHARED: SHARED_COLOR, PRETRAINED: PRETRAINED_COLOR, FINETUNED: FINETUNED_COLOR}
+UNREACHED_COLOR = "#d9d9d9"
 EDGE_COLUMNS = ["layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned"]
 
 
-def _heads_text(row: np.ndarray) -> str:
-    return ", ".join(str(h) for h in np.flatnonzero(row)) or "-"
+def heads_text(edge_heads: np.ndarray) -> np.ndarray:
+    """``"0, 3, 7"`` for each row of a boolean ``[E, H]`` array (``"-"`` for none), one join per distinct row."""
+    if len(edge_heads) == 0:
+        return np.empty(0, dtype=object)
+    packed = np.packbits(edge_heads, axis=1)  # one byte string per row, so rows sort as scalars
+    keys = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).ravel()
+    _, first, index = np.unique(keys, return_index=True, return_inverse=True)
+    texts = np.array([", ".join(map(str, np.flatnonzero(row))) or "-" for row in edge_heads[first]], dtype=object)
+    return texts[index]
 
 
 def flow_edges(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -> pd.DataFrame:
@@ -26,53 +34,58 @@ def flow_edges(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -> p
 
     ``traces`` maps ``"pretrained"`` and/or ``"finetuned"`` to a trace of the same input.
     """
-    frames = []
-    for name, trace in traces.items():
+    columns = _edge_columns(tokens, traces)
+    return pd.DataFrame({c: columns[c] for c in EDGE_COLUMNS})
+
+
+def _edge_columns(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -> dict[str, np.ndarray]:
+    for name in traces:
         if name not in (PRETRAINED, FINETUNED):
             raise ValueError(f"trace names must be {PRETRAINED!r} or {FINETUNED!r}, got {name!r}")
-        frames.append(
-            pd.DataFrame(
-                {
-                    "layer": trace.edge_layer,
-                    "query": trace.edge_query,
-                    "key": trace.edge_key,
-                    f"weight_{name}": trace.edge_weight,
-                    f"heads_{name}": [_heads_text(r) for r in trace.edge_heads],
-                }
-            )
-        )
-    edges = frames[0]
-    for frame in frames[1:]:
-        edges = edges.merge(frame, on=["layer", "query", "key"], how="outer")
+    n = next(iter(traces.values())).counts.shape[1]
+    ids = np.unique(np.concatenate([trace.edge_ids() for trace in traces.values()]))  # sorted by (layer, query, key)
+    columns: dict[str, np.ndarray] = {"layer": ids // (n * n), "query": ids // n % n, "key": ids % n}
+    has = {}
     for name in (PRETRAINED, FINETUNED):
-        if f"weight_{name}" not in edges:
-            edges[f"weight_{name}"] = np.nan
-            edges[f"heads_{name}"] = None
-    has_pre, has_fine = edges["weight_pretrained"].notna(), edges["weight_finetuned"].notna()
-    edges["label"] = np.where(has_pre & has_fine, SHARED, np.where(has_pre, PRETRAINED, FINETUNED))
-    edges["weight"] = edges[["weight_pretrained", "weight_finetuned"]].max(axis=1)
-    edges[["heads_pretrained", "heads_finetuned"]] = edges[["heads_pretrained", "heads_finetuned"]].fillna("-")
+        weight, heads = np.full(len(ids), np.nan), np.full(len(ids), "-", dtype=object)
+        trace = traces.get(name)
+        if trace is not None:
+            at = np.searchsorted(ids, trace.edge_ids())
+            weight[at], heads[at] = trace.edge_weight, heads_text(trace.edge_heads)
+        columns[f"weight_{name}"], columns[f"heads_{name}"], has[name] = weight, heads, ~np.isnan(weight)
+    columns["label"] = np.where(has[PRETRAINED] & has[FINETUNED], SHARED, np.where(has[PRETRAINED], PRETRAINED, FINETUNED)).astype(object)
+    columns["weight"] = np.fmax(columns["weight_pretrained"], columns["weight_finetuned"])
     token_array = np.asarray(tokens, dtype=object)
-    edges["query_token"] = token_array[edges["query"].to_numpy(int)] if len(edges) else []
-    edges["key_token"] = token_array[edges["key"].to_numpy(int)] if len(edges) else []
-    return edges.sort_values(["layer", "query", "key"], ignore_index=True)[EDGE_COLUMNS]
+    columns["query_token"], columns["key_token"] = token_array[columns["query"]], token_array[columns["key"]]
+    return columns
 
 
 def flow_nodes(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -> pd.DataFrame:
     """One row per (level, token): influence per model, and which models reached it."""
-    first = next(iter(traces.values()))
-    levels, n = first.counts.shape
+    return pd.DataFrame(_node_columns(tokens, traces))
+
+
+def _node_columns(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -> dict[str, np.ndarray]:
+    levels, n = next(iter(traces.values())).counts.shape
     level, token = np.meshgrid(np.arange(levels), np.arange(n), indexing="ij")
-    nodes = pd.DataFrame({"level": level.ravel(), "index": token.ravel(), "token": np.asarray(tokens, dtype=object)[token.ravel()]})
+    columns = {"level": level.ravel(), "index": token.ravel(), "token": np.asarray(tokens, dtype=object)[token.ravel()]}
     reached = {}
     for name in (PRETRAINED, FINETUNED):
         trace = traces.get(name)
-        nodes[f"influence_{name}"] = trace.influence.ravel() if trace is not None else np.nan
+        columns[f"influence_{name}"] = trace.influence.ravel() if trace is not None else np.full(levels * n, np.nan)
         reached[name] = trace.reached.ravel() if trace is not None else np.zeros(levels * n, dtype=bool)
     pre, fine = reached[PRETRAINED], reached[FINETUNED]
-    nodes["label"] = np.where(pre & fine, SHARED, np.where(pre, PRETRAINED, np.where(fine, FINETUNED, "")))
-    nodes["influence"] = nodes[["influence_pretrained", "influence_finetuned"]].max(axis=1).fillna(0.0)
-    return nodes
+    columns["label"] = np.where(pre & fine, SHARED, np.where(pre, PRETRAINED, np.where(fine, FINETUNED, ""))).astype(object)
+    columns["influence"] = np.nan_to_num(np.fmax(columns["influence_pretrained"], columns["influence_finetuned"]))
+    return columns
+
+
+def _colors(labels: np.ndarray) -> np.ndarray:
+    """The comparison colour of each label; grey for a node no trace reached."""
+    colors = np.full(len(labels), UNREACHED_COLOR, dtype=object)
+    for label, color in LABEL_COLORS.items():
+        colors[labels == label] = color
+    return colors
 
 
 def _positions(level: np.ndarray, index: np.ndarray, n_tokens: int, layout: str) -> tuple[np.ndarray, np.ndarray]:
@@ -98,21 +111,22 @@ def flow_diagram(
     if layout not in ("layered", "radial"):
         raise ValueError(f"layout must be 'layered' or 'radial', got {layout!r}")
     n = len(tokens)
-    nodes = flow_nodes(tokens, traces)
-    edges = flow_edges(tokens, traces)
+    nodes, edges = _node_columns(tokens, traces), _edge_columns(tokens, traces)
     levels = int(nodes["level"].max()) + 1
-    nodes["x"], nodes["y"] = _positions(nodes["level"].to_numpy(), nodes["index"].to_numpy(), n, layout)
+    nodes["x"], nodes["y"] = _positions(nodes["level"], nodes["index"], n, layout)
     peak = max(float(nodes["influence"].max()), 1e-9)
-    nodes["size"] = np.where(nodes["label"] != "", 5 + 13 * np.sqrt(nodes["influence"] / peak), 3.0)
-    nodes["color"] = [LABEL_COLORS.get(label, "#d9d9d9") for label in nodes["label"]]
+    reached = nodes["label"] != ""
+    nodes["size"] = np.where(reached, 5 + 13 * np.sqrt(nodes["influence"] / peak), 3.0)
+    nodes["color"] = _colors(nodes["label"])
     root_level, root_token = next(iter(traces.values())).root
     is_root = (nodes["level"] == root_level) & (nodes["index"] == root_token)
-    nodes.loc[is_root, ["size", "color"]] = (16.0, ROOT_COLOR)
+    nodes["size"][is_root], nodes["color"][is_root] = 16.0, ROOT_COLOR
     # a layer-l edge joins its key on level l to its query on level l + 1
-    x0, y0 = _positions(edges["layer"].to_numpy(), edges["key"].to_numpy(), n, layout)
-    x1, y1 = _positions(edges["layer"].to_numpy() + 1, edges["query"].to_numpy(), n, layout)
-    edges = edges.assign(x0=x0, y0=y0, x1=x1, y1=y1, color=[LABEL_COLORS[label] for label in edges["label"]])
+    edges["x0"], edges["y0"] = _positions(edges["layer"], edges["key"], n, layout)
+    edges["x1"], edges["y1"] = _positions(edges["layer"] + 1, edges["query"], n, layout)
+    edges["color"] = _colors(edges["label"])
     edges["width"] = 0.5 + 4.5 * edges["weight"]
+    edges, nodes = pd.DataFrame(edges), pd.DataFrame(nodes)
 
     edge_tips = [("layer", "@layer"), ("query", "@query_token (@query)"), ("key", "@key_token (@key)"), ("pre-trained heads", "@heads_pretrained"), ("pre-trained weight", "@weight_pretrained{0.000}"), ("fine-tuned heads", "@heads_finetuned"), ("fine-tuned weight", "@weight_finetuned{0.000}")]
     segments = hv.Segments(edges, ["x0", "y0", "x1", "y1"], [c for c in edges.columns if c not in ("x0", "y0", "x1", "y1")], label="edges").opts(
