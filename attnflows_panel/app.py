@@ -24,6 +24,7 @@ _LOCK = threading.RLock()
 _PREPARED: Prepared | None = None
 _DEFAULT_SINGLE: LoadedModel | None = None
 _STAGE = ""  # what the shared preparation is doing, shown by every waiting page
+_WARMED = threading.Event()
 
 
 def shared_default() -> Prepared:
@@ -86,7 +87,19 @@ def _served() -> bool:
     return pn.state.curdoc is not None and pn.state.curdoc.session_context is not None
 
 
+def _warm_rasterizer_once() -> None:
+    """Compile datashader's kernels off the event loop when a server process shows its first page."""
+    if _WARMED.is_set():
+        return
+    _WARMED.set()
+    from attnflows_panel.plots.attention_matrix import warm_rasterizer
+
+    threading.Thread(target=warm_rasterizer, daemon=True).start()
+
+
 def _page(title: str) -> tuple[pn.template.BootstrapTemplate, pn.Column, pn.Column]:
+    if _served():
+        _warm_rasterizer_once()
     hv.extension("bokeh", logo=False)
     pn.extension(notifications=False, loading_indicator=True)
     template = pn.template.BootstrapTemplate(title=title, sidebar_width=330)

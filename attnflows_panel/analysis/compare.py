@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from scipy import stats
-from scipy.special import rel_entr
+from scipy.special import entr
 
 from attnflows_panel.analysis.flows import validate_attention
 from attnflows_panel.errors import InputError
 
 if TYPE_CHECKING:
     from attnflows_panel.store import RunStore
+
+BLOCK_ENTRIES = 1 << 16  # attention entries per block of rows in row_js_divergence (512 KB of float64)
 
 
 def require_same_shape(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:
@@ -39,11 +41,19 @@ def validate_pair_attention(A: Any, B: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def row_js_divergence(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon divergence in bits (in [0, 1]) between matching rows of two stochastic arrays."""
-    p, q = np.asarray(P, dtype=np.float64), np.asarray(Q, dtype=np.float64)
-    m = 0.5 * (p + q)
-    js = 0.5 * (rel_entr(p, m).sum(-1) + rel_entr(q, m).sum(-1)) / np.log(2.0)
-    return np.clip(js, 0.0, 1.0)
+    """Jensen-Shannon divergence in bits (in [0, 1]) between matching rows of two stochastic arrays.
+
+    As ``H(m) - (H(p) + H(q)) / 2`` over cache-sized blocks of rows: three logarithms per entry, not four.
+    """
+    p_all, q_all = np.asarray(P), np.asarray(Q)
+    shape, n = p_all.shape, p_all.shape[-1]
+    p_rows, q_rows = p_all.reshape(-1, n), q_all.reshape(-1, n)
+    js = np.empty(len(p_rows))
+    step = max(1, BLOCK_ENTRIES // n)
+    for start in range(0, len(p_rows), step):
+        p, q = (rows[start : start + step].astype(np.float64) for rows in (p_rows, q_rows))
+        js[start : start + step] = entr(0.5 * (p + q)).sum(-1) - 0.5 * (entr(p).sum(-1) + entr(q).sum(-1))
+    return np.clip(js / np.log(2.0), 0.0, 1.0).reshape(shape[:-1])
 
 
 def head_js_divergence(A: Any, B: Any) -> np.ndarray:

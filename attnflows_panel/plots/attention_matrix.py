@@ -76,3 +76,19 @@ def attention_matrix(
         # dynamic=False: an Image, not a DynamicMap, so views may return it from their own DynamicMaps
         return ds_rasterize(image, aggregator="mean", dynamic=False).opts(**plot_opts)
     return image.opts(**plot_opts)
+
+
+def warm_rasterizer() -> None:
+    """Compile datashader's raster kernels (about 1.5 s, once per process) so that no user waits for them.
+
+    Calls datashader directly, not HoloViews, so that it may run in a thread beside a server's sessions.
+    """
+    import datashader as ds
+    import xarray as xr
+
+    n = RASTERIZE_ABOVE + 1
+    coords = np.arange(n, dtype=float)
+    matrix = xr.DataArray(np.full((n, n), 1.0 / n, dtype=np.float32), coords={"y": coords, "x": coords}, dims=("y", "x"))
+    for pixels in (n // 2, 2 * n):  # downsampling and upsampling
+        canvas = ds.Canvas(plot_width=pixels, plot_height=pixels, x_range=(-0.5, n - 0.5), y_range=(-0.5, n - 0.5))
+        canvas.raster(matrix, upsample_method="nearest", downsample_method=ds.reductions.mean())

@@ -139,3 +139,33 @@ def test_selection_indices_map_to_the_cells_bokeh_draws() -> None:
     for index in (0, 5, 52, 71):
         layer, head = heads_at(element, [index])[0]
         assert source.data["zvalues"][index] == values[layer, head]
+
+
+WARM_CHECK = """
+import sys
+import holoviews as hv
+import numpy as np
+from numba.core.registry import CPUDispatcher
+from attnflows_panel.plots.attention_matrix import attention_matrix, warm_rasterizer
+
+def compiled():
+    return sum(len(obj.signatures) for name, module in list(sys.modules.items()) if name.startswith("datashader")
+               for obj in list(vars(module).values()) if isinstance(obj, CPUDispatcher))
+
+warm_rasterizer()
+warmed = compiled()
+for n in (97, 128, 300, 600):
+    hv.render(attention_matrix(np.full((n, n), 1.0 / n), [str(i) for i in range(n)], rasterize=True), backend="bokeh")
+print(warmed, compiled())
+"""
+
+
+@pytest.mark.slow
+def test_warming_the_rasterizer_compiles_what_matrices_need() -> None:
+    """After ``warm_rasterizer`` (in a fresh process), rasterized matrices of any size compile no new kernel."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", WARM_CHECK], capture_output=True, text=True, check=True, timeout=300)
+    warmed, after = map(int, out.stdout.split())
+    assert warmed > 0 and after == warmed
