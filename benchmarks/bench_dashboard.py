@@ -9,6 +9,9 @@ matrices and the sentence view hold the new state and the PATCH-DOC messages a B
 send are encoded. The baseline, measured in the same run for the same head masks, is what an app
 without incremental updates pays: a new CompareView rendered into a fresh document and encoded as a
 PULL-DOC-REPLY. Extracted records are cached across views, so neither side runs the models.
+
+A new input (64, 128 and 512 tokens, texts not seen before, so both models run) is timed the same way:
+typed into the live view against a new view rendered for it.
 """
 
 from __future__ import annotations
@@ -202,19 +205,16 @@ def bench_brush(pair: ModelPair, n_tokens: int, rounds: int, n_rebuilds: int) ->
     print("update median by brush: " + ", ".join(f"{kind} {statistics.median(ms):.0f} ms" for kind, ms in kinds.items()) + " | every pane followed every brush: True")
 
 
-# (label, file suffix, function): the first two split the callback; the others run inside them.
-PROFILE_SPLIT = [
-    ("param.depends panes rebuilt (matrices, sentence view)", "panel/param.py", "_replace_pane"),
-    ("DynamicMap plots refreshed in place (flows, grid outline)", "holoviews/plotting/plot.py", "refresh"),
-]
-PROFILE_INSIDE = [
-    ("new HoloViews/Bokeh plots built", "holoviews/plotting/renderer.py", "get_plot"),
-    ("Bokeh document references recomputed", "bokeh/document/models.py", "recompute"),
-    ("HoloViews range computation", "holoviews/plotting/plot.py", "compute_ranges"),
-    ("flow_diagram (pure builder)", "attnflows_panel/plots/flow_diagram.py", "flow_diagram"),
-    ("sentence_view (pure builder)", "attnflows_panel/plots/sentence_view.py", "sentence_view"),
-    ("attention_matrix (pure builder)", "attnflows_panel/plots/attention_matrix.py", "attention_matrix"),
-    ("trace_cls_flow", "attnflows_panel/analysis/flows.py", "trace_cls_flow"),
+# (label, file path ending, functions): the panes' callbacks build elements, get_data turns them into
+# source columns, and the rows after those run inside them (so they overlap).
+VIEW = "attnflows_panel/components/attention_view.py"
+PROFILE_ROWS = [
+    ("pane elements built (pure builders + HoloViews)", VIEW, ("callback", "_sentence_element", "_grid_outline", "_map_highlight")),
+    ("element data into the sources (plots' get_data)", ".py", ("get_data",)),
+    ("  inside: flow_diagram (pure builder)", "attnflows_panel/plots/flow_diagram.py", ("flow_diagram",)),
+    ("  inside: sentence_view (pure builder)", "attnflows_panel/plots/sentence_view.py", ("sentence_view",)),
+    ("  inside: attention_matrix (pure builder)", "attnflows_panel/plots/attention_matrix.py", ("attention_matrix",)),
+    ("  inside: trace_cls_flow", "attnflows_panel/analysis/flows.py", ("trace_cls_flow",)),
 ]
 
 
@@ -233,11 +233,53 @@ def profile_brush(pair: ModelPair, n_tokens: int) -> None:
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     total = sum(ct for (file, _, func), (_, _, _, ct, _) in stats.items() if func == "select_heads" and "attnflows_panel" in file)
     print(f"== where a brush's time goes (n={n_tokens}, cProfile over {len(states)} brushes: {1e3 * total / len(states):.0f} ms per brush) ==")
-    for heading, rows in (("split of the callback:", PROFILE_SPLIT), ("inside it (overlapping):", PROFILE_INSIDE)):
-        print(heading)
-        for label, path, name in rows:
-            ct = sum(v[3] for (file, _, func), v in stats.items() if func == name and file.replace("\\", "/").endswith(path))
-            print(f"  {label:<58} {1e3 * ct / len(states):6.0f} ms per brush ({ct / total:4.0%})")
+    for label, path, names in PROFILE_ROWS:
+        ct = sum(v[3] for (file, _, func), v in stats.items() if func in names and file.replace("\\", "/").endswith(path))
+        print(f"  {label:<58} {1e3 * ct / len(states):6.0f} ms per brush ({ct / total:4.0%})")
+
+
+OPENERS = ["Honestly,", "Yesterday", "Frankly,", "Oddly,", "Luckily,", "Sadly,", "Today", "Again,", "Later,", "Still,"]
+
+
+def new_inputs(pair: ModelPair, n_tokens: int, count: int) -> list[str]:
+    """``count`` different texts of ``n_tokens`` tokens (at the model's limit: longer texts, truncated to it)."""
+    if n_tokens >= pair.pretrained.max_tokens:
+        return [f"{opener} {PASSAGE} {PASSAGE} {PASSAGE}" for opener in OPENERS[:count]]
+    base = sentence_of(pair, n_tokens - 2).split()
+    return [" ".join([opener, *base]) for opener in OPENERS[:count]]
+
+
+def type_text(view: CompareView, doc: Document, text: str) -> float:
+    """Seconds from a new text to every pane redrawn and its patches encoded (the models run: nothing is cached)."""
+    events: list[DocumentPatchedEvent] = []
+    doc.on_change(events.append)
+    t0 = time.perf_counter()
+    with set_curdoc(doc):
+        doc.hold("combine")
+        view.text = text
+        doc.unhold()
+    for event in events:
+        if isinstance(event, DocumentPatchedEvent):
+            encoded_bytes(PROTOCOL.create("PATCH-DOC", [event]))
+    elapsed = time.perf_counter() - t0
+    doc.remove_on_change(events.append)
+    if flow_edges_shown(doc.roots[0]) != expected_edges(view):
+        raise RuntimeError("the view did not follow the new text")
+    return elapsed
+
+
+def bench_new_input(pair: ModelPair, n_tokens: int, repeats: int) -> None:
+    """A new sentence typed into a live view against a new view rendered for it, each on texts not seen before."""
+    texts = new_inputs(pair, n_tokens, 2 * repeats + 1)
+    view = CompareView(pair, texts[0])
+    doc, _ = render(view)
+    if view.records[0].n_tokens != n_tokens:
+        raise RuntimeError(f"expected {n_tokens} tokens, the view has {view.records[0].n_tokens}")
+    updates = [type_text(view, doc, text) for text in texts[1 : repeats + 1]]
+    rebuilds = [rebuild(pair, text, [])[0] for text in texts[repeats + 1 :]]
+    u, r = 1e3 * statistics.median(updates), 1e3 * statistics.median(rebuilds)
+    print(f"== a new input of {n_tokens} tokens (both models run, every pane redrawn) ==")
+    print(f"typed into the live view: median {u:.0f} ms over {len(updates)} texts | new view for it: median {r:.0f} ms | ratio {r / u:.2f}x")
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -257,6 +299,8 @@ def main() -> None:
     bench_brush(pair, 64, rounds=1 if args.quick else 3, n_rebuilds=4 if args.quick else 6)
     if not args.quick:
         bench_brush(pair, 128, rounds=2, n_rebuilds=4)
+    for n_tokens in (64,) if args.quick else (64, 128, pair.pretrained.max_tokens):
+        bench_new_input(pair, n_tokens, repeats=2 if args.quick else 3)
     if args.profile:
         profile_brush(pair, 64)
 
