@@ -376,6 +376,32 @@ def rollout_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tup
     arrives (so ``influence[0]`` is the root's row of :func:`attention_rollout`). Edges of at least
     ``tau`` are kept; ``counts`` counts them per token. An empty head mask gives an empty trace.
     """
+
+    def step(W: np.ndarray, level: int, relevance: np.ndarray, _: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        carried = relevance[level][:, None] * W[level - 1]
+        return carried, carried.sum(axis=0)
+
+    return _residual_trace(A, head_mask, tau, root, step)
+
+
+def flow_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tuple[int, int] | None = None) -> AttentionTrace:
+    """Exact attention flow as a trace: ``f_l(w)`` is the max-flow from the root to token w on level l.
+
+    The graph is :func:`attention_flow`'s (so ``influence[0]`` is the root's row of ``attention_flow``).
+    A layer-l edge weighs ``min(f_{l+1}(v), W_l[v, w])``, the most of the root's flow it can carry;
+    edges of at least ``tau`` are kept. An empty head mask gives an empty trace.
+    """
+
+    def step(W: np.ndarray, level: int, relevance: np.ndarray, root: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        r_level, r_token = root
+        below = _max_flows(np.ascontiguousarray(W[level - 1 : r_level]), np.array([r_token]))[0][0]
+        return np.minimum(relevance[level][:, None], W[level - 1]), below
+
+    return _residual_trace(A, head_mask, tau, root, step)
+
+
+def _residual_trace(A: Any, head_mask: Any, tau: float, root: tuple[int, int] | None, step: Any) -> AttentionTrace:
+    """A trace down :func:`residual_attention` from the root: ``step`` gives each layer's edge weights and the relevance below."""
     arr = validate_attention(A)
     L, H, n, _ = arr.shape
     tau = validate_tau(tau)
@@ -387,8 +413,7 @@ def rollout_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tup
     relevance[r_level, r_token] = 1.0
     parts: list[tuple[np.ndarray, ...]] = []
     for level in range(r_level, 0, -1) if mask.any() else ():
-        carried = relevance[level][:, None] * W[level - 1]
-        relevance[level - 1] = carried.sum(axis=0)
+        carried, relevance[level - 1] = step(W, level, relevance, (r_level, r_token))
         query, key = np.nonzero(carried >= tau)
         counts[level - 1] = np.bincount(key, minlength=n)
         parts.append((np.full(query.size, level - 1), query, key, carried[query, key]))

@@ -11,7 +11,7 @@ import panel as pn
 import param
 
 from attnflows_panel.analysis.embedding import HeadEmbedding
-from attnflows_panel.analysis.flows import rollout_trace, trace_cls_flow
+from attnflows_panel.analysis.flows import flow_trace, rollout_trace, trace_cls_flow
 from attnflows_panel.analysis.heads import MEASURES, head_measures
 from attnflows_panel.components.records import cached_records
 from attnflows_panel.errors import AttnflowsError
@@ -26,6 +26,7 @@ from attnflows_panel.plots.sentence_view import sentence_view
 
 DIFFERENCE = "model difference (JS, bits)"
 MEASURE_NAMES = [name for name, _ in MEASURES]
+RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 
 
@@ -36,7 +37,7 @@ class AttentionView(pn.viewable.Viewer):
     text_pair = param.String(default="", doc="Optional second segment.")
     tau = param.Number(default=0.1, bounds=(0.01, 1.0), step=0.01, doc="Keep edges with at least this weight.")
     alpha = param.Number(default=0.5, bounds=(0.0, 1.0), step=0.05, doc="Weight of deeper influence.")
-    method = param.Selector(default="trace", objects=["trace", "rollout"], doc="CLS trace or rollout relevance.")
+    method = param.Selector(default="trace", objects=["trace", "rollout", "flow"], doc="CLS trace, rollout relevance or exact attention flow.")
     combine = param.Selector(default="union", objects=["union", "mean"], doc="How heads combine in the trace.")
     layout = param.Selector(default="layered", objects=["layered", "radial"])
     measure = param.Selector(default=MEASURE_NAMES[0], objects=MEASURE_NAMES, doc="Colour of the head grid.")
@@ -179,8 +180,8 @@ class AttentionView(pn.viewable.Viewer):
             return self._traced[2]
         traces = {}
         for name, record in zip(self.names, self.records, strict=True):
-            if self.method == "rollout":
-                traces[name] = rollout_trace(record.attention, self.head_mask, tau=self.tau, root=self._root())
+            if self.method in RESIDUAL_TRACES:
+                traces[name] = RESIDUAL_TRACES[self.method](record.attention, self.head_mask, tau=self.tau, root=self._root())
             else:
                 traces[name] = trace_cls_flow(record.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine)
         self._traced = (self.records, state, traces)
@@ -321,7 +322,7 @@ class AttentionView(pn.viewable.Viewer):
         return {
             "text": {"type": pn.widgets.TextAreaInput, "name": "Sentence", "height": 90, "max_length": 100_000},
             "text_pair": {"type": pn.widgets.TextInput, "name": "Second segment (optional)"},
-            "method": {"type": pn.widgets.RadioButtonGroup, "name": "Flow"},
+            "method": {"type": pn.widgets.RadioButtonGroup, "name": "Flow method"},
             "tau": {"type": pn.widgets.FloatSlider, "name": "tau (edge threshold)"},
             "alpha": {"type": pn.widgets.FloatSlider, "name": "alpha (deeper influence)"},
             "combine": {"type": pn.widgets.RadioButtonGroup, "name": "Heads"},

@@ -462,3 +462,35 @@ def test_rollout_trace_empty_mask_is_empty() -> None:
     A = np.full((2, 2, 3, 3), 1 / 3)
     trace = rollout_trace(A, np.zeros((2, 2), bool))
     assert trace.n_edges == 0 and not trace.influence.any()
+
+
+def test_flow_trace_relevance_is_the_max_flow_to_every_level() -> None:
+    from attnflows_panel.analysis.flows import attention_flow, flow_trace, residual_attention
+
+    rng = np.random.default_rng(11)
+    A = rng.dirichlet(np.full(6, 0.4), size=(4, 3, 6))
+    mask = rng.random((4, 3)) < 0.7
+    mask[:, 0] = True
+    root = (3, 4)
+    trace = flow_trace(A, mask, tau=0.05, root=root)
+    for level in range(3):  # the max-flow from the root down to each token of every lower level
+        expected = attention_flow(A[level:], mask[level:], sources=[4], level=3 - level)[0]
+        np.testing.assert_allclose(trace.influence[level], expected, atol=1e-9)
+    assert not trace.influence[3:].any() and trace.reached[3, 4]
+    # every kept edge, by a plain loop: min(flow into its query, its capacity) >= tau
+    W = residual_attention(A, mask)
+    flows = np.vstack([trace.influence[:3], np.eye(6)[4]])
+    kept = sorted(
+        (layer, v, w, min(flows[layer + 1, v], W[layer, v, w]))
+        for layer in range(3) for v in range(6) for w in range(6) if min(flows[layer + 1, v], W[layer, v, w]) >= 0.05
+    )
+    got = sorted(zip(trace.edge_layer.tolist(), trace.edge_query.tolist(), trace.edge_key.tolist(), trace.edge_weight.tolist(), strict=True))
+    assert [e[:3] for e in got] == [e[:3] for e in kept]
+    np.testing.assert_allclose([e[3] for e in got], [e[3] for e in kept], atol=1e-12)
+
+
+def test_flow_trace_empty_mask_is_empty() -> None:
+    from attnflows_panel.analysis.flows import flow_trace
+
+    trace = flow_trace(np.full((2, 2, 3, 3), 1 / 3), np.zeros((2, 2), bool))
+    assert trace.n_edges == 0 and not trace.influence.any()

@@ -10,7 +10,7 @@ from bokeh.document import Document
 
 from attnflows_panel.analysis.compare import head_js_divergence
 from attnflows_panel.analysis.embedding import HeadEmbedding
-from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, trace_cls_flow
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, flow_trace, rollout_trace, trace_cls_flow
 from attnflows_panel.app import create_app, create_single_app
 from attnflows_panel.components import CompareView, SingleView
 from attnflows_panel.components.attention_view import DIFFERENCE
@@ -76,6 +76,21 @@ def test_matrices_show_the_selected_head_or_the_mean_of_the_selection(tiny_pair)
     np.testing.assert_allclose(shown, view.records[1].attention[1, 2], rtol=1e-6)
     view.select_heads([])
     assert [p.handles["plot"].title.text for p in plots] == ["pre-trained: mean of 8 heads", "fine-tuned: mean of 8 heads"]
+
+
+@pytest.mark.parametrize(("method", "build"), [("rollout", rollout_trace), ("flow", flow_trace)])
+def test_rollout_and_exact_flow_replace_the_trace_and_follow_brushes(tiny_pair, method: str, build) -> None:
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    rendered(view)
+    view.param.update(method=method, root=(2, 1))
+    view.select_heads([(1, 0), (1, 3)])
+    for name, record in zip((PRETRAINED, FINETUNED), view.records, strict=True):
+        expected = build(record.attention, view.head_mask, tau=0.05, root=(2, 1))
+        np.testing.assert_allclose(view._traces()[name].influence, expected.influence)
+        assert view._traces()[name].n_edges == expected.n_edges > 0
+    shown = view._live["flow pretrained finetuned"][0]
+    edges = next(sub for key, sub in shown.subplots.items() if key[0] == "Segments").handles["source"].data
+    assert len(edges["x0"]) == len(flow_edges(view.records[0].tokens, view._traces()))
 
 
 def test_showing_the_view_again_shows_the_current_state(tiny_pair) -> None:
