@@ -41,6 +41,7 @@ class AttentionView(pn.viewable.Viewer):
     combine = param.Selector(default="union", objects=["union", "mean"], doc="How heads combine in the trace.")
     layout = param.Selector(default="layered", objects=["layered", "radial"])
     measure = param.Selector(default=MEASURE_NAMES[0], objects=MEASURE_NAMES, doc="Colour of the head grid.")
+    map_color = param.Selector(default="layer", objects=["layer", "model"], doc="Colour of the head map's points.")
     head_mask = param.Array(default=None, doc="Selected heads, bool [layers, heads]; all when nothing is brushed.")
     root = param.Tuple(default=(-1, 0), length=2, doc="(level, token) the trace starts from; level -1 is the deepest.")
     records = param.Parameter(default=None, precedence=-1, doc="One record of the input per model, in model order.")
@@ -249,11 +250,11 @@ class AttentionView(pn.viewable.Viewer):
         outline = self._follow("grid outline", self._grid_outline, ["head_mask"])
         return pn.pane.HoloViews(grid * outline, linked_axes=False)
 
+    @param.depends("map_color")
     def _head_map_pane(self) -> pn.viewable.Viewable:
         if self.head_map is None:
             return pn.pane.Markdown("", margin=0)
-        points = self.head_map.points.assign(model=self.head_map.points["model"].map(self.titles).fillna(self.head_map.points["model"]))
-        overlay = head_embedding(points, self.head_map.moves, title="heads over the corpus (drag to select)", width=460, height=330)
+        overlay = head_embedding(self.head_map.points, self.head_map.moves, color_by=self.map_color, titles=self.titles, title="heads over the corpus (drag to select)", width=460, height=330)
         hv.streams.Selection1D(source=overlay.Points.Heads).param.watch(self._on_map_selection, "index")
         highlight = self._follow("head map", self._map_highlight, ["head_mask"])
         return pn.pane.HoloViews((overlay * highlight).opts(hv.opts.Overlay(**overlay.opts.get("plot").kwargs)), linked_axes=False)
@@ -338,7 +339,7 @@ class AttentionView(pn.viewable.Viewer):
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
             self.notice_pane,
-            pn.Row(pn.Column(self._grid_pane(), self._ablate_button, self.ablation, width=460), self._head_map_pane()),
+            pn.Row(pn.Column(self._grid_pane(), self._ablate_button, self.ablation, width=460), self._head_map_pane),
             self._sentence,
             self._flow_panel,
             self._matrices,

@@ -59,7 +59,10 @@ class CompareView(AttentionView):
         return export_dashboard(self.records, path, tau=self.tau, alpha=self.alpha, top_heads=top_heads, head_mask=self.head_mask)
 
     def _widgets(self) -> dict[str, dict[str, object]]:
-        return super()._widgets() | {
+        widgets = super()._widgets() | {
             "mode": {"type": pn.widgets.RadioButtonGroup, "name": "Models"},
             "grid_model": {"type": pn.widgets.RadioButtonGroup, "name": "Grid model"},
         }
+        if self.head_map is not None:
+            widgets["map_color"] = {"type": pn.widgets.RadioButtonGroup, "name": "Head map colour"}
+        return widgets

@@ -18,14 +18,22 @@ def head_embedding(
     moves: pd.DataFrame | None = None,
     *,
     color_by: Literal["layer", "model"] = "layer",
+    titles: dict[str, str] | None = None,
     title: str = "",
     width: int = 460,
     height: int = 420,
 ) -> hv.Overlay:
-    """``points`` (model, layer, head, x, y) as hv.Points; ``moves`` (x_from, y_from, x_to, y_to) as segments."""
+    """``points`` (model, layer, head, x, y) as hv.Points; ``moves`` (x_from, y_from, x_to, y_to) as segments.
+
+    ``titles`` names the models in the hover (default: their keys).
+    """
     if color_by not in ("layer", "model"):
         raise ValueError(f"color_by must be 'layer' or 'model', got {color_by!r}")
-    frame = points.assign(layer_label=points["layer"] + 1, model_color=points["model"].map(MODEL_COLORS).fillna("#555555"))
+    frame = points.assign(
+        layer_label=points["layer"] + 1,
+        model_color=points["model"].map(MODEL_COLORS).fillna("#555555"),
+        model=points["model"].map(titles or {}).fillna(points["model"]),
+    )
     tips = [("model", "@model"), ("layer", "@layer_label"), ("head", "@head")]
     colour = dict(color="model_color") if color_by == "model" else dict(color="layer_label", cmap="viridis", colorbar=True, clabel="layer")
     dots = hv.Points(frame, ["x", "y"], ["model", "layer", "head", "layer_label", "model_color"], label="heads")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import holoviews as hv
 import numpy as np
 import pandas as pd
 import panel as pn
@@ -112,6 +113,23 @@ def test_a_head_map_brush_selects_those_heads_in_both_models(tiny_pair) -> None:
     outlined = view._grid_outline().dframe()
     assert len(outlined) == 2
     assert len(view._map_highlight().dframe()) == 4  # both models' copies of the two heads
+
+
+def test_the_head_map_colours_by_layer_or_model_and_names_models_by_title(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT, head_map=head_map(2, 4))
+    assert "map_color" in view._widgets()
+
+    def scatter(pane: pn.pane.HoloViews):
+        figure = hv.render(pane.object, backend="bokeh")
+        return next(r for r in figure.renderers if type(r.glyph).__name__ == "Scatter" and "model_color" in r.data_source.data)
+
+    by_layer = scatter(view._head_map_pane())
+    assert list(by_layer.data_source.data["color"]) == list(by_layer.data_source.data["layer_label"])  # through a colour map
+    view.map_color = "model"
+    by_model = scatter(view._head_map_pane())
+    assert list(by_model.data_source.data["color"]) == list(by_model.data_source.data["model_color"])
+    assert set(by_model.data_source.data["model"]) == {"pre-trained", "fine-tuned"}
+    assert "map_color" not in CompareView(tiny_pair, TEXT)._widgets()  # no head map, no colour choice for it
 
 
 def test_tap_reroots_on_the_nearest_token_in_both_layouts(tiny_pair) -> None:
