@@ -41,6 +41,7 @@ class AttentionView(pn.viewable.Viewer):
     combine = param.Selector(default="union", objects=["union", "mean"], doc="How heads combine in the trace.")
     layout = param.Selector(default="layered", objects=["layered", "radial"])
     measure = param.Selector(default=MEASURE_NAMES[0], objects=MEASURE_NAMES, doc="Colour of the head grid.")
+    shading = param.Selector(default="influence", objects=["influence", "attention"], doc="Sentence view: each word's influence in the trace, or the attention the root token pays it.")
     map_color = param.Selector(default="layer", objects=["layer", "model"], doc="Colour of the head map's points.")
     head_mask = param.Array(default=None, doc="Selected heads, bool [layers, heads]; all when nothing is brushed.")
     root = param.Tuple(default=(-1, 0), length=2, doc="(level, token) the trace starts from; level -1 is the deepest.")
@@ -281,18 +282,25 @@ class AttentionView(pn.viewable.Viewer):
         if self.records is None:
             self._stop("sentence")
             return pn.pane.Markdown("")
-        names = ["head_mask", "tau", "alpha", "method", "combine", "root"]
+        names = ["head_mask", "tau", "alpha", "method", "combine", "root", "shading"]
         return pn.pane.HoloViews(self._follow("sentence", self._sentence_element, names), linked_axes=False)
 
     def _sentence_element(self, **_: object) -> hv.Overlay:
         words, index = merge_tokens(self.records[0].tokens, self.records[0].word_ids)
         traces = self._traces()
+        level, token = self._root()
+        heads = np.flatnonzero(self.head_mask[level - 1])  # the root's query attention is in layer level - 1
         values, captions = {}, {}
         for name, record in zip(self.names, self.records, strict=True):
-            values[name] = np.bincount(index, weights=traces[name].influence[0], minlength=len(words))
-            captions[name] = f"{self.titles[name]}: influence on the input"
+            if self.shading == "attention":
+                row = record.attention[level - 1, heads, token].mean(axis=0) if heads.size else np.zeros(record.n_tokens)
+                shown = f"attention of {record.tokens[token]} (layer {level}, {heads.size} heads)"
+            else:
+                row, shown = traces[name].influence[0], "influence on the input"
+            values[name] = np.bincount(index, weights=row, minlength=len(words))
+            captions[name] = f"{self.titles[name]}: {shown}"
             if record.predicted_label is not None:
-                captions[name] = f"{self.titles[name]}: predicts {record.predicted_label} ({record.probabilities.max():.0%})"
+                captions[name] += f" · predicts {record.predicted_label} ({record.probabilities.max():.0%})"
         return sentence_view(words, values, captions, max_chars=96, width=900)
 
     @param.depends("notice", "records", watch=True)
@@ -328,6 +336,7 @@ class AttentionView(pn.viewable.Viewer):
             "alpha": {"type": pn.widgets.FloatSlider, "name": "alpha (deeper influence)"},
             "combine": {"type": pn.widgets.RadioButtonGroup, "name": "Heads"},
             "layout": {"type": pn.widgets.RadioButtonGroup, "name": "Layout"},
+            "shading": {"type": pn.widgets.RadioButtonGroup, "name": "Words shaded by"},
             "measure": {"type": pn.widgets.Select, "name": "Grid colour"},
         }
 

@@ -94,6 +94,28 @@ def test_rollout_and_exact_flow_replace_the_trace_and_follow_brushes(tiny_pair, 
     assert len(edges["x0"]) == len(flow_edges(view.records[0].tokens, view._traces()))
 
 
+def test_words_shaded_by_influence_or_by_the_root_tokens_attention(tiny_pair) -> None:
+    from attnflows_panel.extract import merge_tokens
+
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    rendered(view)
+    words, index = merge_tokens(view.records[0].tokens, view.records[0].word_ids)
+
+    def shown(model: str) -> np.ndarray:
+        boxes = view._live["sentence"][0].subplots[("Rectangles", "I")].handles["source"].data  # what the page draws
+        return np.asarray(boxes["value"])[np.asarray(boxes["model"]) == model]
+
+    influence = view._traces()[FINETUNED].influence[0]
+    np.testing.assert_allclose(shown(FINETUNED), np.bincount(index, weights=influence, minlength=len(words)))
+    view.param.update(shading="attention", root=(2, 3))
+    view.select_heads([(1, 0), (1, 2), (0, 1)])  # the root's layer is the second (index 1): heads 0 and 2 count
+    for model, record in zip((PRETRAINED, FINETUNED), view.records, strict=True):
+        row = record.attention[1, [0, 2], 3].mean(axis=0)
+        np.testing.assert_allclose(shown(model), np.bincount(index, weights=row, minlength=len(words)), rtol=1e-6)
+    caption = view._sentence_element().get(1).dframe()["text"].iloc[1]
+    assert caption.startswith(f"fine-tuned: attention of {view.records[1].tokens[3]} (layer 2, 2 heads) · predicts ")
+
+
 def test_showing_the_view_again_shows_the_current_state(tiny_pair) -> None:
     view = CompareView(tiny_pair, TEXT, tau=0.05)
     rendered(view)
