@@ -37,7 +37,7 @@ class AttentionView(pn.viewable.Viewer):
     text_pair = param.String(default="", doc="Optional second segment.")
     tau = param.Number(default=0.1, bounds=(0.01, 1.0), step=0.01, doc="Keep edges with at least this weight.")
     alpha = param.Number(default=0.5, bounds=(0.0, 1.0), step=0.05, doc="Weight of deeper influence.")
-    method = param.Selector(default="trace", objects=["trace", "rollout", "flow"], doc="CLS trace, rollout relevance or exact attention flow.")
+    method = param.Selector(default="trace", objects={"CLS trace": "trace", "rollout": "rollout", "attention flow": "flow"}, doc="CLS trace, rollout relevance or exact attention flow.")
     combine = param.Selector(default="union", objects=["union", "mean"], doc="How heads combine in the trace.")
     layout = param.Selector(default="layered", objects=["layered", "radial"])
     measure = param.Selector(default=MEASURE_NAMES[0], objects=MEASURE_NAMES, doc="Colour of the head grid.")
@@ -342,8 +342,14 @@ class AttentionView(pn.viewable.Viewer):
 
     def controls(self) -> pn.viewable.Viewable:
         """The widgets that drive this view."""
-        widgets = self._widgets()
-        return pn.Param(self.param, parameters=list(widgets), widgets=widgets, show_name=False, sizing_mode="stretch_width")
+        column = pn.Column(sizing_mode="stretch_width")
+        for name, spec in self._widgets().items():
+            options = dict(spec)
+            kind, label = options.pop("type"), options.pop("name")
+            if kind is pn.widgets.RadioButtonGroup:  # a button group draws no name of its own
+                column.append(pn.pane.HTML(f"<label>{html.escape(label)}</label>", margin=(6, 10, 0, 10)))
+            column.append(kind.from_param(self.param[name], name=label, sizing_mode="stretch_width", **options))
+        return column
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(

@@ -22,7 +22,7 @@ class CompareView(AttentionView):
     """A sentence's attention in both models of a pair: grid by model difference, flows merged or side by side."""
 
     mode = param.Selector(default="merged", objects=["merged", "side by side"])
-    grid_model = param.Selector(default=FINETUNED, objects=[FINETUNED, PRETRAINED], doc="Model whose measure the grid shows.")
+    grid_model = param.Selector(default=FINETUNED, objects={MODEL_TITLES[m]: m for m in (FINETUNED, PRETRAINED)}, doc="Model whose measure the grid shows.")
 
     def __init__(self, pair: ModelPair, text: str | None = None, *, head_map: HeadEmbedding | None = None, **params: object) -> None:
         self.pair = pair

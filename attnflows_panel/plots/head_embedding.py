@@ -32,7 +32,7 @@ def head_embedding(
     frame = points.assign(
         layer_label=points["layer"] + 1,
         model_color=points["model"].map(MODEL_COLORS).fillna("#555555"),
-        model=points["model"].map(titles or {}).fillna(points["model"]),
+        model=points["model"].replace(titles or {}),
     )
     tips = [("model", "@model"), ("layer", "@layer_label"), ("head", "@head")]
     colour = dict(color="model_color") if color_by == "model" else dict(color="layer_label", cmap="viridis", colorbar=True, clabel="layer")
