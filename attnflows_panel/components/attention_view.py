@@ -93,10 +93,11 @@ class AttentionView(pn.viewable.Viewer):
         return hv.DynamicMap(drawn, streams=[follower, *extra])
 
     def _push_mask(self, *_: object) -> None:
-        """Write each live pane's element for the new head mask straight into its Bokeh sources.
+        """Write each live pane's element for the new head mask straight into its Bokeh glyphs and sources.
 
-        A HoloViews update of five panes costs ~0.4 s per brush (ranges, styles, a model-graph recompute);
-        the plots' own ``get_data`` into the existing sources costs ~0.1 s.
+        A HoloViews update of five panes costs ~0.4 s per brush (ranges, plot options, a model-graph
+        recompute); each layer's own glyph update (data, mapped style columns, glyph fields) with the
+        ranges of the last full render costs a fraction of that. Colour limits and titles are set here.
         """
         for plot, callback in list(self._live.values()):
             element = callback()
@@ -105,9 +106,8 @@ class AttentionView(pn.viewable.Viewer):
             else:
                 pairs = [(plot, element)]
             for sub, layer in pairs:
-                data, _, _ = sub.get_data(layer, {}, {})
-                # an empty float column is not a valid colour array for BokehJS; an empty list is
-                sub.handles["source"].data = {k: [] if len(v) == 0 else v for k, v in data.items()}
+                style = sub.lookup_options(layer, "style")[sub.cyclic_index]
+                sub._update_glyphs(layer, sub.current_ranges or {}, style)  # noqa: SLF001 - HoloViews' own per-glyph update
                 clim = layer.opts.get().kwargs.get("clim")
                 if clim is not None and "color_mapper" in sub.handles:
                     sub.handles["color_mapper"].update(low=clim[0], high=clim[1])

@@ -67,6 +67,29 @@ def test_selecting_heads_filters_every_flow_consistently(tiny_pair) -> None:
     assert view.head_mask.all()
 
 
+def test_a_brush_keeps_every_glyph_drawable(tiny_pair) -> None:
+    """After a brush, every field a glyph draws from is a column of its source, and colour maps keep their palette."""
+    from bokeh.core.property.vectorization import Field
+
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    rendered(view)
+    plots = {key: plot for key, (plot, _) in view._live.items()}
+    palettes = {key: list(plot.handles["color_mapper"].palette) for key, plot in plots.items() if "color_mapper" in plot.handles}
+    assert set(palettes) == {"matrix pretrained", "matrix finetuned"}
+    view.select_heads([(1, 0), (1, 2)])
+    for key, plot in plots.items():
+        for sub in (plot.subplots.values() if getattr(plot, "subplots", None) else [plot]):
+            renderer, data = sub.handles["glyph_renderer"], sub.handles["source"].data
+            for state in ("glyph", "selection_glyph", "nonselection_glyph", "hover_glyph", "muted_glyph"):
+                glyph = getattr(renderer, state)
+                if glyph is None or isinstance(glyph, str):
+                    continue
+                fields = {name: value.field for name, value in glyph.properties_with_values(include_defaults=False).items() if isinstance(value, Field)}
+                assert {name: f for name, f in fields.items() if f not in data} == {}, (key, state)
+            assert len({len(column) for column in data.values()}) <= 1, key
+    assert {key: list(plots[key].handles["color_mapper"].palette) for key in palettes} == palettes
+
+
 def test_matrices_show_the_selected_head_or_the_mean_of_the_selection(tiny_pair) -> None:
     view = CompareView(tiny_pair, TEXT)
     rendered(view)
