@@ -30,11 +30,12 @@ serve: prepare
 test: install browser
 	$(PY) -m pytest
 
-bench: install
+bench: install browser
 	$(PY) benchmarks/bench_flows.py
 	$(PY) benchmarks/bench_heads.py
 	$(PY) benchmarks/bench_embedding.py
 	$(PY) benchmarks/bench_dashboard.py
+	$(PY) benchmarks/bench_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -59,6 +59,9 @@ def test_notebook_runs_on_the_real_pair(small_finetune, attnflows_home: Path) ->
 
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert stream_text(nb.cells[at + 1]).strip() == sys.executable
+    # pn.extension(inline=True): the JavaScript is in the outputs, and no loader points at a CDN
+    outputs = "".join(str(v) for c in nb.cells if c.cell_type == "code" for o in c.outputs for v in o.get("data", {}).values())
+    assert "Bokeh.set_log_level" in outputs and "cdn.bokeh.org" not in outputs and "cdn.holoviz.org" not in outputs
     assert f"fine-tuned: {small_finetune.path}" in stream_text(cell_with(nb, "load_encoder(pretrained)"))
 
     # the view renders all five parts; its flow title counts the edges the notebook prints for all heads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import threading
 
 import holoviews as hv
 import numpy as np
@@ -63,6 +64,8 @@ class AttentionView(pn.viewable.Viewer):
         self._traced: tuple[object, tuple, dict[str, object]] | None = None  # records, settings, and their traces
         self._flows: dict[tuple[str, ...], hv.DynamicMap] = {}
         self._live: dict[str, tuple[object, object]] = {}
+        # a notebook may run a brush's callback on a comm thread while a cell calls select_heads
+        self._push_lock = threading.Lock()
         self.param.watch(self._push_mask, "head_mask")
         if text is not None:
             self.text = text
@@ -99,22 +102,23 @@ class AttentionView(pn.viewable.Viewer):
         recompute); each layer's own glyph update (data, mapped style columns, glyph fields) with the
         ranges of the last full render costs a fraction of that. Colour limits and titles are set here.
         """
-        for plot, callback in list(self._live.values()):
-            element = callback()
-            if getattr(plot, "subplots", None):
-                pairs = [(sub, element.data[k]) for k, sub in plot.subplots.items() if k in element.data]
-            else:
-                pairs = [(plot, element)]
-            for sub, layer in pairs:
-                style = sub.lookup_options(layer, "style")[sub.cyclic_index]
-                sub._update_glyphs(layer, sub.current_ranges or {}, style)  # noqa: SLF001 - HoloViews' own per-glyph update
-                clim = layer.opts.get().kwargs.get("clim")
-                if clim is not None and "color_mapper" in sub.handles:
-                    sub.handles["color_mapper"].update(low=clim[0], high=clim[1])
-            title = element.opts.get().kwargs.get("title")
-            if title is not None and plot.handles.get("plot") is not None and plot.handles["plot"].title is not None:
-                plot.handles["plot"].title.text = title
-            plot.push()  # a notebook display gets the change through its comm; a server session through the document
+        with self._push_lock:
+            for plot, callback in list(self._live.values()):
+                element = callback()
+                if getattr(plot, "subplots", None):
+                    pairs = [(sub, element.data[k]) for k, sub in plot.subplots.items() if k in element.data]
+                else:
+                    pairs = [(plot, element)]
+                for sub, layer in pairs:
+                    style = sub.lookup_options(layer, "style")[sub.cyclic_index]
+                    sub._update_glyphs(layer, sub.current_ranges or {}, style)  # noqa: SLF001 - HoloViews' own per-glyph update
+                    clim = layer.opts.get().kwargs.get("clim")
+                    if clim is not None and "color_mapper" in sub.handles:
+                        sub.handles["color_mapper"].update(low=clim[0], high=clim[1])
+                title = element.opts.get().kwargs.get("title")
+                if title is not None and plot.handles.get("plot") is not None and plot.handles["plot"].title is not None:
+                    plot.handles["plot"].title.text = title
+                plot.push()  # a notebook display gets the change through its comm; a server session through the document
 
     def _stop(self, prefix: str) -> None:
         """Stop the DynamicMaps made under keys starting with ``prefix`` from following this view."""
