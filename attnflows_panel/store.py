@@ -161,7 +161,8 @@ def _fingerprint(models: Mapping[str, LoadedModel], corpus: Corpus, shard_size: 
         for name, lm in models.items()
     ]
     key = {
-        "models": described,
+        # models by their weights, not their paths: a run made in another checkout or venv stays valid
+        "models": [{k: v for k, v in model.items() if k != "model_id"} for model in described],
         "corpus_sha256": corpus.sha256 or sha256_json([corpus.texts, corpus.text_pairs]),
         "n_sentences": len(corpus),
         "shard_size": shard_size,

@@ -110,3 +110,16 @@ def test_bad_base_model(tmp_path: Path, sentiment_csv: Path) -> None:
 def test_bad_settings(tiny_dir: Path, sentiment_csv: Path, field: str, value: float, message: str) -> None:
     with pytest.raises(InputError, match=message):
         ft.finetune(ft.FinetuneConfig(base=str(tiny_dir), data=str(sentiment_csv), **{field: value}), progress=False)
+
+
+def test_the_same_weights_and_data_elsewhere_reuse_the_checkpoint(tiny_dir: Path, sentiment_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default base is found inside a venv: another venv (or checkout) must not fine-tune again."""
+    import shutil
+
+    venvs = [shutil.copytree(tiny_dir, tmp_path / venv / "model") for venv in ("venv-a", "venv-b")]
+    data = [shutil.copy(sentiment_csv, (tmp_path / f"checkout-{i}").mkdir() or tmp_path / f"checkout-{i}" / sentiment_csv.name) for i in (1, 2)]
+    monkeypatch.setattr(ft, "default_pretrained_path", lambda: venvs[0])
+    first = ft.finetune(ft.FinetuneConfig(data=str(data[0]), batch_size=8, heldout=16, seed=5), progress=False)
+    monkeypatch.setattr(ft, "default_pretrained_path", lambda: venvs[1])
+    again = ft.finetune(ft.FinetuneConfig(data=str(data[1]), batch_size=8, heldout=16, seed=5), progress=False)
+    assert not first.reused and again.reused and again.path == first.path

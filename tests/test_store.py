@@ -156,3 +156,18 @@ def test_mismatched_models_are_refused(tiny, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="layers 2 vs 3"):
         extract_corpus({"pretrained": tiny, "finetuned": other}, make_corpus(2), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_copy_of_the_same_models_reuses_the_run(models, tiny_dir: Path, tmp_path: Path) -> None:
+    """Models are identified by their weights: the same checkpoint loaded from another path reuses every shard."""
+    import shutil
+
+    from attnflows_panel.models import load_encoder
+
+    corpus = make_corpus(6)
+    extract_corpus(models, corpus, tmp_path / "run", shard_size=4, progress=False)
+    copy = load_encoder(shutil.copytree(tiny_dir, tmp_path / "elsewhere" / "model"))
+    assert copy.model_id != models["pretrained"].model_id
+    recomputed: list[int] = []
+    store = extract_corpus({**models, "pretrained": copy}, corpus, tmp_path / "run", shard_size=4, progress=False, on_shard=recomputed.append)
+    assert recomputed == [] and store.complete

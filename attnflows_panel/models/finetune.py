@@ -24,7 +24,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """What to fine-tune on what; every field is part of the cache key."""
+    """What to fine-tune on what; every setting is part of the cache key (base and data by their content)."""
 
     base: str = ""  # hub name or local path; empty means the offline default
     data: str = ""  # CSV/JSONL with text (or text_a + text_b) and label; empty means the bundled sentiment corpus
@@ -112,7 +112,9 @@ def finetune(config: FinetuneConfig | None = None, force: bool = False, progress
     corpus, task = _load_data(config)
     base = _base_source(config)
     base_fingerprint = _base_fingerprint(base)
-    key = sha256_json({"config": asdict(config) | {"base": base}, "base": base_fingerprint, "data": corpus.sha256, "format": FORMAT_VERSION})
+    # identity by content, not by path: another checkout, venv or copy of the same weights and data reuses the checkpoint
+    settings = asdict(config) | {"base": None, "data": None}
+    key = sha256_json({"config": settings, "base": base_fingerprint, "data": corpus.sha256, "format": FORMAT_VERSION})
     target = checkpoint_dir(config, task, key)
     if not force and (metrics := _valid_checkpoint(target, key)) is not None:
         return FinetuneResult(target, metrics, reused=True)
