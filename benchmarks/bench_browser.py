@@ -41,10 +41,9 @@ from bokeh.util import logconfig
 from panel.tests.util import serve_and_wait
 from playwright.sync_api import ConsoleMessage, Page, sync_playwright
 
-from attnflows_panel.analysis.flows import trace_cls_flow
 from attnflows_panel.components import CompareView
 from attnflows_panel.models import ModelPair, default_pair
-from bench_dashboard import BUDGET_MS, FLOW_TITLE, brushes, sentence_of
+from bench_dashboard import BUDGET_MS, FLOW_TITLE, brushes, expected_edges, sentence_of
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 VIEWPORT = {"width": 1500, "height": 1700}  # the grid, the sentence view, the flow diagram and the matrices all on screen
@@ -189,10 +188,6 @@ def mask_of(n_layers: int, n_heads: int, heads: Heads) -> np.ndarray:
     for layer, head in heads:
         mask[layer, head] = True
     return mask if mask.any() else ~mask
-
-
-def expected_edges(view: CompareView, mask: np.ndarray) -> int:
-    return sum(trace_cls_flow(r.attention, mask, tau=view.tau).n_edges for r in view.records)
 
 
 def drag_box(page: Page, heads: Heads) -> None:

@@ -122,8 +122,9 @@ def flow_edges_shown(root: Model) -> int:
     return edges
 
 
-def expected_edges(view: CompareView) -> int:
-    return sum(trace_cls_flow(r.attention, view.head_mask, tau=view.tau).n_edges for r in view.records)
+def expected_edges(view: CompareView, mask: np.ndarray | None = None) -> int:
+    """The edges the flow diagram's title counts for ``mask`` (default: the view's head mask)."""
+    return sum(trace_cls_flow(r.attention, view.head_mask if mask is None else mask, tau=view.tau).n_edges for r in view.records)
 
 
 def encoded_bytes(message: Message) -> int:
