@@ -27,8 +27,9 @@ prepare: install
 serve: prepare
 	$(VENV)/bin/panel serve apps/compare.py apps/single.py
 
+# On failure, name the failed tests once more on the last line (a CI log may keep only its tail).
 test: install browser
-	$(PY) -m pytest
+	$(PY) -m pytest || { status=$$?; $(PY) -c 'import json; print("failed:", " ".join(json.load(open(".pytest_cache/v/cache/lastfailed"))))' || true; exit $$status; }
 
 bench: install browser
 	$(PY) benchmarks/bench_flows.py

@@ -209,6 +209,35 @@ def plot_point():
     return locate
 
 
+BOKEH_IDLE_JS = "() => window.Bokeh !== undefined && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle"
+
+
+@pytest.fixture
+def serve_page():
+    """``serve_page(page, app)``: serve ``app`` from this process, open it, and return its console messages once Bokeh has drawn it.
+
+    Waits on the page itself rather than Panel's five-second defaults, which a loaded CI machine can exceed.
+    """
+    from panel.tests.util import serve_component
+
+    def serve(page, app) -> list:
+        msgs, _ = serve_component(page, app, wait=False)
+        page.wait_for_function(BOKEH_IDLE_JS, timeout=60_000)
+        page.wait_for_selector(".bk-events", timeout=60_000)
+        return msgs
+
+    return serve
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture
 def serve_app_file(tmp_path: Path):
     """``serve_app_file(name)``: serve ``apps/<name>.py`` with ``panel serve`` and an empty cache; returns its URL."""
@@ -217,8 +246,8 @@ def serve_app_file(tmp_path: Path):
 
     servers: list[subprocess.Popen] = []
 
-    def serve(name: str, port: int) -> str:
-        env = {**os.environ, "ATTNFLOWS_HOME": str(tmp_path / "home")}
+    def serve(name: str) -> str:
+        env, port = {**os.environ, "ATTNFLOWS_HOME": str(tmp_path / "home")}, free_port()
         app = Path(__file__).resolve().parents[1] / "apps" / f"{name}.py"
         command = [sys.executable, "-m", "panel", "serve", str(app), "--port", str(port), "--address", "127.0.0.1"]
         servers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import panel as pn
 import pytest
-from panel.tests.util import serve_component, wait_until
+from panel.tests.util import wait_until
 
 from attnflows_panel.app import create_app
 from attnflows_panel.components import CompareView
@@ -29,7 +28,7 @@ def console_errors(msgs: list) -> list[str]:
     return [m.text for m in msgs if m.type == "error"]
 
 
-def serve_view(page, pair, text: str = TEXT, **params: object) -> tuple[CompareView, list]:
+def serve_view(serve_page, page, pair, text: str = TEXT, **params: object) -> tuple[CompareView, list]:
     """Serve a CompareView and return the session's view once its plots are drawn, and the console messages."""
     views: list[CompareView] = []
 
@@ -37,16 +36,14 @@ def serve_view(page, pair, text: str = TEXT, **params: object) -> tuple[CompareV
         views.append(CompareView(pair, text, **params))
         return views[-1]
 
-    msgs, _ = serve_component(page, app)
-    page.wait_for_selector(".bk-events", timeout=30_000)
-    time.sleep(2)
+    msgs = serve_page(page, app)
+    wait_until(lambda: "flow pretrained finetuned" in views[0]._live, page, timeout=30_000)
     return views[0], msgs
 
 
-def test_compare_app_renders_without_errors(page, real_pair, artifacts: Path) -> None:
-    msgs, _ = serve_component(page, lambda: create_app(real_pair, TEXT))
+def test_compare_app_renders_without_errors(page, serve_page, real_pair, artifacts: Path) -> None:
+    msgs = serve_page(page, lambda: create_app(real_pair, TEXT))
     page.wait_for_selector("text=pre-trained vs fine-tuned", timeout=30_000)
-    time.sleep(3)
     page.set_viewport_size({"width": 1500, "height": 1700})
     page.screenshot(path=str(artifacts / "compare-app.png"), full_page=True)
     content = page.content()
@@ -61,8 +58,8 @@ def drag(page, start: tuple[float, float], end: tuple[float, float]) -> None:
     page.mouse.up()
 
 
-def test_grid_brush_sets_head_mask_and_filters_flows(page, real_pair, plot_point) -> None:
-    view, _ = serve_view(page, real_pair)
+def test_grid_brush_sets_head_mask_and_filters_flows(page, serve_page, real_pair, plot_point) -> None:
+    view, _ = serve_view(serve_page, page, real_pair)
     before = flow_edges(view)
     assert view.head_mask.all()
     # a box over heads 8-9 of the two deepest layers (the grid's y axis counts layers from 1)
@@ -71,8 +68,8 @@ def test_grid_brush_sets_head_mask_and_filters_flows(page, real_pair, plot_point
     assert set(view.selected_heads()) == {(4, 8), (4, 9), (5, 8), (5, 9)}
 
 
-def test_tap_on_the_flow_diagram_reroots_the_trace(page, real_pair) -> None:
-    view, _ = serve_view(page, real_pair)
+def test_tap_on_the_flow_diagram_reroots_the_trace(page, serve_page, real_pair) -> None:
+    view, _ = serve_view(serve_page, page, real_pair)
     flow = page.locator(".bk-events").nth(2)  # grid, sentence view, then the flow diagram
     box = flow.bounding_box()
     flow.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.4})
@@ -96,8 +93,8 @@ def real_head_map(real_pair, tmp_path_factory):
     return run_head_map(store, 24)
 
 
-def test_head_map_brush_selects_those_heads_everywhere(page, real_pair, real_head_map, plot_point) -> None:
-    view, msgs = serve_view(page, real_pair, head_map=real_head_map)
+def test_head_map_brush_selects_those_heads_everywhere(page, serve_page, real_pair, real_head_map, plot_point) -> None:
+    view, msgs = serve_view(serve_page, page, real_pair, head_map=real_head_map)
     points = real_head_map.points
     # a box over the left part of the map, cut in the widest gap between points so pixel rounding cannot matter;
     # either model's copy of a head selects it
@@ -115,22 +112,19 @@ def test_head_map_brush_selects_those_heads_everywhere(page, real_pair, real_hea
     assert console_errors(msgs) == []
 
 
-def test_html_in_the_sentence_is_shown_as_text(page, real_pair) -> None:
+def test_html_in_the_sentence_is_shown_as_text(page, serve_page, real_pair) -> None:
     attack = "<img src=x onerror=alert(1)> and <script>alert(2)</script> are fun"
     dialogs: list = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-    msgs, _ = serve_component(page, lambda: create_app(real_pair, attack))
-    page.wait_for_selector(".bk-events", timeout=30_000)
-    time.sleep(2)
+    msgs = serve_page(page, lambda: create_app(real_pair, attack))
     assert dialogs == []
     assert page.locator("img[src='x']").count() == 0
     assert page.locator("textarea").first.input_value() == attack
     assert console_errors(msgs) == []
 
 
-def test_empty_and_too_long_text_show_notices(page, real_pair, artifacts: Path) -> None:
-    msgs, _ = serve_component(page, lambda: create_app(real_pair, TEXT))
-    page.wait_for_selector(".bk-events", timeout=30_000)
+def test_empty_and_too_long_text_show_notices(page, serve_page, real_pair, artifacts: Path) -> None:
+    msgs = serve_page(page, lambda: create_app(real_pair, TEXT))
     box = page.locator("textarea").first
     box.fill("")
     box.blur()
@@ -143,15 +137,15 @@ def test_empty_and_too_long_text_show_notices(page, real_pair, artifacts: Path) 
     assert console_errors(msgs) == []
 
 
-def test_a_trace_without_edges_draws_without_browser_errors(page, real_pair) -> None:
-    view, msgs = serve_view(page, real_pair, tau=1.0)
+def test_a_trace_without_edges_draws_without_browser_errors(page, serve_page, real_pair) -> None:
+    view, msgs = serve_view(serve_page, page, real_pair, tau=1.0)
     assert flow_edges(view) == 0
     assert console_errors(msgs) == []
 
 
 def test_apps_compare_py_serves_and_shows_progress_while_preparing(page, serve_app_file) -> None:
     """With no default models cached, the page shows progress (and no traceback) while they are prepared."""
-    url = serve_app_file("compare", 5191)
+    url = serve_app_file("compare")
     msgs: list = []
     page.on("console", lambda message: msgs.append(message))
     page.goto(url)

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import free_port
 from panel.tests.util import wait_until
 
 pytestmark = [pytest.mark.slow]
@@ -72,12 +72,6 @@ def counts(text: str) -> tuple[int, int, list[tuple[int, int]]]:
 
 
 # ---------------------------------------------------------------- the Jupyter server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Lab:

@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_single_app_serves_the_default_model_reports_a_bad_path_and_loads_another(page, serve_app_file, small_finetune, artifacts: Path) -> None:
-    url = serve_app_file("single", 5193)
+    url = serve_app_file("single")
     msgs: list = []
     page.on("console", lambda message: msgs.append(message))
     page.set_viewport_size({"width": 1500, "height": 1500})
