@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BOKEH_IDLE_JS
 from panel.tests.util import wait_until
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, compare_traces, trace_cls_flow
@@ -47,7 +48,7 @@ def open_offline(page, path: Path) -> Visit:
     page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(LOCAL_SCHEMES) else route.abort())
     page.set_viewport_size({"width": 1400, "height": 1000})
     page.goto(path.as_uri())
-    page.wait_for_function("() => window.Bokeh !== undefined && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle", timeout=30_000)
+    page.wait_for_function(BOKEH_IDLE_JS, timeout=30_000)
     return visit
 
 

@@ -6,6 +6,7 @@ import holoviews as hv
 import numpy as np
 import pytest
 from bokeh.models import BoxSelectTool, CustomJSHover, HoverTool, TapTool
+from conftest import BOKEH_IDLE_JS
 
 from attnflows_panel.plots.attention_matrix import attention_matrix
 from attnflows_panel.plots.head_grid import head_grid, head_grid_frame
@@ -103,7 +104,7 @@ def test_matrix_hover_in_a_browser(page, plot_point, tmp_path, rasterize: bool) 
     path = tmp_path / "matrix.html"
     path.write_text(file_html(hv.render(attention_matrix(a, tokens, title="M", rasterize=rasterize)), INLINE, "matrix"))
     page.goto(path.as_uri())
-    page.wait_for_function("() => window.Bokeh !== undefined && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle")
+    page.wait_for_function(BOKEH_IDLE_JS)
     page.mouse.move(*plot_point(page, "M", 1, 3))
     tooltip = page.locator(".bk-tooltip-content")
     tooltip.wait_for()
