@@ -14,6 +14,7 @@ import param
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.analysis.flows import flow_trace, rollout_trace, trace_cls_flow
 from attnflows_panel.analysis.heads import MEASURES, head_measures
+from attnflows_panel.components.live_plots import columns_read, redraw
 from attnflows_panel.components.records import cached_records
 from attnflows_panel.errors import AttnflowsError
 from attnflows_panel.extract import merge_tokens
@@ -63,7 +64,7 @@ class AttentionView(pn.viewable.Viewer):
         self._followers: dict[str, hv.streams.Params] = {}
         self._traced: tuple[object, tuple, dict[str, object]] | None = None  # records, settings, and their traces
         self._flows: dict[tuple[str, ...], hv.DynamicMap] = {}
-        self._live: dict[str, tuple[object, object]] = {}
+        self._live: dict[str, tuple[object, object, dict]] = {}  # key: (plot, element callback, columns its glyphs read)
         # a notebook may run a brush's callback on a comm thread while a cell calls select_heads
         self._push_lock = threading.Lock()
         self.param.watch(self._push_mask, "head_mask")
@@ -88,7 +89,11 @@ class AttentionView(pn.viewable.Viewer):
             return hv.DynamicMap(callback, streams=[follower, *extra])
 
         def register(plot: object, _: object) -> None:
-            self._live[key] = (plot, callback)
+            known = self._live.get(key)
+            columns = columns_read(plot)
+            if known is not None and known[0] is plot:  # the page's copies of the glyphs read what the first render read
+                columns = {sub: {**known[2].get(sub, {}), **read} for sub, read in columns.items()}
+            self._live[key] = (plot, callback, columns)
 
         def drawn(**kwargs: object) -> hv.Element:
             return callback(**kwargs).opts(hooks=[register])
@@ -99,26 +104,11 @@ class AttentionView(pn.viewable.Viewer):
         """Write each live pane's element for the new head mask straight into its Bokeh glyphs and sources.
 
         A HoloViews update of five panes costs ~0.4 s per brush (ranges, plot options, a model-graph
-        recompute); each layer's own glyph update (data, mapped style columns, glyph fields) with the
-        ranges of the last full render costs a fraction of that. Colour limits and titles are set here.
+        recompute); each layer's own glyph update with the ranges of the last full render costs a fraction of that.
         """
         with self._push_lock:
-            for plot, callback in list(self._live.values()):
-                element = callback()
-                if getattr(plot, "subplots", None):
-                    pairs = [(sub, element.data[k]) for k, sub in plot.subplots.items() if k in element.data]
-                else:
-                    pairs = [(plot, element)]
-                for sub, layer in pairs:
-                    style = sub.lookup_options(layer, "style")[sub.cyclic_index]
-                    sub._update_glyphs(layer, sub.current_ranges or {}, style)  # noqa: SLF001 - HoloViews' own per-glyph update
-                    clim = layer.opts.get().kwargs.get("clim")
-                    if clim is not None and "color_mapper" in sub.handles:
-                        sub.handles["color_mapper"].update(low=clim[0], high=clim[1])
-                title = element.opts.get().kwargs.get("title")
-                if title is not None and plot.handles.get("plot") is not None and plot.handles["plot"].title is not None:
-                    plot.handles["plot"].title.text = title
-                plot.push()  # a notebook display gets the change through its comm; a server session through the document
+            for plot, callback, columns in list(self._live.values()):
+                redraw(plot, callback(), columns)
 
     def _stop(self, prefix: str) -> None:
         """Stop the DynamicMaps made under keys starting with ``prefix`` from following this view."""

@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import panel as pn
 import pytest
+from conftest import BOKEH_IDLE_JS
 from panel.tests.util import wait_until
 
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, trace_cls_flow
 from attnflows_panel.app import create_app
 from attnflows_panel.components import CompareView
+from attnflows_panel.plots.flow_diagram import flow_edges as flow_edge_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,6 +69,29 @@ def test_grid_brush_sets_head_mask_and_filters_flows(page, serve_page, real_pair
     drag(page, plot_point(page, "model difference", 7.6, 6.4), plot_point(page, "model difference", 9.4, 4.6))
     wait_until(lambda: 0 < view.head_mask.sum() < view.head_mask.size and flow_edges(view) < before, page, timeout=10_000)
     assert set(view.selected_heads()) == {(4, 8), (4, 9), (5, 8), (5, 9)}
+
+
+def test_a_brush_down_to_one_edge_leaves_no_glyph_reading_a_missing_column(page, serve_page, real_pair, plot_point) -> None:
+    """With one edge left, HoloViews makes its width and colour constants; the page must not lose the columns."""
+    view, msgs = serve_view(serve_page, page, real_pair)
+    last = view.n_layers - 1
+    tokens = view.records[0].tokens
+
+    def edges_with(head: int) -> int:
+        mask = np.zeros_like(view.head_mask)
+        mask[last, head] = True
+        traces = {name: trace_cls_flow(r.attention, mask, tau=view.tau, alpha=view.alpha) for name, r in zip((PRETRAINED, FINETUNED), view.records, strict=True)}
+        return len(flow_edge_rows(tokens, traces))
+
+    single = [head for head in range(view.n_heads) if edges_with(head) == 1]
+    assert single, f"no head of the last layer leaves one edge: {[edges_with(h) for h in range(view.n_heads)]}"
+    head = single[0]
+    drag(page, plot_point(page, "model difference", head - 0.4, last + 1.4), plot_point(page, "model difference", head + 0.4, last + 0.6))
+    wait_until(lambda: view.selected_heads() == [(last, head)] and flow_edges(view) == 1, page, timeout=10_000)
+    page.wait_for_function(BOKEH_IDLE_JS, timeout=10_000)
+    page.wait_for_timeout(500)  # the page applies the patch and repaints
+    assert [m.text for m in msgs if "nonexistent field" in m.text] == []
+    assert console_errors(msgs) == []
 
 
 def test_tap_on_the_flow_diagram_reroots_the_trace(page, serve_page, real_pair) -> None:

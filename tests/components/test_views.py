@@ -73,7 +73,7 @@ def test_a_brush_keeps_every_glyph_drawable(tiny_pair) -> None:
 
     view = CompareView(tiny_pair, TEXT, tau=0.05)
     rendered(view)
-    plots = {key: plot for key, (plot, _) in view._live.items()}
+    plots = {key: plot for key, (plot, *_) in view._live.items()}
     palettes = {key: list(plot.handles["color_mapper"].palette) for key, plot in plots.items() if "color_mapper" in plot.handles}
     assert set(palettes) == {"matrix pretrained", "matrix finetuned"}
     view.select_heads([(1, 0), (1, 2)])
