@@ -29,6 +29,15 @@ from attnflows_panel.plots.sentence_view import sentence_view
 DIFFERENCE = "model difference (JS, bits)"
 MEASURE_NAMES = [name for name, _ in MEASURES]
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
+
+
+def plot_pane(plot: hv.core.Dimensioned) -> pn.Row:
+    """A fixed-size plot's pane, for a ``param.depends`` method to return.
+
+    Panel would put a bare HoloViews pane in a Column sized "fixed" without a width or height, which Bokeh
+    reports on every page load (W-1005 FIXED_SIZING_MODE); a Row around the pane sizes itself from the plot.
+    """
+    return pn.Row(pn.pane.HoloViews(plot, linked_axes=False))
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 
 
@@ -236,7 +245,7 @@ class AttentionView(pn.viewable.Viewer):
     @param.depends("layout")
     def _flow_panel(self) -> pn.viewable.Viewable:
         self._stop("flow ")
-        return pn.pane.HoloViews(self._flow_map(self.names), linked_axes=False)
+        return plot_pane(self._flow_map(self.names))
 
     def _grid_pane(self) -> pn.viewable.Viewable:
         grid = self._follow("grid", self._grid_element, self._grid_streams())
@@ -252,7 +261,7 @@ class AttentionView(pn.viewable.Viewer):
         overlay = head_embedding(self.head_map.points, self.head_map.moves, color_by=self.map_color, titles=self.titles, title="heads over the corpus (drag to select)", width=460, height=330)
         hv.streams.Selection1D(source=overlay.Points.Heads).param.watch(self._on_map_selection, "index")
         highlight = self._follow("head map", self._map_highlight, ["head_mask"])
-        return pn.pane.HoloViews((overlay * highlight).opts(hv.opts.Overlay(**overlay.opts.get("plot").kwargs)), linked_axes=False)
+        return plot_pane((overlay * highlight).opts(hv.opts.Overlay(**overlay.opts.get("plot").kwargs)))
 
     @param.depends("records")
     def _matrices(self) -> pn.viewable.Viewable:
@@ -277,7 +286,7 @@ class AttentionView(pn.viewable.Viewer):
             self._stop("sentence")
             return pn.pane.Markdown("")
         names = ["head_mask", "tau", "alpha", "method", "combine", "root", "shading"]
-        return pn.pane.HoloViews(self._follow("sentence", self._sentence_element, names), linked_axes=False)
+        return plot_pane(self._follow("sentence", self._sentence_element, names))
 
     def _sentence_element(self, **_: object) -> hv.Overlay:
         words, index = merge_tokens(self.records[0].tokens, self.records[0].word_ids)

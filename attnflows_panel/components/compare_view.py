@@ -13,7 +13,7 @@ from attnflows_panel.analysis.compare import head_js_divergence
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED
 from attnflows_panel.analysis.heads import head_measures
-from attnflows_panel.components.attention_view import DIFFERENCE, MEASURE_NAMES, AttentionView
+from attnflows_panel.components.attention_view import DIFFERENCE, MEASURE_NAMES, AttentionView, plot_pane
 from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.plots import MODEL_TITLES
 
@@ -49,7 +49,7 @@ class CompareView(AttentionView):
     def _flow_panel(self) -> pn.viewable.Viewable:
         self._stop("flow ")
         if self.mode == "merged":
-            return pn.pane.HoloViews(self._flow_map((PRETRAINED, FINETUNED)), linked_axes=False)
+            return plot_pane(self._flow_map((PRETRAINED, FINETUNED)))
         return pn.Row(*(pn.pane.HoloViews(self._flow_map((name,)), linked_axes=False) for name in (PRETRAINED, FINETUNED)))
 
     def export(self, path: str | os.PathLike, *, top_heads: int = 4) -> Path:

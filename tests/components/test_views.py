@@ -164,8 +164,8 @@ def test_the_head_map_colours_by_layer_or_model_and_names_models_by_title(tiny_p
     view = CompareView(tiny_pair, TEXT, head_map=head_map(2, 4))
     assert "map_color" in view._widgets()
 
-    def scatter(pane: pn.pane.HoloViews):
-        figure = hv.render(pane.object, backend="bokeh")
+    def scatter(pane: pn.Row):
+        figure = hv.render(pane[0].object, backend="bokeh")
         return next(r for r in figure.renderers if type(r.glyph).__name__ == "Scatter" and "model_color" in r.data_source.data)
 
     by_layer = scatter(view._head_map_pane())
@@ -253,6 +253,17 @@ def test_apps_build_for_a_given_pair_or_model(tiny_pair, tiny) -> None:
     compare, single = create_app(tiny_pair, TEXT), create_single_app(tiny, TEXT)
     assert {"Examples", "Grid model", "Models", "Sentence"} <= labels(compare)
     assert {"Model (hub name or local path)", "Sentence"} <= labels(single) and "Grid model" not in labels(single)
+
+
+def test_served_apps_pass_bokehs_validation(tiny_pair, tiny) -> None:
+    """No Bokeh validation warning (such as W-1005, a fixed-size layout without a size) in either app's document."""
+    from bokeh.core.validation import check_integrity
+
+    for app in (create_app(tiny_pair, TEXT, head_map=head_map(2, 4)), create_single_app(tiny, TEXT)):
+        doc = Document()
+        app.server_doc(doc)
+        issues = check_integrity(list(doc.models))
+        assert (issues.error, issues.warning) == ([], []), [issue.extra for issue in issues.warning]
 
 
 def test_compare_view_exports_its_input_and_selection(tiny_pair, tmp_path) -> None:
