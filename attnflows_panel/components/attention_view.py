@@ -29,6 +29,7 @@ from attnflows_panel.plots.sentence_view import sentence_view
 DIFFERENCE = "model difference (JS, bits)"
 MEASURE_NAMES = [name for name, _ in MEASURES]
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
+DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 
 
 def plot_pane(plot: hv.core.Dimensioned) -> pn.Row:
@@ -38,7 +39,6 @@ def plot_pane(plot: hv.core.Dimensioned) -> pn.Row:
     reports on every page load (W-1005 FIXED_SIZING_MODE); a Row around the pane sizes itself from the plot.
     """
     return pn.Row(pn.pane.HoloViews(plot, linked_axes=False))
-DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 
 
 class AttentionView(pn.viewable.Viewer):

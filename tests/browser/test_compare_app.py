@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import panel as pn
 import pytest
-from conftest import BOKEH_IDLE_JS
+from conftest import PLOT_POINT_JS
 from panel.tests.util import wait_until
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, trace_cls_flow
@@ -88,8 +88,10 @@ def test_a_brush_down_to_one_edge_leaves_no_glyph_reading_a_missing_column(page,
     head = single[0]
     drag(page, plot_point(page, "model difference", head - 0.4, last + 1.4), plot_point(page, "model difference", head + 0.4, last + 0.6))
     wait_until(lambda: view.selected_heads() == [(last, head)] and flow_edges(view) == 1, page, timeout=10_000)
-    page.wait_for_function(BOKEH_IDLE_JS, timeout=10_000)
-    page.wait_for_timeout(500)  # the page applies the patch and repaints
+    # the title is written after the glyphs and sources: once the page shows it, it has applied their changes
+    title = f"pre-trained vs fine-tuned ({sum(t.n_edges for t in view._traces().values())} edges)"  # edges of both models
+    wait_until(lambda: page.evaluate(PLOT_POINT_JS, [title, 0, 0]) is not None, page, timeout=10_000)
+    page.wait_for_timeout(200)  # console messages reach Python asynchronously
     assert [m.text for m in msgs if "nonexistent field" in m.text] == []
     assert console_errors(msgs) == []
 
