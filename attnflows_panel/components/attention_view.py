@@ -5,40 +5,41 @@ from __future__ import annotations
 import html
 import threading
 
-import holoviews as hv
 import numpy as np
-import pandas as pd
 import panel as pn
 import param
 
 from attnflows_panel.analysis.embedding import HeadEmbedding
-from attnflows_panel.analysis.flows import flow_trace, rollout_trace, trace_cls_flow
+from attnflows_panel.analysis.flows import AttentionTrace, flow_trace, rollout_trace, trace_cls_flow
 from attnflows_panel.analysis.heads import MEASURES, head_measures
-from attnflows_panel.components.live_plots import columns_read, redraw
+from attnflows_panel.components.live_figure import LiveFigure
 from attnflows_panel.components.records import cached_records
 from attnflows_panel.errors import AttnflowsError
 from attnflows_panel.extract import merge_tokens
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
-from attnflows_panel.plots.attention_matrix import attention_matrix
-from attnflows_panel.plots.flow_diagram import flow_diagram
-from attnflows_panel.plots.head_embedding import head_embedding
-from attnflows_panel.plots.head_grid import head_grid, heads_at
-from attnflows_panel.plots.sentence_view import sentence_view
+from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_clim, matrix_frames
+from attnflows_panel.plots.flow_diagram import LEGEND_NAMES, edge_counts, flow_diagram, flow_frames, flow_layers
+from attnflows_panel.plots.head_embedding import HIGHLIGHT_LAYERS, head_embedding, highlight_frames
+from attnflows_panel.plots.head_grid import OUTLINE_LAYERS, grid_outline, grid_outline_frames, head_grid, heads_at
+from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
 
 DIFFERENCE = "model difference (JS, bits)"
+MEASURE_LABELS = {
+    "entropy": "entropy (nats)", "attn_cls": "attention to [CLS]", "attn_sep": "attention to [SEP]", "attn_punct": "attention to punctuation",
+    "attn_self": "attention to itself", "attn_prev": "attention to the previous token", "attn_next": "attention to the next token",
+    "distance": "attention distance (tokens)", "max_weight": "largest weight (confidence)",
+}
 MEASURE_NAMES = [name for name, _ in MEASURES]
+METHOD_NAMES = {"trace": "CLS trace", "rollout": "rollout", "flow": "attention flow"}
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
+FLOW_HEIGHT = 520
 
 
-def plot_pane(plot: hv.core.Dimensioned) -> pn.Row:
-    """A fixed-size plot's pane, for a ``param.depends`` method to return.
-
-    Panel would put a bare HoloViews pane in a Column sized "fixed" without a width or height, which Bokeh
-    reports on every page load (W-1005 FIXED_SIZING_MODE); a Row around the pane sizes itself from the plot.
-    """
-    return pn.Row(pn.pane.HoloViews(plot, linked_axes=False))
+def level_name(level: int) -> str:
+    """``"input"`` for level 0, ``"layer l"`` above it (layers numbered from 1)."""
+    return "input" if level == 0 else f"layer {level}"
 
 
 class AttentionView(pn.viewable.Viewer):
@@ -48,10 +49,10 @@ class AttentionView(pn.viewable.Viewer):
     text_pair = param.String(default="", doc="Optional second segment.")
     tau = param.Number(default=0.1, bounds=(0.01, 1.0), step=0.01, doc="Keep edges with at least this weight.")
     alpha = param.Number(default=0.5, bounds=(0.0, 1.0), step=0.05, doc="Weight of deeper influence.")
-    method = param.Selector(default="trace", objects={"CLS trace": "trace", "rollout": "rollout", "attention flow": "flow"}, doc="CLS trace, rollout relevance or exact attention flow.")
+    method = param.Selector(default="trace", objects={label: key for key, label in METHOD_NAMES.items()}, doc="CLS trace, rollout relevance or exact attention flow.")
     combine = param.Selector(default="union", objects=["union", "mean"], doc="How heads combine in the trace.")
     layout = param.Selector(default="layered", objects=["layered", "radial"])
-    measure = param.Selector(default=MEASURE_NAMES[0], objects=MEASURE_NAMES, doc="Colour of the head grid.")
+    measure = param.Selector(default=MEASURE_NAMES[0], objects={MEASURE_LABELS[m]: m for m in MEASURE_NAMES}, doc="Colour of the head grid.")
     shading = param.Selector(default="influence", objects=["influence", "attention"], doc="Sentence view: each word's influence in the trace, or the attention the root token pays it.")
     map_color = param.Selector(default="layer", objects=["layer", "model"], doc="Colour of the head map's points.")
     head_mask = param.Array(default=None, doc="Selected heads, bool [layers, heads]; all when nothing is brushed.")
@@ -70,65 +71,38 @@ class AttentionView(pn.viewable.Viewer):
         self._ablate_button = pn.widgets.Button(label="Switch selected heads off", color="primary")
         self._ablate_button.on_click(self._ablate)
         self.head_map = head_map
-        self._followers: dict[str, hv.streams.Params] = {}
-        self._traced: tuple[object, tuple, dict[str, object]] | None = None  # records, settings, and their traces
-        self._flows: dict[tuple[str, ...], hv.DynamicMap] = {}
-        self._live: dict[str, tuple[object, object, dict]] = {}  # key: (plot, element callback, columns its glyphs read)
+        self._traced: tuple[object, tuple, dict[str, AttentionTrace]] | None = None  # records, settings, and their traces
+        self.grid, self.map, self.sentence = LiveFigure(), LiveFigure(), LiveFigure(sizing_mode="stretch_width")
+        self.flows: dict[tuple[str, ...], LiveFigure] = {}
+        self.matrices = {name: LiveFigure() for name in self.names}
+        self._flow_row = pn.Row(sizing_mode="stretch_width")
+        self._matrix_box = pn.FlexBox(*(m.pane for m in self.matrices.values()), sizing_mode="stretch_width")
         # a notebook may run a brush's callback on a comm thread while a cell calls select_heads
-        self._push_lock = threading.Lock()
-        self.param.watch(self._push_mask, "head_mask")
+        self._push_lock = threading.RLock()
         if text is not None:
             self.text = text
         self.param.watch(self._update_records, ["text", "text_pair"])
+        self.param.watch(self._draw_all, ["records"])
+        self.param.watch(self._draw_flows, ["layout", *self._flow_modes()])
+        self.param.watch(self._draw_grid, self._grid_params())
+        self.param.watch(self._draw_map, ["map_color"])
+        self.param.watch(self._on_mask, ["head_mask"])
+        self.param.watch(self._write_traced, ["tau", "alpha", "method", "combine", "root"])
+        self.param.watch(self._write_sentence, ["shading"])
         self._update_records()
+        if self.records is None:
+            self._draw_all()
+        self._draw_map()
 
-    def _grid_streams(self) -> list[str]:
-        return ["records", "measure"]
+    def _flow_modes(self) -> list[str]:
+        return []
 
-    def _follow(self, key: str, callback: object, names: list[str], *extra: hv.streams.Stream) -> hv.DynamicMap:
-        """A new DynamicMap of ``callback`` following the params ``names``; the one made before under ``key`` stops.
-
-        Each pane gets its own DynamicMap, so showing the view again never shows a stale first frame.
-        """
-        self._stop(key)
-        others = [n for n in names if n != "head_mask"]
-        follower = hv.streams.Params(self, others)
-        self._followers[key] = follower
-        if len(others) == len(names):
-            return hv.DynamicMap(callback, streams=[follower, *extra])
-
-        def register(plot: object, _: object) -> None:
-            known = self._live.get(key)
-            columns = columns_read(plot)
-            if known is not None and known[0] is plot:  # the page's copies of the glyphs read what the first render read
-                columns = {sub: {**known[2].get(sub, {}), **read} for sub, read in columns.items()}
-            self._live[key] = (plot, callback, columns)
-
-        def drawn(**kwargs: object) -> hv.Element:
-            return callback(**kwargs).opts(hooks=[register])
-
-        return hv.DynamicMap(drawn, streams=[follower, *extra])
-
-    def _push_mask(self, *_: object) -> None:
-        """Write each live pane's element for the new head mask straight into its Bokeh glyphs and sources.
-
-        A HoloViews update of five panes costs ~0.4 s per brush (ranges, plot options, a model-graph
-        recompute); each layer's own glyph update with the ranges of the last full render costs a fraction of that.
-        """
-        with self._push_lock:
-            for plot, callback, columns in list(self._live.values()):
-                redraw(plot, callback(), columns)
-
-    def _stop(self, prefix: str) -> None:
-        """Stop the DynamicMaps made under keys starting with ``prefix`` from following this view."""
-        for key in [k for k in self._followers if k.startswith(prefix)]:
-            self._followers.pop(key).unwatch()
-            self._live.pop(key, None)
+    def _grid_params(self) -> list[str]:
+        return ["measure"]
 
     # ------------------------------------------------------------------ state
     def _update_records(self, *_: object) -> None:
         text, pair_text = self.text, self.text_pair.strip() or None
-        self.ablation.object = ""
         if not text.strip():
             self.param.update(records=None, notice="Type a sentence to see how the models attend to it.")
             return
@@ -142,24 +116,23 @@ class AttentionView(pn.viewable.Viewer):
             notice = f"The input was longer than the model allows: the last {records[0].n_truncated} tokens were dropped."
         self.param.update(records=records, root=(-1, 0), notice=notice)
 
-
-    def _on_map_selection(self, event: param.parameterized.Event) -> None:
-        rows = self.head_map.points.iloc[event.new]
+    def _on_map_selection(self, index: list[int]) -> None:
+        rows = self.head_map.points.iloc[index]
         self.select_heads(list(zip(rows["layer"].astype(int), rows["head"].astype(int), strict=True)))
 
     def select_heads(self, heads: list[tuple[int, int]]) -> None:
-        """Set the head mask to ``heads`` (layer, head), or to every head when empty."""
+        """Set the head mask to ``heads`` (layer, head; numbered from 0), or to every head when empty."""
         mask = np.zeros((self.n_layers, self.n_heads), dtype=bool)
         for layer, head in heads:
             mask[layer, head] = True
-        with pn.io.hold():  # the panes write their sources directly (see _push_mask): one message, no recompute
+        with pn.io.hold():  # the panes write their sources directly: one message per brush
             self.head_mask = mask if mask.any() else ~mask
 
     def selected_heads(self) -> list[tuple[int, int]]:
-        """The (layer, head) pairs in the head mask."""
+        """The (layer, head) pairs in the head mask, numbered from 0."""
         return [(int(layer), int(head)) for layer, head in np.argwhere(self.head_mask)]
 
-    def _on_tap(self, x: float | None = None, y: float | None = None, **_: object) -> None:
+    def _on_tap(self, x: float | None, y: float | None) -> None:
         """Re-root the trace on the token nearest a click in the flow diagram."""
         if self.records is None or x is None or y is None:
             return
@@ -170,15 +143,15 @@ class AttentionView(pn.viewable.Viewer):
             level = int(round(np.hypot(x, y) - 1.0))
             token = int(round(((np.pi / 2 - np.arctan2(y, x)) % (2 * np.pi)) / (2 * np.pi) * n)) % n
         if 0 <= token < n and 1 <= level < levels:
-            with pn.io.hold(freeze=True):
+            with pn.io.hold():
                 self.root = (level, token)
 
     def _root(self) -> tuple[int, int]:
         level, token = self.root
         return (self.n_layers if level < 0 else level, token)
 
-    # ------------------------------------------------------------------ elements
-    def _traces(self) -> dict[str, object]:
+    # ------------------------------------------------------------------ computed
+    def _traces(self) -> dict[str, AttentionTrace]:
         """Each model's trace for the current state; the flow diagram and the sentence view share one computation."""
         state = (self.head_mask.tobytes(), self.tau, self.alpha, self.method, self.combine, self.root)
         if self._traced is not None and self._traced[0] is self.records and self._traced[1] == state:
@@ -192,103 +165,48 @@ class AttentionView(pn.viewable.Viewer):
         self._traced = (self.records, state, traces)
         return traces
 
-    def _flow_map(self, shown: tuple[str, ...]) -> hv.DynamicMap:
-        """The flow diagram of the models ``shown``, following the head mask and flow settings; a click re-roots it."""
+    def _flow_title(self, shown: tuple[str, ...], labels: np.ndarray) -> str:
+        """Models, method, where the trace starts, and the number of distinct edges drawn (split by model when merged)."""
+        level, token = self._root()
+        start = f"from {self.records[0].tokens[token]} ({level_name(level)})"
+        models = " vs ".join(self.titles[name] for name in shown)
+        counts = edge_counts(labels)
+        total = sum(counts.values())
+        split = f" ({', '.join(f'{c} {LEGEND_NAMES[k]}' for k, c in counts.items())})" if len(shown) > 1 else ""
+        return f"{models}: {METHOD_NAMES[self.method]} {start}, {total} edges{split}"
 
-        def callback(**_: object) -> hv.Overlay:
-            return self._flow_element(shown)
+    def _flow_message(self, traces: dict[str, AttentionTrace]) -> str:
+        """Why nothing is drawn, when no trace keeps an edge."""
+        if any(t.n_edges for t in traces.values()):
+            return ""
+        level, token = self._root()
+        if not self.head_mask[level - 1].any():
+            return f"No edge: the trace starts at {self.records[0].tokens[token]} in layer {level}, and no selected head is in layer {level}. Select a head of layer {level}."
+        return f"No edge of weight {self.tau:.2f} or more leaves {self.records[0].tokens[token]}: lower tau."
 
-        tap = hv.streams.Tap(transient=True)
-        tap.add_subscriber(self._on_tap)
-        names = ["records", "head_mask", "tau", "alpha", "method", "combine", "root"]
-        self._flows[shown] = self._follow(f"flow {' '.join(shown)}", callback, names, tap)
-        return self._flows[shown]
-
-    def _flow_element(self, shown: tuple[str, ...]) -> hv.Overlay:
-        width = 900 if len(shown) == len(self.names) else 560
-        if self.records is None:
-            return hv.Overlay([hv.Text(0, 0, "")]).opts(xaxis=None, yaxis=None, width=width, height=120)
+    def _flow_frames(self, shown: tuple[str, ...]) -> tuple[dict, str]:
         traces = self._traces()
         drawn = {name: traces[name] for name in shown}
-        title = " vs ".join(self.titles[name] for name in shown)
-        edges = sum(t.n_edges for t in drawn.values())
-        diagram = flow_diagram(self.records[0].tokens, drawn, layout=self.layout, width=width, height=520 if self.layout == "layered" else width)
-        return diagram.opts(title=f"{title} ({edges} edges)")
+        frames = flow_frames(self.records[0].tokens, drawn, self.layout, self._flow_message(drawn))
+        return frames, self._flow_title(shown, frames["edges"]["label"].to_numpy())
 
     def _grid_values(self) -> np.ndarray:
         record = self.records[-1]
         return head_measures(record.attention, record.tokens, record.cls_mask, record.sep_mask)[self.measure]
 
     def _grid_title(self) -> str:
-        return f"{self.measure} ({self.titles[self.names[-1]]})"
+        return f"{MEASURE_LABELS[self.measure]} ({self.titles[self.names[-1]]})"
 
-    def _grid_element(self, **_: object) -> hv.HeatMap:
-        values = np.full((self.n_layers, self.n_heads), np.nan) if self.records is None else self._grid_values()
-        difference = self.measure == DIFFERENCE
-        return head_grid(values, "JS (bits)" if difference else self.measure, title=self._grid_title(), cmap="magma_r" if difference else "viridis", width=440, height=300)
+    def _grid_label(self) -> str:
+        return MEASURE_LABELS[self.measure]
 
-    def _grid_outline(self, **_: object) -> hv.Rectangles:
-        """Outlines of the selected cells, so a brush in the head map shows in the grid too."""
-        heads = [] if self.head_mask.all() else self.selected_heads()
-        boxes = pd.DataFrame([(h - 0.5, layer + 0.5, h + 0.5, layer + 1.5) for layer, h in heads], columns=["x0", "y0", "x1", "y1"])
-        return hv.Rectangles(boxes, ["x0", "y0", "x1", "y1"]).opts(fill_alpha=0, line_color="#d62728", line_width=2)
+    def _matrix_element(self, index: int) -> object:
+        record, heads = self.records[index], np.argwhere(self.head_mask)
+        label = f"mean of {len(heads)} heads" if len(heads) > 1 else f"layer {heads[0][0] + 1}, head {heads[0][1] + 1}"
+        matrix = record.attention[heads[:, 0], heads[:, 1]].mean(axis=0)
+        return attention_matrix(matrix, record.tokens, title=f"{self.titles[self.names[index]]}: {label}", size=340)
 
-
-    def _map_highlight(self, **_: object) -> hv.Points:
-        heads = set() if self.head_mask.all() else set(self.selected_heads())
-        points = self.head_map.points
-        chosen = points[[(int(layer), int(head)) in heads for layer, head in zip(points["layer"], points["head"], strict=True)]]
-        return hv.Points(chosen, ["x", "y"]).opts(size=13, fill_alpha=0, line_color="#d62728", line_width=2)
-
-    # ------------------------------------------------------------------ panes
-    # Panes are rebuilt when the input changes (plot sizes follow it); a brush updates their data in place.
-    @param.depends("layout")
-    def _flow_panel(self) -> pn.viewable.Viewable:
-        self._stop("flow ")
-        return plot_pane(self._flow_map(self.names))
-
-    def _grid_pane(self) -> pn.viewable.Viewable:
-        grid = self._follow("grid", self._grid_element, self._grid_streams())
-        selection = hv.streams.Selection1D(source=grid)
-        selection.param.watch(lambda event: self.select_heads(heads_at(grid.last, event.new) if event.new else []), "index")
-        outline = self._follow("grid outline", self._grid_outline, ["head_mask"])
-        return pn.pane.HoloViews(grid * outline, linked_axes=False)
-
-    @param.depends("map_color")
-    def _head_map_pane(self) -> pn.viewable.Viewable:
-        if self.head_map is None:
-            return pn.pane.Markdown("", margin=0)
-        overlay = head_embedding(self.head_map.points, self.head_map.moves, color_by=self.map_color, titles=self.titles, title="heads over the corpus (drag to select)", width=460, height=330)
-        hv.streams.Selection1D(source=overlay.Points.Heads).param.watch(self._on_map_selection, "index")
-        highlight = self._follow("head map", self._map_highlight, ["head_mask"])
-        return plot_pane((overlay * highlight).opts(hv.opts.Overlay(**overlay.opts.get("plot").kwargs)))
-
-    @param.depends("records")
-    def _matrices(self) -> pn.viewable.Viewable:
-        if self.records is None:
-            self._stop("matrix")  # no input: a brush must not redraw the matrices it no longer shows
-            return pn.pane.Markdown("")
-        panes = [pn.pane.HoloViews(self._follow(f"matrix {name}", self._matrix_callback(index), ["head_mask"]), linked_axes=False) for index, name in enumerate(self.names)]
-        return pn.FlexBox(*panes, sizing_mode="stretch_width")
-
-    def _matrix_callback(self, index: int):  # noqa: ANN202
-        def callback(**_: object) -> hv.Element:
-            record, heads = self.records[index], np.argwhere(self.head_mask)
-            label = f"mean of {len(heads)} heads" if len(heads) > 1 else f"layer {heads[0][0] + 1}, head {heads[0][1]}"
-            matrix = record.attention[heads[:, 0], heads[:, 1]].mean(axis=0)
-            return attention_matrix(matrix, record.tokens, title=f"{self.titles[self.names[index]]}: {label}", size=340)
-
-        return callback
-
-    @param.depends("records")
-    def _sentence(self) -> pn.viewable.Viewable:
-        if self.records is None:
-            self._stop("sentence")
-            return pn.pane.Markdown("")
-        names = ["head_mask", "tau", "alpha", "method", "combine", "root", "shading"]
-        return plot_pane(self._follow("sentence", self._sentence_element, names))
-
-    def _sentence_element(self, **_: object) -> hv.Overlay:
+    def _sentence_parts(self) -> tuple[list[str], dict[str, np.ndarray], dict[str, str]]:
         words, index = merge_tokens(self.records[0].tokens, self.records[0].word_ids)
         traces = self._traces()
         level, token = self._root()
@@ -299,12 +217,109 @@ class AttentionView(pn.viewable.Viewer):
                 row = record.attention[level - 1, heads, token].mean(axis=0) if heads.size else np.zeros(record.n_tokens)
                 shown = f"attention of {record.tokens[token]} (layer {level}, {heads.size} heads)"
             else:
-                row, shown = traces[name].influence[0], "influence on the input"
+                row, shown = traces[name].influence[0], f"influence on the input ({METHOD_NAMES[self.method]} from {record.tokens[token]}, {level_name(level)})"
             values[name] = np.bincount(index, weights=row, minlength=len(words))
             captions[name] = f"{self.titles[name]}: {shown}"
             if record.predicted_label is not None:
                 captions[name] += f" · predicts {record.predicted_label} ({record.probabilities.max():.0%})"
-        return sentence_view(words, values, captions, max_chars=96, width=900)
+        return words, values, captions
+
+    # ------------------------------------------------------------------ drawing (a new figure: ranges fit the input)
+    def _draw_all(self, *_: object) -> None:
+        with self._push_lock:
+            self._draw_grid()
+            self._draw_flows()
+            self._draw_sentence()
+            self._draw_matrices()
+            self.ablation.object = ""
+
+    def _draw_grid(self, *_: object) -> None:
+        if self.records is None:
+            self.grid.clear()
+            return
+        difference = self.measure == DIFFERENCE
+        cells = head_grid(self._grid_values(), "JS (bits)" if difference else self._grid_label(), title=self._grid_title(), cmap="magma_r" if difference else "viridis", width=440, height=300)
+        heads = self._outlined()
+        self.grid.draw(cells * grid_outline(heads), OUTLINE_LAYERS, grid_outline_frames(heads))
+        data = next(r.data_source.data for r in self.grid.figure.renderers if r.data_source is not self.grid.sources["outline"])
+        cells_source = next(r.data_source for r in self.grid.figure.renderers if r.data_source is not self.grid.sources["outline"])
+        cells_source.selected.on_change("indices", lambda _a, _o, new: self.select_heads(heads_at(data, new) if new else []))
+
+    def _draw_map(self, *_: object) -> None:
+        if self.head_map is None:
+            return
+        overlay = head_embedding(self.head_map.points, self.head_map.moves, color_by=self.map_color, titles=self.titles, title="heads over the corpus (drag to select)", width=460, height=330)
+        self.map.draw(overlay, HIGHLIGHT_LAYERS, highlight_frames(self.head_map.points, self._outlined()))
+        heads = next(r.data_source for r in self.map.figure.renderers if r.data_source is not self.map.sources["highlight"] and len(r.data_source.data.get("head", [])) == len(self.head_map.points))
+        heads.selected.on_change("indices", lambda _a, _o, new: self._on_map_selection(list(new)))
+
+    def _flow_layouts(self) -> list[tuple[str, ...]]:
+        return [self.names]
+
+    def _draw_flows(self, *_: object) -> None:
+        self.flows = {}
+        if self.records is None:
+            self._flow_row.objects = []
+            return
+        panes = []
+        for shown in self._flow_layouts():
+            live = self.flows[shown] = LiveFigure(sizing_mode="stretch_width")
+            frames, title = self._flow_frames(shown)
+            height = FLOW_HEIGHT if self.layout == "layered" else 640
+            # the layered diagram takes the page's width; the rings keep their aspect
+            element = flow_diagram(self.records[0].tokens, {n: self._traces()[n] for n in shown}, layout=self.layout, frames=frames, width=height, height=height, responsive=self.layout == "layered")
+            live.draw(element.opts(title=title), flow_layers(), frames)
+            live.on_tap(self._on_tap)
+            panes.append(live.pane)
+        self._flow_row.objects = panes
+
+    def _draw_sentence(self) -> None:
+        if self.records is None:
+            self.sentence.clear()
+            return
+        words, values, captions = self._sentence_parts()
+        self.sentence.draw(sentence_view(words, values, captions, max_chars=96, responsive=True), SENTENCE_LAYERS, sentence_frames(words, values, captions, max_chars=96))
+
+    def _draw_matrices(self) -> None:
+        for index, (name, live) in enumerate(self.matrices.items()):
+            if self.records is None:
+                live.clear()
+                continue
+            element = self._matrix_element(index)
+            live.draw(element, MATRIX_LAYERS, matrix_frames(element))
+
+    # ------------------------------------------------------------------ writing (a brush or a setting: same figures)
+    def _outlined(self) -> list[tuple[int, int]]:
+        return [] if self.head_mask.all() else self.selected_heads()
+
+    def _on_mask(self, *_: object) -> None:
+        """Write every pane's data for the new head mask into the figures already on the page."""
+        with self._push_lock:
+            self.ablation.object = ""  # a result for other heads
+            self.grid.write(grid_outline_frames(self._outlined()))
+            if self.head_map is not None:
+                self.map.write(highlight_frames(self.head_map.points, self._outlined()))
+            if self.records is None:
+                return
+            self._write_traced()
+            for index, live in enumerate(self.matrices.values()):
+                element = self._matrix_element(index)
+                live.write(matrix_frames(element), title=element.opts.get("plot").kwargs["title"], clim=matrix_clim(element))
+
+    def _write_traced(self, *_: object) -> None:
+        if self.records is None:
+            return
+        with self._push_lock:
+            for shown, live in self.flows.items():
+                frames, title = self._flow_frames(shown)
+                live.write({k: v for k, v in frames.items() if k in ("edges", "nodes", "message")}, title=title)
+            self._write_sentence()
+
+    def _write_sentence(self, *_: object) -> None:
+        if self.records is None:
+            return
+        words, values, captions = self._sentence_parts()
+        self.sentence.write(sentence_frames(words, values, captions, max_chars=96))
 
     @param.depends("notice", "records", watch=True)
     def _show_notice(self) -> None:
@@ -357,9 +372,9 @@ class AttentionView(pn.viewable.Viewer):
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
             self.notice_pane,
-            pn.Row(pn.Column(self._grid_pane(), self._ablate_button, self.ablation, width=460), self._head_map_pane),
-            self._sentence,
-            self._flow_panel,
-            self._matrices,
+            pn.Row(pn.Column(self.grid.pane, self._ablate_button, self.ablation, width=460), self.map.pane),
+            self.sentence.pane,
+            self._flow_row,
+            self._matrix_box,
             sizing_mode="stretch_width",
         )

@@ -13,7 +13,7 @@ from attnflows_panel.analysis.compare import head_js_divergence
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED
 from attnflows_panel.analysis.heads import head_measures
-from attnflows_panel.components.attention_view import DIFFERENCE, MEASURE_NAMES, AttentionView, plot_pane
+from attnflows_panel.components.attention_view import DIFFERENCE, MEASURE_LABELS, AttentionView
 from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.plots import MODEL_TITLES
 
@@ -22,18 +22,24 @@ class CompareView(AttentionView):
     """A sentence's attention in both models of a pair: grid by model difference, flows merged or side by side."""
 
     mode = param.Selector(default="merged", objects=["merged", "side by side"])
-    grid_model = param.Selector(default=FINETUNED, objects={MODEL_TITLES[m]: m for m in (FINETUNED, PRETRAINED)}, doc="Model whose measure the grid shows.")
+    grid_model = param.Selector(default=FINETUNED, objects={MODEL_TITLES[m]: m for m in (FINETUNED, PRETRAINED)}, doc="Model whose measure the grid shows (not used by the model difference).")
 
     def __init__(self, pair: ModelPair, text: str | None = None, *, head_map: HeadEmbedding | None = None, **params: object) -> None:
         self.pair = pair
         models = {PRETRAINED: pair.pretrained, FINETUNED: pair.finetuned}
         super().__init__(models, pair, text, head_map, MODEL_TITLES, **params)
-        self.param.measure.objects = [DIFFERENCE, *MEASURE_NAMES]
+        self.param.measure.objects = {DIFFERENCE: DIFFERENCE, **{label: m for m, label in MEASURE_LABELS.items()}}  # this instance's
         if "measure" not in params:
             self.measure = DIFFERENCE
 
-    def _grid_streams(self) -> list[str]:
-        return ["records", "measure", "grid_model"]
+    def _flow_modes(self) -> list[str]:
+        return ["mode"]
+
+    def _grid_params(self) -> list[str]:
+        return ["measure", "grid_model"]
+
+    def _flow_layouts(self) -> list[tuple[str, ...]]:
+        return [(PRETRAINED, FINETUNED)] if self.mode == "merged" else [(PRETRAINED,), (FINETUNED,)]
 
     def _grid_values(self) -> np.ndarray:
         pre, fine = self.records
@@ -43,14 +49,7 @@ class CompareView(AttentionView):
         return head_measures(record.attention, record.tokens, record.cls_mask, record.sep_mask)[self.measure]
 
     def _grid_title(self) -> str:
-        return self.measure if self.measure == DIFFERENCE else f"{self.measure} ({MODEL_TITLES[self.grid_model]})"
-
-    @param.depends("mode", "layout")
-    def _flow_panel(self) -> pn.viewable.Viewable:
-        self._stop("flow ")
-        if self.mode == "merged":
-            return plot_pane(self._flow_map((PRETRAINED, FINETUNED)))
-        return pn.Row(*(pn.pane.HoloViews(self._flow_map((name,)), linked_axes=False) for name in (PRETRAINED, FINETUNED)))
+        return DIFFERENCE if self.measure == DIFFERENCE else f"{MEASURE_LABELS[self.measure]} ({MODEL_TITLES[self.grid_model]})"
 
     def export(self, path: str | os.PathLike, *, top_heads: int = 4) -> Path:
         """Write this input, tau, alpha and head selection as a self-contained HTML dashboard (see ``attnflows export``)."""
@@ -66,3 +65,11 @@ class CompareView(AttentionView):
         if self.head_map is not None:
             widgets["map_color"] = {"type": pn.widgets.RadioButtonGroup, "name": "Head map colour"}
         return widgets
+
+    def controls(self) -> pn.viewable.Viewable:
+        """The widgets that drive this view; "Grid model" is off while the grid shows the model difference."""
+        column = super().controls()
+        grid_model = next(w for w in column if getattr(w, "name", None) == "Grid model")
+        grid_model.disabled = self.measure == DIFFERENCE
+        self.param.watch(lambda event: setattr(grid_model, "disabled", event.new == DIFFERENCE), "measure")
+        return column

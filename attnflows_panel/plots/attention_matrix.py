@@ -7,6 +7,9 @@ from collections.abc import Sequence
 import holoviews as hv
 import numpy as np
 from bokeh.models import CustomJSHover
+from bokeh.models import Image as ImageGlyph
+
+from attnflows_panel.plots.bound import Layer
 
 RASTERIZE_ABOVE = 96  # tokens; beyond this the matrix goes through datashader
 PX_PER_LABEL = 12  # one tick label per this many pixels, so labels never overlap
@@ -64,7 +67,8 @@ def attention_matrix(
         title=title,
         width=size + 60,
         height=size,
-        colorbar=False,
+        colorbar=True,
+        clabel="weight",
         hover_tooltips=[("key", "$x{custom}"), ("query", "$y{custom}"), ("weight", "@image{0.000}")],
         hover_formatters={"$x": names, "$y": names},
         xlabel="key",
@@ -76,6 +80,21 @@ def attention_matrix(
         # dynamic=False: an Image, not a DynamicMap, so views may return it from their own DynamicMaps
         return ds_rasterize(image, aggregator="mean", dynamic=False).opts(**plot_opts)
     return image.opts(**plot_opts)
+
+
+MATRIX_LAYERS = {"image": Layer(ImageGlyph, {"image": "image", "x": "x", "y": "y", "dw": "dw", "dh": "dh"})}
+
+
+def matrix_frames(matrix: hv.Image) -> dict[str, dict[str, list]]:
+    """The columns Bokeh draws an :func:`attention_matrix` from (rasterized or not), as ``hv.render`` fills them."""
+    left, bottom, right, top = matrix.bounds.lbrt()
+    image = {"image": [matrix.dimension_values(2, flat=False)], "x": [left], "y": [bottom], "dw": [right - left], "dh": [top - bottom]}
+    return {"image": image}
+
+
+def matrix_clim(matrix: hv.Image) -> tuple[float, float]:
+    """The colour limits an :func:`attention_matrix` was given."""
+    return matrix.opts.get("plot").kwargs["clim"]
 
 
 def warm_rasterizer() -> None:

@@ -9,29 +9,37 @@ import holoviews as hv
 import numpy as np
 import pandas as pd
 
+from bokeh.models import CustomJSHover, HoverTool, Scatter, Segment, Text
+
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, AttentionTrace
-from attnflows_panel.plots import FINETUNED_COLOR, PRETRAINED_COLOR, SHARED_COLOR
+from attnflows_panel.plots import FINETUNED_COLOR, MODEL_TITLES, PRETRAINED_COLOR, SHARED_COLOR
+from attnflows_panel.plots.bound import Layer, field_legend
 
 ROOT_COLOR = "#303030"
 LABEL_COLORS = {SHARED: SHARED_COLOR, PRETRAINED: PRETRAINED_COLOR, FINETUNED: FINETUNED_COLOR}
 UNREACHED_COLOR = "#d9d9d9"
-EDGE_COLUMNS = ["layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned"]
+EDGE_COLUMNS = ["layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned", "legend"]
+LABEL_ORDER = (SHARED, PRETRAINED, FINETUNED)  # legend order; model-only edges drawn over shared ones
+LEGEND_NAMES = {SHARED: "shared", PRETRAINED: "pre-trained only", FINETUNED: "fine-tuned only"}
 
 
 def heads_text(edge_heads: np.ndarray) -> np.ndarray:
-    """``"0, 3, 7"`` for each row of a boolean ``[E, H]`` array (``"-"`` for none), one join per distinct row."""
+    """``"1, 4, 8"`` (heads numbered from 1, as the views show them) for each row of a boolean ``[E, H]`` array
+    (``"-"`` for none), one join per distinct row."""
     if len(edge_heads) == 0:
         return np.empty(0, dtype=object)
     packed = np.packbits(edge_heads, axis=1)  # one byte string per row, so rows sort as scalars
     keys = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).ravel()
     _, first, index = np.unique(keys, return_index=True, return_inverse=True)
-    texts = np.array([", ".join(map(str, np.flatnonzero(row))) or "-" for row in edge_heads[first]], dtype=object)
+    texts = np.array([", ".join(map(str, np.flatnonzero(row) + 1)) or "-" for row in edge_heads[first]], dtype=object)
     return texts[index]
 
 
 def flow_edges(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -> pd.DataFrame:
     """One row per (layer, query, key) kept by any trace, labelled shared / pretrained / finetuned.
 
+    Rows are grouped by label (shared, pre-trained only, fine-tuned only), then by (layer, query, key);
+    ``legend`` names each row's group with its edge count.
     ``traces`` maps ``"pretrained"`` and/or ``"finetuned"`` to a trace of the same input.
     """
     columns = _edge_columns(tokens, traces)
@@ -53,11 +61,22 @@ def _edge_columns(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -
             at = np.searchsorted(ids, trace.edge_ids())
             weight[at], heads[at] = trace.edge_weight, heads_text(trace.edge_heads)
         columns[f"weight_{name}"], columns[f"heads_{name}"], has[name] = weight, heads, ~np.isnan(weight)
-    columns["label"] = np.where(has[PRETRAINED] & has[FINETUNED], SHARED, np.where(has[PRETRAINED], PRETRAINED, FINETUNED)).astype(object)
+    rank = np.where(has[PRETRAINED] & has[FINETUNED], 0, np.where(has[PRETRAINED], 1, 2))
+    order = np.argsort(rank, kind="stable")
+    columns = {name: values[order] for name, values in columns.items()}
+    labels = np.asarray(LABEL_ORDER, dtype=object)[rank[order]]
+    columns["label"] = labels
     columns["weight"] = np.fmax(columns["weight_pretrained"], columns["weight_finetuned"])
     token_array = np.asarray(tokens, dtype=object)
     columns["query_token"], columns["key_token"] = token_array[columns["query"]], token_array[columns["key"]]
+    counts = edge_counts(labels)
+    columns["legend"] = np.array([f"{LEGEND_NAMES[label]} ({counts[label]})" for label in LABEL_ORDER], dtype=object)[rank[order]] if len(labels) else labels
     return columns
+
+
+def edge_counts(labels: np.ndarray) -> dict[str, int]:
+    """Edges per label (shared, pretrained, finetuned): the one count every view and title uses."""
+    return {label: int(np.count_nonzero(labels == label)) for label in LABEL_ORDER}
 
 
 def flow_nodes(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -> pd.DataFrame:
@@ -96,17 +115,19 @@ def _positions(level: np.ndarray, index: np.ndarray, n_tokens: int, layout: str)
     return radius * np.cos(angle), radius * np.sin(angle)
 
 
-def flow_diagram(
-    tokens: Sequence[str],
-    traces: Mapping[str, AttentionTrace],
-    *,
-    layout: Literal["layered", "radial"] = "layered",
-    width: int = 900,
-    height: int = 520,
-) -> hv.Overlay:
-    """Tokens at every level (input at the bottom, or the innermost ring), edges sized by weight.
+def flow_layers() -> dict[str, Layer]:
+    """The glyphs of a rendered flow diagram that follow the traces, and the columns each reads."""
+    return {
+        "edges": Layer(Segment, {"x0": "x0", "y0": "y0", "x1": "x1", "y1": "y1", "line_color": "color", "line_width": "width"}),
+        "nodes": Layer(Scatter, {"x": "x", "y": "y", "fill_color": "color", "size": "size"}),
+        "message": Layer(Text, {"x": "x", "y": "y", "text": "text"}),
+    }
 
-    Edge and node colour: pre-trained only turquoise, fine-tuned only purple, shared grey.
+
+def flow_frames(tokens: Sequence[str], traces: Mapping[str, AttentionTrace], layout: str = "layered", message: str = "") -> dict[str, pd.DataFrame]:
+    """The columns the flow diagram draws: edges (with positions, colour, width), nodes (size, colour) and a message.
+
+    ``message`` is written across the plot (for example why no edge is drawn).
     """
     if layout not in ("layered", "radial"):
         raise ValueError(f"layout must be 'layered' or 'radial', got {layout!r}")
@@ -126,26 +147,75 @@ def flow_diagram(
     edges["x1"], edges["y1"] = _positions(edges["layer"] + 1, edges["query"], n, layout)
     edges["color"] = _colors(edges["label"])
     edges["width"] = 0.5 + 4.5 * edges["weight"]
-    edges, nodes = pd.DataFrame(edges), pd.DataFrame(nodes)
+    middle = ((n - 1) / 2, (levels - 1) / 2) if layout == "layered" else (0.0, 0.0)
+    text = pd.DataFrame({"x": [middle[0]], "y": [middle[1]], "text": np.array([message], dtype=object)})
+    return {"edges": pd.DataFrame(edges), "nodes": pd.DataFrame(nodes), "message": text}
 
-    edge_tips = [("layer", "@layer"), ("query", "@query_token (@query)"), ("key", "@key_token (@key)"), ("pre-trained heads", "@heads_pretrained"), ("pre-trained weight", "@weight_pretrained{0.000}"), ("fine-tuned heads", "@heads_finetuned"), ("fine-tuned weight", "@weight_finetuned{0.000}")]
-    segments = hv.Segments(edges, ["x0", "y0", "x1", "y1"], [c for c in edges.columns if c not in ("x0", "y0", "x1", "y1")], label="edges").opts(
-        color="color", line_width="width", alpha=0.75, hover_tooltips=edge_tips
-    )
-    node_tips = [("token", "@token (@index)"), ("level", "@level"), ("influence, pre-trained", "@influence_pretrained{0.00}"), ("influence, fine-tuned", "@influence_finetuned{0.00}")]
+
+# Bokeh formats hover values in the browser: layers from 1, "below tau" where a model has no such edge.
+LAYER_FROM_ONE = CustomJSHover(code="return String(Math.round(value) + 1);")
+WEIGHT_OR_BELOW = CustomJSHover(code='return Number.isFinite(value) ? value.toFixed(3) : "below tau";')
+INFLUENCE_OR_NONE = CustomJSHover(code='return Number.isFinite(value) ? value.toFixed(2) : "—";')
+
+
+def _edge_tips(models: Sequence[str]) -> list[tuple[str, str]]:
+    tips = [("layer", "@{layer}{custom}"), ("key → query", "@{key_token} (@{key}) → @{query_token} (@{query})")]
+    for model in models:
+        tips += [(f"{MODEL_TITLES[model]} weight", f"@{{weight_{model}}}{{custom}}"), (f"{MODEL_TITLES[model]} heads", f"@{{heads_{model}}}")]
+    return tips
+
+
+def _hover(tips: list[tuple[str, str]], formatters: dict[str, CustomJSHover]) -> HoverTool:
+    """A hover showing the one item nearest the pointer: overlapping edges never stack their tooltips."""
+    return HoverTool(tooltips=tips, formatters=formatters, limit=1)
+
+
+def flow_diagram(
+    tokens: Sequence[str],
+    traces: Mapping[str, AttentionTrace],
+    *,
+    layout: Literal["layered", "radial"] = "layered",
+    width: int = 900,
+    height: int = 520,
+    message: str = "",
+    frames: Mapping[str, pd.DataFrame] | None = None,
+    responsive: bool = False,
+) -> hv.Overlay:
+    """Tokens at every level (input at the bottom, or the innermost ring), edges sized by weight.
+
+    Edge and node colour: pre-trained only turquoise, fine-tuned only purple, shared grey; a legend gives
+    the count of each. ``frames`` are this input's :func:`flow_frames`, when already computed; a
+    ``responsive`` diagram takes the width of its container instead of ``width``.
+    """
+    frames = frames if frames is not None else flow_frames(tokens, traces, layout, message)
+    edges, nodes = frames["edges"], frames["nodes"]
+    n = len(tokens)
+    levels = int(nodes["level"].max()) + 1
+    models = [m for m in (PRETRAINED, FINETUNED) if m in traces]
+    segment_dims = [c for c in edges.columns if c not in ("x0", "y0", "x1", "y1")]
+    edge_hover = _hover(_edge_tips(models), {f"@{{weight_{m}}}": WEIGHT_OR_BELOW for m in models} | {"@{layer}": LAYER_FROM_ONE})
+    segments = hv.Segments(edges, ["x0", "y0", "x1", "y1"], segment_dims, label="edges").opts(color="color", line_width="width", alpha=0.75, tools=[edge_hover])
+    node_tips = [("token", "@{token} (@{index})"), ("level", "@{level_name}")]
+    node_tips += [(f"influence, {MODEL_TITLES[m]}", f"@{{influence_{m}}}{{custom}}") for m in models]
+    node_hover = _hover(node_tips, {f"@{{influence_{m}}}": INFLUENCE_OR_NONE for m in models})
+    nodes = nodes.assign(level_name=np.where(nodes["level"] == 0, "input", "layer " + nodes["level"].astype(str)))
     points = hv.Points(nodes, ["x", "y"], [c for c in nodes.columns if c not in ("x", "y")], label="tokens").opts(
-        color="color", size="size", line_color="white", hover_tooltips=node_tips, tools=["tap"]
+        color="color", size="size", line_color="white", tools=[node_hover, "tap"]
     )
+    message = hv.Labels(frames["message"], ["x", "y"], "text", label="message").opts(text_font_size="12pt", text_color="#555555", text_align="center")
     if layout == "layered":
         # token names as x ticks rather than a Labels layer: one element fewer to update on every brush
         levels_ticks = [(i, "input" if i == 0 else f"layer {i}") for i in range(levels)]
-        axes = dict(xticks=[(i, str(t)) for i, t in enumerate(tokens)], xrotation=60, xlabel="", yticks=levels_ticks, ylabel="", ylim=(-0.6, levels - 0.6), xlim=(-1, n))
-        layers = segments * points
+        many = n > 40
+        axes = dict(xticks=[(i, str(t)) for i, t in enumerate(tokens)], xrotation=90 if many else 60, fontsize={"xticks": "7pt" if many else "9pt"}, xlabel="", yticks=levels_ticks, ylabel="", ylim=(-0.6, levels - 0.6), xlim=(-1, n))
+        layers = segments * points * message
     else:
         outer = nodes[nodes["level"] == levels - 1]
         angle = np.pi / 2 - 2 * np.pi * outer["index"].to_numpy() / n
         labels = hv.Labels(outer.assign(x=(levels + 0.9) * np.cos(angle), y=(levels + 0.9) * np.sin(angle)), ["x", "y"], "token").opts(text_font_size="9pt", text_color=ROOT_COLOR)
+        rings = hv.Labels(pd.DataFrame({"x": 0.0, "y": 1.0 + np.arange(levels) + 0.35, "text": ["input", *(f"layer {i}" for i in range(1, levels))]}), ["x", "y"], "text").opts(text_font_size="8pt", text_color="#888888")
         reach = levels + 2.2
         axes = dict(xaxis=None, yaxis=None, xlim=(-reach, reach), ylim=(-reach, reach), data_aspect=1)
-        layers = segments * points * labels
-    return layers.opts(hv.opts.Overlay(width=width, height=height, toolbar="right", show_legend=False, **axes))
+        layers = segments * points * message * labels * rings
+    size = dict(responsive=True, min_width=520) if responsive else dict(width=width)
+    return layers.opts(hv.opts.Overlay(height=height, toolbar="right", show_legend=False, hooks=[field_legend(Segment, "legend", "edges")], **size, **axes))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import holoviews as hv
 import pandas as pd
+from bokeh.models import Scatter
+
+from attnflows_panel.plots.bound import Layer, field_legend
 
 from attnflows_panel.plots import FINETUNED_COLOR, PRETRAINED_COLOR
 
@@ -31,12 +35,13 @@ def head_embedding(
         raise ValueError(f"color_by must be 'layer' or 'model', got {color_by!r}")
     frame = points.assign(
         layer_label=points["layer"] + 1,
+        head_label=points["head"] + 1,
         model_color=points["model"].map(MODEL_COLORS).fillna("#555555"),
         model=points["model"].replace(titles or {}),
     )
-    tips = [("model", "@model"), ("layer", "@layer_label"), ("head", "@head")]
+    tips = [("model", "@{model}"), ("layer", "@{layer_label}"), ("head", "@{head_label}")]
     colour = dict(color="model_color") if color_by == "model" else dict(color="layer_label", cmap="viridis", colorbar=True, clabel="layer")
-    dots = hv.Points(frame, ["x", "y"], ["model", "layer", "head", "layer_label", "model_color"], label="heads")
+    dots = hv.Points(frame, ["x", "y"], ["model", "layer", "head", "layer_label", "head_label", "model_color"], label="heads")
     if len(frame) > RASTERIZE_ABOVE:
         from holoviews.operation.datashader import dynspread, rasterize
 
@@ -47,4 +52,15 @@ def head_embedding(
     if moves is not None and len(moves):
         layers.append(hv.Segments(moves, ["x_from", "y_from", "x_to", "y_to"], ["layer", "head", "distance"], label="moves").opts(color="#b5b5b5", line_width=1, alpha=0.7))
     layers.append(dots)
-    return hv.Overlay(layers).opts(hv.opts.Overlay(width=width, height=height, title=title, xaxis=None, yaxis=None, show_legend=False))
+    layers.append(hv.Points(highlight_frames(points, [])["highlight"], ["x", "y"], label="highlight").opts(size=13, fill_alpha=0, line_color="#d62728", line_width=2))
+    return hv.Overlay(layers).opts(hv.opts.Overlay(width=width, height=height, title=title, xaxis=None, yaxis=None, show_legend=False, hooks=[field_legend(Scatter, "model", "model")] if color_by == "model" else []))
+
+
+HIGHLIGHT_LAYERS = {"highlight": Layer(Scatter, {"x": "x", "y": "y"}, nth=1)}
+
+
+def highlight_frames(points: pd.DataFrame, heads: Sequence[tuple[int, int]]) -> dict[str, pd.DataFrame]:
+    """The points of ``heads`` (0-based layer, head) in both models, ringed in red on the head map."""
+    chosen = set(heads)
+    keep = [(int(layer), int(head)) in chosen for layer, head in zip(points["layer"], points["head"], strict=True)]
+    return {"highlight": points.loc[keep, ["x", "y"]].reset_index(drop=True)}

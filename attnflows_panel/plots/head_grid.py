@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import holoviews as hv
 import numpy as np
 import pandas as pd
+from bokeh.models import Quad
+
+from attnflows_panel.plots.bound import Layer
 
 
 def head_grid_frame(values: np.ndarray, measure: str) -> pd.DataFrame:
-    """Tidy ``[L, H]`` values: one row per head with 1-based layer and 0-based head, as the app labels them."""
+    """Tidy ``[L, H]`` values: one row per head, layers and heads numbered from 1 as every view labels them."""
     values = np.asarray(values, dtype=float)
     if values.ndim != 2:
         raise ValueError(f"head grid values must be [layers, heads], got shape {values.shape}")
     layer, head = np.meshgrid(np.arange(values.shape[0]), np.arange(values.shape[1]), indexing="ij")
-    return pd.DataFrame({"head": head.ravel(), "layer": layer.ravel() + 1, measure: values.ravel()})
+    return pd.DataFrame({"head": head.ravel() + 1, "layer": layer.ravel() + 1, measure: values.ravel()})
 
 
 def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str = "viridis", symmetric: bool = False, width: int = 420, height: int = 300) -> hv.HeatMap:
@@ -24,10 +29,11 @@ def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str = 
         cmap=cmap,
         colorbar=True,
         tools=["hover", "tap", "box_select"],
+        hover_tooltips=[("layer", "@{layer}"), ("head", "@{head}"), (measure, f"@{{{measure}}}{{0.000}}")],
         active_tools=["box_select"],
         xlabel="head",
         ylabel="layer",
-        xticks=list(range(int(frame["head"].max()) + 1)),
+        xticks=list(range(1, int(frame["head"].max()) + 1)),
         yticks=list(range(1, int(levels) + 1)),
         title=title,
         width=width,
@@ -43,8 +49,20 @@ def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str = 
     return hv.HeatMap(frame, ["head", "layer"], [measure]).opts(**opts)
 
 
-def heads_at(grid: hv.HeatMap, index: list[int]) -> list[tuple[int, int]]:
-    """The (0-based layer, head) of the cells a Selection1D ``index`` on ``grid`` points at (Bokeh's cell order)."""
-    gridded = grid.gridded
-    heads, layers = gridded.dimension_values("head"), gridded.dimension_values("layer")
-    return [(int(layers[i]) - 1, int(heads[i])) for i in index]
+OUTLINE_LAYERS = {"outline": Layer(Quad, {"left": "x0", "bottom": "y0", "right": "x1", "top": "y1"})}
+
+
+def grid_outline_frames(heads: Sequence[tuple[int, int]]) -> dict[str, pd.DataFrame]:
+    """Boxes around the cells of ``heads`` (0-based layer, head), as :func:`grid_outline` draws them."""
+    boxes = [(h + 0.5, layer + 0.5, h + 1.5, layer + 1.5) for layer, h in heads]
+    return {"outline": pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"], dtype=float)}
+
+
+def grid_outline(heads: Sequence[tuple[int, int]]) -> hv.Rectangles:
+    """Red outlines of the cells of ``heads``, to overlay on :func:`head_grid` (a selection made elsewhere)."""
+    return hv.Rectangles(grid_outline_frames(heads)["outline"], ["x0", "y0", "x1", "y1"]).opts(fill_alpha=0, line_color="#d62728", line_width=2)
+
+
+def heads_at(cells: Mapping[str, Sequence[int]], index: Sequence[int]) -> list[tuple[int, int]]:
+    """The (0-based layer, head) of the grid cells at ``index`` in the rendered grid's source data ``cells``."""
+    return [(int(cells["layer"][i]) - 1, int(cells["head"][i]) - 1) for i in index]

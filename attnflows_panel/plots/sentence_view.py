@@ -8,7 +8,10 @@ import holoviews as hv
 import numpy as np
 import pandas as pd
 
-from attnflows_panel.plots import FINETUNED_COLOR, PRETRAINED_COLOR
+from bokeh.models import Quad, Text
+
+from attnflows_panel.plots import FINETUNED_COLOR, MODEL_TITLES, PRETRAINED_COLOR
+from attnflows_panel.plots.bound import Layer
 
 ROW_COLORS = {"pretrained": PRETRAINED_COLOR, "finetuned": FINETUNED_COLOR}
 
@@ -47,20 +50,14 @@ def _checked(words: Sequence[str], values: Mapping[str, np.ndarray]) -> list[np.
     return rows
 
 
-def sentence_view(
-    words: Sequence[str],
-    values: Mapping[str, np.ndarray],
-    captions: Mapping[str, str] | None = None,
-    *,
-    max_chars: int = 90,
-    width: int = 900,
-    title: str = "",
-) -> hv.Overlay:
-    """Each model's block of words on boxes whose opacity is the word's value (scaled to the block's max).
+SENTENCE_LAYERS = {
+    "boxes": Layer(Quad, {"left": "x0", "bottom": "y0", "right": "x1", "top": "y1", "fill_color": "color", "fill_alpha": "alpha"}),
+    "texts": Layer(Text, {"x": "x", "y": "y", "text": "text", "text_align": "align", "text_font_style": "font_style"}),
+}
 
-    Two layers, boxes and one Labels holding both the words and each block's caption, since every
-    layer costs a HoloViews update each time the view follows a brush.
-    """
+
+def sentence_frames(words: Sequence[str], values: Mapping[str, np.ndarray], captions: Mapping[str, str] | None = None, *, max_chars: int = 90) -> dict[str, pd.DataFrame]:
+    """The columns the sentence view draws: one box per (model, word) and one text per word and caption."""
     rows = _checked(words, values)
     layout = sentence_layout(words, max_chars)
     x0, x1, line = (layout[c].to_numpy(dtype=float) for c in ("x0", "x1", "line"))
@@ -69,24 +66,42 @@ def sentence_view(
     tops = -np.arange(blocks) * (lines + BLOCK_GAP)
     y = (tops[:, None] - line[None, :]).ravel()  # block by block, word by word
     word_column = np.array([str(w) for w in words] * blocks, dtype=object)
-    # DataFrames, not dicts of object arrays: HoloViews turns those into numpy str arrays, which its
-    # dtype_fix_hook then replaces column by column, one more patch message per column and update.
     boxes = pd.DataFrame({
         "x0": np.tile(x0, blocks), "y0": y - 0.45, "x1": np.tile(x1, blocks), "y1": y + 0.45, "word": word_column,
         "value": np.concatenate([np.zeros(0), *rows]), "alpha": np.concatenate([np.zeros(0), *map(shading, rows)]),
-        "model": np.repeat(models, n).astype(object), "color": np.repeat([ROW_COLORS.get(m, "#555555") for m in models], n).astype(object),
+        "model": np.repeat([MODEL_TITLES.get(m, m) for m in models], n).astype(object), "color": np.repeat([ROW_COLORS.get(m, "#555555") for m in models], n).astype(object),
     })
     texts = pd.DataFrame({
         "x": np.r_[np.zeros(blocks), np.tile((x0 + x1) / 2, blocks)], "y": np.r_[tops + 1.0, y],
         "text": np.r_[np.array([(captions or {}).get(m, m) for m in models], dtype=object), word_column],
         **{k: np.array([CAPTION_STYLE[k]] * blocks + [WORD_STYLE[k]] * (n * blocks), dtype=object) for k in WORD_STYLE},
     })
-    rects = hv.Rectangles(boxes, ["x0", "y0", "x1", "y1"], ["word", "value", "alpha", "model", "color"]).opts(
-        color="color", alpha="alpha", line_alpha=0, hover_tooltips=[("word", "@word"), ("model", "@model"), ("value", "@value{0.000}")]
+    return {"boxes": boxes, "texts": texts}
+
+
+def sentence_view(
+    words: Sequence[str],
+    values: Mapping[str, np.ndarray],
+    captions: Mapping[str, str] | None = None,
+    *,
+    max_chars: int = 90,
+    width: int = 900,
+    title: str = "",
+    responsive: bool = False,
+) -> hv.Overlay:
+    """Each model's block of words on boxes whose opacity is the word's value (scaled to the block's max).
+
+    Two layers, boxes and one Labels holding both the words and each block's caption (see :func:`sentence_frames`).
+    """
+    frames = sentence_frames(words, values, captions, max_chars=max_chars)
+    lines = len(sentence_layout(words, max_chars)["line"].unique()) or 1
+    blocks = len(values)
+    rects = hv.Rectangles(frames["boxes"], ["x0", "y0", "x1", "y1"], ["word", "value", "alpha", "model", "color"]).opts(
+        color="color", alpha="alpha", line_alpha=0, hover_tooltips=[("word", "@{word}"), ("model", "@{model}"), ("value", "@{value}{0.000}")]
     )
-    labels = hv.Labels(texts, ["x", "y"], ["text", *WORD_STYLE]).opts(text_align="align", text_font_style="font_style", text_font_size="11pt", text_color="#222222")
+    labels = hv.Labels(frames["texts"], ["x", "y"], ["text", *WORD_STYLE]).opts(text_align="align", text_font_style="font_style", text_font_size="11pt", text_color="#222222")
     height = int(40 + blocks * (lines + BLOCK_GAP) * 26)
     bottom = -(blocks - 1) * (lines + BLOCK_GAP) - lines
     return (rects * labels).opts(
-        hv.opts.Overlay(width=width, height=height, xaxis=None, yaxis=None, xlim=(-0.5, max_chars + 0.5), ylim=(bottom - 0.2, 1.6), title=title, toolbar=None, show_frame=False)
+        hv.opts.Overlay(**(dict(responsive=True, min_width=600) if responsive else dict(width=width)), height=height, xaxis=None, yaxis=None, xlim=(-0.5, max_chars + 0.5), ylim=(bottom - 0.2, 1.6), title=title, toolbar=None, show_frame=False)
     )

@@ -38,16 +38,49 @@ def head_map(n_layers: int, n_heads: int) -> HeadEmbedding:
     return HeadEmbedding(points, pd.DataFrame(columns=["layer", "head", "x_from", "y_from", "x_to", "y_to", "dx", "dy", "distance"]), "test")
 
 
+MERGED = (PRETRAINED, FINETUNED)
+
+
+def data(live, layer: str) -> dict[str, np.ndarray]:
+    """What the page draws for ``layer`` of a live figure (its bound Bokeh source)."""
+    return {k: np.asarray(v) for k, v in live.sources[layer].data.items()}
+
+
+def cells(view) -> dict:
+    """The grid's cell source (the one layer a brush never rewrites)."""
+    return next(r.data_source.data for r in view.grid.figure.renderers if r.data_source is not view.grid.sources["outline"])
+
+
 def test_compare_view_grid_shows_the_model_difference(tiny_pair) -> None:
     view = CompareView(tiny_pair, TEXT)
     pre, fine = view.records
     assert view.measure == DIFFERENCE
-    grid = view._grid_element()
-    values = grid.dframe().set_index(["layer", "head"])[grid.vdims[0].name]
+    grid = cells(view)
     expected = head_js_divergence(pre.attention, fine.attention)
-    assert values.loc[(1, 2)] == pytest.approx(expected[0, 2])
+    at = [i for i in range(len(grid["head"])) if (grid["layer"][i], grid["head"][i]) == (1, 3)][0]  # layers and heads from 1
+    assert float(grid["zvalues"][at]) == pytest.approx(expected[0, 2])
     view.param.update(measure="entropy", grid_model=PRETRAINED)
-    assert "pre-trained" in view._grid_element().opts.get().kwargs["title"]
+    assert view.grid.figure.title.text == "entropy (nats) (pre-trained)"
+
+
+def test_the_grid_colour_bar_names_the_measure_shown(tiny_pair) -> None:
+    from bokeh.models import ColorBar
+
+    view = CompareView(tiny_pair, TEXT)
+    titles = lambda: [c.title for c in view.grid.figure.select({"type": ColorBar})]  # noqa: E731
+    assert titles() == ["JS (bits)"]
+    view.measure = "attn_cls"
+    assert titles() == ["attention to [CLS]"]
+    assert view.param.measure.names["attention to [CLS]"] == "attn_cls"  # readable names in the menu, not column names
+
+
+def test_grid_model_is_disabled_while_the_grid_shows_the_model_difference(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    controls = view.controls()
+    grid_model = next(w for w in controls if getattr(w, "name", None) == "Grid model")
+    assert grid_model.disabled
+    view.measure = "entropy"
+    assert not grid_model.disabled
 
 
 def test_selecting_heads_filters_every_flow_consistently(tiny_pair) -> None:
@@ -56,50 +89,134 @@ def test_selecting_heads_filters_every_flow_consistently(tiny_pair) -> None:
     everything = {name: t.n_edges for name, t in view._traces().items()}
     view.select_heads([(1, 0), (0, 3)])
     assert view.selected_heads() == [(0, 3), (1, 0)]
-    for name, record in zip((PRETRAINED, FINETUNED), view.records, strict=True):
+    for name, record in zip(MERGED, view.records, strict=True):
         expected = trace_cls_flow(record.attention, view.head_mask, tau=0.05, alpha=view.alpha)
         assert view._traces()[name].n_edges == expected.n_edges <= everything[name]
-    shown = view._live["flow pretrained finetuned"][0]  # what the page draws, written straight into its sources
-    assert f"({sum(t.n_edges for t in view._traces().values())} edges)" in shown.handles["plot"].title.text
-    edges = next(sub for key, sub in shown.subplots.items() if key[0] == "Segments").handles["source"].data
-    assert len(edges["x0"]) == len(flow_edges(view.records[0].tokens, view._traces()))
+    live = view.flows[MERGED]
+    edges = flow_edges(view.records[0].tokens, view._traces())
+    assert len(data(live, "edges")["x0"]) == len(edges)
     view.select_heads([])
     assert view.head_mask.all()
 
 
+def test_one_edge_count_everywhere_with_its_split(tiny_pair) -> None:
+    """The merged title counts distinct edges (shared once) and splits them as the legend does."""
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    view.select_heads([(1, 0), (1, 2)])
+    edges = flow_edges(view.records[0].tokens, view._traces())
+    counts = edges["label"].value_counts()
+    title = view.flows[MERGED].figure.title.text
+    assert f"{len(edges)} edges ({counts.get('shared', 0)} shared, {counts.get('pretrained', 0)} pre-trained only, {counts.get('finetuned', 0)} fine-tuned only)" in title
+    assert set(data(view.flows[MERGED], "edges")["legend"]) == {f"shared ({counts.get('shared', 0)})", f"pre-trained only ({counts.get('pretrained', 0)})", f"fine-tuned only ({counts.get('finetuned', 0)})"} - {"shared (0)", "pre-trained only (0)", "fine-tuned only (0)"}
+
+
+def fresh(view) -> CompareView:
+    """A new view in ``view``'s state: what a first render of that state draws."""
+    other = CompareView(view.pair, view.text, tau=view.tau, alpha=view.alpha, method=view.method, combine=view.combine, layout=view.layout, mode=view.mode, shading=view.shading)
+    other.root = view.root
+    other.select_heads(view.selected_heads())
+    return other
+
+
+def same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        left, right = a[key], b[key]
+        if left.dtype.kind in "fc" or right.dtype.kind in "fc":
+            np.testing.assert_allclose(left.astype(float), right.astype(float), err_msg=key)
+        else:
+            assert list(left) == list(right), key
+
+
+@pytest.mark.parametrize("layout", ["layered", "radial"])
+def test_a_brush_writes_what_a_fresh_render_of_that_state_draws(tiny_pair, layout: str) -> None:
+    view = CompareView(tiny_pair, TEXT, tau=0.05, layout=layout)
+    view.select_heads([(1, 0), (1, 2), (0, 1)])
+    view.param.update(root=(2, 3), shading="attention")
+    other = fresh(view)
+    for live, again in [(view.flows[MERGED], other.flows[MERGED]), (view.sentence, other.sentence), *zip(view.matrices.values(), other.matrices.values(), strict=True), (view.grid, other.grid)]:
+        for layer in live.sources:
+            same(data(live, layer), data(again, layer))
+        assert live.figure.title.text == again.figure.title.text
+
+
 def test_a_brush_keeps_every_glyph_drawable(tiny_pair) -> None:
-    """After a brush, every field a glyph draws from is a column of its source, and colour maps keep their palette."""
+    """After a brush, every field a glyph draws from is a column of its source (BokehJS reads them all)."""
     from bokeh.core.property.vectorization import Field
+    from bokeh.models import GlyphRenderer
 
     view = CompareView(tiny_pair, TEXT, tau=0.05)
-    rendered(view)
-    plots = {key: plot for key, (plot, *_) in view._live.items()}
-    palettes = {key: list(plot.handles["color_mapper"].palette) for key, plot in plots.items() if "color_mapper" in plot.handles}
-    assert set(palettes) == {"matrix pretrained", "matrix finetuned"}
-    view.select_heads([(1, 0), (1, 2)])
-    for key, plot in plots.items():
-        for sub in (plot.subplots.values() if getattr(plot, "subplots", None) else [plot]):
-            renderer, data = sub.handles["glyph_renderer"], sub.handles["source"].data
+    view.select_heads([(1, 0)])  # few edges: HoloViews would have made the width a constant
+    for live in [view.flows[MERGED], view.sentence, view.grid, *view.matrices.values()]:
+        for renderer in live.figure.select({"type": GlyphRenderer}):
+            columns = renderer.data_source.data
             for state in ("glyph", "selection_glyph", "nonselection_glyph", "hover_glyph", "muted_glyph"):
                 glyph = getattr(renderer, state)
                 if glyph is None or isinstance(glyph, str):
                     continue
                 fields = {name: value.field for name, value in glyph.properties_with_values(include_defaults=False).items() if isinstance(value, Field)}
-                assert {name: f for name, f in fields.items() if f not in data} == {}, (key, state)
-            assert len({len(column) for column in data.values()}) <= 1, key
-    assert {key: list(plots[key].handles["color_mapper"].palette) for key in palettes} == palettes
+                assert {name: f for name, f in fields.items() if f not in columns} == {}, state
+            assert len({len(column) for column in columns.values()}) <= 1
+
+
+def test_every_pane_fits_each_new_input(tiny_pair) -> None:
+    """Ranges follow the input: three lengths one after another in the same view."""
+    view = CompareView(tiny_pair, TEXT)
+    for text in ("good", "the car was bad", "the movie was good but the car was bad and i hate it and i love it"):
+        view.text = text
+        n = view.records[0].n_tokens
+        flow = view.flows[MERGED].figure
+        assert (flow.x_range.start, flow.x_range.end) == (-1, n)
+        assert [flow.xaxis[0].major_label_overrides[i] for i in range(n)] == list(view.records[0].tokens)
+        for live in view.matrices.values():
+            assert data(live, "image")["image"][0].shape == (n, n)
+            assert (live.figure.x_range.start, live.figure.x_range.end) == (-0.5, n - 0.5)
+    view.layout = "radial"
+    view.text = "good"
+    reach = view.n_layers + 1 + 2.2
+    assert view.flows[MERGED].figure.x_range.end == pytest.approx(reach)
+
+
+def test_zero_edges_say_why(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    view.select_heads([(0, 1)])  # no head of the deepest layer: nothing reaches [CLS]
+    message = str(data(view.flows[MERGED], "message")["text"][0])
+    assert "no selected head is in layer 2" in message
+    assert "0 edges" in view.flows[MERGED].figure.title.text
+    view.select_heads([])
+    assert data(view.flows[MERGED], "message")["text"][0] == ""
+
+
+def test_edge_hover_names_words_and_says_below_tau(tiny_pair) -> None:
+    from bokeh.models import HoverTool
+
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    hovers = view.flows[MERGED].figure.select({"type": HoverTool})
+    edge_hover = next(h for h in hovers if any(label == "layer" for label, _ in h.tooltips))
+    tips = dict(edge_hover.tooltips)
+    assert tips["key → query"] == "@{key_token} (@{key}) → @{query_token} (@{query})"
+    assert edge_hover.limit == 1  # the nearest edge only
+    assert "below tau" in edge_hover.formatters["@{weight_finetuned}"].code
+
+
+def test_the_ablation_result_is_cleared_when_the_selection_changes(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    view.select_heads([(0, 0), (1, 1)])
+    view._ablate()
+    assert view.ablation.object
+    view.select_heads([(1, 1)])
+    assert view.ablation.object == ""
 
 
 def test_matrices_show_the_selected_head_or_the_mean_of_the_selection(tiny_pair) -> None:
     view = CompareView(tiny_pair, TEXT)
     rendered(view)
-    plots = [view._live[f"matrix {name}"][0] for name in (PRETRAINED, FINETUNED)]
     view.select_heads([(1, 2)])
-    assert [p.handles["plot"].title.text for p in plots] == ["pre-trained: layer 2, head 2", "fine-tuned: layer 2, head 2"]
-    shown = plots[1].handles["source"].data["image"][0]  # Bokeh's row i is y = i, the query index
+    assert [m.figure.title.text for m in view.matrices.values()] == ["pre-trained: layer 2, head 3", "fine-tuned: layer 2, head 3"]
+    shown = data(view.matrices[FINETUNED], "image")["image"][0]  # Bokeh's row i is y = i, the query index
     np.testing.assert_allclose(shown, view.records[1].attention[1, 2], rtol=1e-6)
     view.select_heads([])
-    assert [p.handles["plot"].title.text for p in plots] == ["pre-trained: mean of 8 heads", "fine-tuned: mean of 8 heads"]
+    assert [m.figure.title.text for m in view.matrices.values()] == ["pre-trained: mean of 8 heads", "fine-tuned: mean of 8 heads"]
 
 
 @pytest.mark.parametrize(("method", "build"), [("rollout", rollout_trace), ("flow", flow_trace)])
@@ -108,13 +225,12 @@ def test_rollout_and_exact_flow_replace_the_trace_and_follow_brushes(tiny_pair, 
     rendered(view)
     view.param.update(method=method, root=(2, 1))
     view.select_heads([(1, 0), (1, 3)])
-    for name, record in zip((PRETRAINED, FINETUNED), view.records, strict=True):
+    for name, record in zip(MERGED, view.records, strict=True):
         expected = build(record.attention, view.head_mask, tau=0.05, root=(2, 1))
         np.testing.assert_allclose(view._traces()[name].influence, expected.influence)
         assert view._traces()[name].n_edges == expected.n_edges > 0
-    shown = view._live["flow pretrained finetuned"][0]
-    edges = next(sub for key, sub in shown.subplots.items() if key[0] == "Segments").handles["source"].data
-    assert len(edges["x0"]) == len(flow_edges(view.records[0].tokens, view._traces()))
+    assert len(data(view.flows[MERGED], "edges")["x0"]) == len(flow_edges(view.records[0].tokens, view._traces()))
+    assert f"from {view.records[0].tokens[1]} (layer 2)" in view.flows[MERGED].figure.title.text  # where the re-rooted trace starts
 
 
 def test_words_shaded_by_influence_or_by_the_root_tokens_attention(tiny_pair) -> None:
@@ -125,17 +241,17 @@ def test_words_shaded_by_influence_or_by_the_root_tokens_attention(tiny_pair) ->
     words, index = merge_tokens(view.records[0].tokens, view.records[0].word_ids)
 
     def shown(model: str) -> np.ndarray:
-        boxes = view._live["sentence"][0].subplots[("Rectangles", "I")].handles["source"].data  # what the page draws
-        return np.asarray(boxes["value"])[np.asarray(boxes["model"]) == model]
+        boxes = data(view.sentence, "boxes")
+        return boxes["value"][boxes["model"] == model]
 
     influence = view._traces()[FINETUNED].influence[0]
-    np.testing.assert_allclose(shown(FINETUNED), np.bincount(index, weights=influence, minlength=len(words)))
+    np.testing.assert_allclose(shown("fine-tuned"), np.bincount(index, weights=influence, minlength=len(words)))
     view.param.update(shading="attention", root=(2, 3))
     view.select_heads([(1, 0), (1, 2), (0, 1)])  # the root's layer is the second (index 1): heads 0 and 2 count
-    for model, record in zip((PRETRAINED, FINETUNED), view.records, strict=True):
+    for model, record in zip(("pre-trained", "fine-tuned"), view.records, strict=True):
         row = record.attention[1, [0, 2], 3].mean(axis=0)
         np.testing.assert_allclose(shown(model), np.bincount(index, weights=row, minlength=len(words)), rtol=1e-6)
-    caption = view._sentence_element().get(1).dframe()["text"].iloc[1]
+    caption = data(view.sentence, "texts")["text"][1]
     assert caption.startswith(f"fine-tuned: attention of {view.records[1].tokens[3]} (layer 2, 2 heads) · predicts ")
 
 
@@ -144,8 +260,8 @@ def test_showing_the_view_again_shows_the_current_state(tiny_pair) -> None:
     rendered(view)
     view.select_heads([(1, 0)])
     rendered(view)
-    title = view._flows[(PRETRAINED, FINETUNED)].last.opts.get().kwargs["title"]
-    assert f"({sum(t.n_edges for t in view._traces().values())} edges)" in title
+    total = len(flow_edges(view.records[0].tokens, view._traces()))
+    assert f"{total} edges" in view.flows[MERGED].figure.title.text and view.flows[MERGED].pane.object is view.flows[MERGED].figure
 
 
 def test_a_head_map_brush_selects_those_heads_in_both_models(tiny_pair) -> None:
@@ -153,27 +269,37 @@ def test_a_head_map_brush_selects_those_heads_in_both_models(tiny_pair) -> None:
     rendered(view)
     points = view.head_map.points
     picked = points.index[(points["layer"] == 1) & (points["head"].isin([1, 3])) & (points["model"] == FINETUNED)].tolist()
-    view._on_map_selection(type("Event", (), {"new": picked})())
+    view._on_map_selection(picked)
     assert view.selected_heads() == [(1, 1), (1, 3)]
-    outlined = view._grid_outline().dframe()
-    assert len(outlined) == 2
-    assert len(view._map_highlight().dframe()) == 4  # both models' copies of the two heads
+    assert len(data(view.grid, "outline")["x0"]) == 2
+    assert len(data(view.map, "highlight")["x"]) == 4  # both models' copies of the two heads
+
+
+def test_a_grid_selection_in_the_page_selects_heads(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    source = next(r.data_source for r in view.grid.figure.renderers if r.data_source is not view.grid.sources["outline"])
+    at = [i for i in range(len(source.data["head"])) if (source.data["layer"][i], source.data["head"][i]) in {(2, 1), (1, 4)}]
+    source.selected.indices = at  # as BokehJS reports a box or tap selection
+    assert view.selected_heads() == [(0, 3), (1, 0)]
 
 
 def test_the_head_map_colours_by_layer_or_model_and_names_models_by_title(tiny_pair) -> None:
+    from bokeh.models import Legend
+
     view = CompareView(tiny_pair, TEXT, head_map=head_map(2, 4))
     assert "map_color" in view._widgets()
 
-    def scatter(pane: pn.Row):
-        figure = hv.render(pane[0].object, backend="bokeh")
-        return next(r for r in figure.renderers if type(r.glyph).__name__ == "Scatter" and "model_color" in r.data_source.data)
+    def scatter():
+        return next(r for r in view.map.figure.renderers if type(r.glyph).__name__ == "Scatter" and "model_color" in r.data_source.data)
 
-    by_layer = scatter(view._head_map_pane())
+    by_layer = scatter()
     assert list(by_layer.data_source.data["color"]) == list(by_layer.data_source.data["layer_label"])  # through a colour map
     view.map_color = "model"
-    by_model = scatter(view._head_map_pane())
+    by_model = scatter()
     assert list(by_model.data_source.data["color"]) == list(by_model.data_source.data["model_color"])
     assert set(by_model.data_source.data["model"]) == {"pre-trained", "fine-tuned"}
+    legends = [item.label.field for legend in view.map.figure.select({"type": Legend}) for item in legend.items if hasattr(item.label, "field")]
+    assert legends == ["model"]  # a legend of the models, read from the data
     assert "map_color" not in CompareView(tiny_pair, TEXT)._widgets()  # no head map, no colour choice for it
 
 
@@ -198,6 +324,7 @@ def test_empty_text_shows_a_hint_instead_of_plots(tiny_pair) -> None:
     assert view.records is None
     assert "Type a sentence" in view.notice
     assert view.notice_pane.visible and view.notice_pane.alert_type == "info"
+    assert view.flows == {} and view.sentence.figure is None and view.grid.figure is None  # no stale titles or colour bars
     view.select_heads([(0, 1)])  # a brush without an input redraws nothing that needs one
     view.text = TEXT
     assert view.records is not None and view.notice == "" and not view.notice_pane.visible
@@ -232,8 +359,8 @@ def test_single_view_has_no_difference_measure_and_one_model(tiny) -> None:
     view = SingleView(tiny, TEXT, title="tiny")
     rendered(view)
     assert len(view.records) == 1 and DIFFERENCE not in view.param.measure.objects
-    assert list(view._flows) == [(PRETRAINED,)]
-    assert "tiny (" in view._flows[(PRETRAINED,)][()].opts.get().kwargs["title"]
+    assert list(view.flows) == [(PRETRAINED,)]
+    assert view.flows[(PRETRAINED,)].figure.title.text.startswith("tiny: CLS trace from [CLS] (layer 2), ")
     view._ablate()
     assert "no classification head" in view.ablation.object
     assert "mode" not in view._widgets()

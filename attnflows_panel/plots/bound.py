@@ -1,0 +1,93 @@
+"""Bokeh figures rendered once from HoloViews elements, whose sources the caller then rewrites with its own columns.
+
+``hv.render`` draws an element; each glyph of a named ``Layer`` is then pointed at the caller's columns
+(in every glyph state, colour-map transforms kept) and its source holds exactly the caller's frame. A
+live view rewrites ``source.data`` with frames from the same builder: public Bokeh API only, and the
+columns a glyph reads are always present (HoloViews turns a style column that is constant into a value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+from bokeh.core.property.vectorization import Field
+from bokeh.model import Model
+from bokeh.models import ColumnDataSource, Glyph, GlyphRenderer, Legend, LegendItem, Plot
+
+GLYPH_STATES = ("glyph", "selection_glyph", "nonselection_glyph", "hover_glyph", "muted_glyph")
+Frame = Mapping[str, object]  # column name -> values (a DataFrame or a dict of sequences)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One glyph of a rendered element: its Bokeh glyph type, which occurrence of it, and the columns it reads."""
+
+    glyph: type[Glyph]
+    fields: Mapping[str, str] = field(default_factory=dict)  # glyph property -> column
+    nth: int = 0
+
+
+def columns(frame: Frame) -> dict[str, object]:
+    """A frame as Bokeh source data: one array or list per column (empty columns as empty lists)."""
+    items = frame.items() if not isinstance(frame, pd.DataFrame) else ((c, frame[c].to_numpy()) for c in frame.columns)
+    out: dict[str, object] = {}
+    for name, values in items:
+        values = values if isinstance(values, list) else np.asarray(values)
+        out[str(name)] = [] if len(values) == 0 else values  # BokehJS rejects an empty float array as colours
+    return out
+
+
+def _renderer(plot: Plot, layer: Layer) -> GlyphRenderer:
+    found = [r for r in plot.renderers if isinstance(r, GlyphRenderer) and isinstance(r.glyph, layer.glyph)]  # in drawing order
+    if len(found) <= layer.nth:
+        raise ValueError(f"the rendered element has {len(found)} {layer.glyph.__name__} glyphs, not {layer.nth + 1}")
+    return found[layer.nth]
+
+
+def _point(glyph: Glyph, prop: str, column: str) -> None:
+    """Point ``prop`` at ``column``, keeping a colour mapper that HoloViews set on it."""
+    current = getattr(glyph, prop)
+    transform = current.transform if isinstance(current, Field) else None
+    setattr(glyph, prop, Field(column, transform=transform) if isinstance(transform, Model) else column)
+
+
+def bind(plot: Plot, layers: Mapping[str, Layer], frames: Mapping[str, Frame]) -> dict[str, ColumnDataSource]:
+    """Point each layer's glyphs at its columns and fill its source with its frame; the sources by layer name."""
+    sources = {}
+    for name, layer in layers.items():
+        renderer = _renderer(plot, layer)
+        for state in GLYPH_STATES:
+            glyph = getattr(renderer, state, None)
+            if isinstance(glyph, Glyph):
+                for prop, column in layer.fields.items():
+                    if prop in glyph.properties():
+                        _point(glyph, prop, column)
+        renderer.data_source.data = columns(frames[name])
+        renderer.data_source.name = name
+        sources[name] = renderer.data_source
+    return sources
+
+
+def render_bound(element: hv.core.Dimensioned, layers: Mapping[str, Layer], frames: Mapping[str, Frame]) -> tuple[Plot, dict[str, ColumnDataSource]]:
+    """``element`` drawn by Bokeh with each layer bound to its frame (see :func:`bind`)."""
+    plot = hv.render(element, backend="bokeh")
+    return plot, bind(plot, layers, frames)
+
+
+def field_legend(glyph: type[Glyph], column: str, title: str, nth: int = 0) -> Callable[[object, object], None]:
+    """A HoloViews hook adding a legend of the ``nth`` ``glyph``: one entry per distinct value of ``column``.
+
+    The entries are read from the source in the browser, so a rewritten source rewrites the legend.
+    """
+
+    def hook(plot: object, _: object) -> None:
+        figure = plot.state
+        renderer = _renderer(figure, Layer(glyph, nth=nth))
+        legend = Legend(items=[LegendItem(label=Field(column), renderers=[renderer])], title=title, background_fill_alpha=0.8, label_text_font_size="9pt", title_text_font_size="9pt")
+        figure.add_layout(legend, "right")
+
+    return hook
