@@ -197,6 +197,26 @@ PLOT_POINT_JS = """([title, x, y]) => {
 }"""
 
 
+PLOT_STATE_JS = """(title) => {
+  const seen = new Set();
+  function* walk(view) {
+    if (view == null || seen.has(view)) return;
+    seen.add(view);
+    yield view;
+    if (typeof view.children === "function") for (const child of view.children()) yield* walk(child);
+  }
+  const found = [];
+  for (const root of Object.values(Bokeh.index))
+    for (const view of walk(root)) {
+      const t = view.model && view.model.title != null ? view.model.title.text : null;
+      if (view.frame != null && t != null && t.startsWith(title))
+        found.push({title: t, x: [view.frame.x_range.start, view.frame.x_range.end], y: [view.frame.y_range.start, view.frame.y_range.end],
+                    colorbars: view.model.right.concat(view.model.left, view.model.above, view.model.below).filter((m) => m.color_mapper !== undefined).map((m) => m.title)});
+    }
+  return found;
+}"""
+
+
 @pytest.fixture
 def plot_point():
     """``plot_point(page, title, x, y)``: the page position of data point (x, y) in the Bokeh plot whose title starts with ``title``."""

@@ -15,11 +15,12 @@ from attnflows_panel.analysis.heads import MEASURES, head_measures
 from attnflows_panel.components.live_figure import LiveFigure
 from attnflows_panel.components.records import cached_records
 from attnflows_panel.errors import AttnflowsError
-from attnflows_panel.extract import merge_tokens
+from attnflows_panel.analysis.words import word_level
+from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_clim, matrix_frames
-from attnflows_panel.plots.flow_diagram import LEGEND_NAMES, edge_counts, flow_diagram, flow_frames, flow_layers
+from attnflows_panel.plots.flow_diagram import flow_diagram, flow_frames, flow_layers
 from attnflows_panel.plots.head_embedding import HIGHLIGHT_LAYERS, head_embedding, highlight_frames
 from attnflows_panel.plots.head_grid import OUTLINE_LAYERS, grid_outline, grid_outline_frames, head_grid, heads_at
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
@@ -32,6 +33,7 @@ MEASURE_LABELS = {
 }
 MEASURE_NAMES = [name for name, _ in MEASURES]
 METHOD_NAMES = {"trace": "CLS trace", "rollout": "rollout", "flow": "attention flow"}
+METHOD_TAU = {"trace": 0.1, "rollout": 0.01, "flow": 0.1}  # each method's scale: a readable structure on the default input
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 FLOW_HEIGHT = 520
@@ -57,6 +59,8 @@ class AttentionView(pn.viewable.Viewer):
     map_color = param.Selector(default="layer", objects=["layer", "model"], doc="Colour of the head map's points.")
     head_mask = param.Array(default=None, doc="Selected heads, bool [layers, heads]; all when nothing is brushed.")
     root = param.Tuple(default=(-1, 0), length=2, doc="(level, token) the trace starts from; level -1 is the deepest.")
+    units = param.Selector(default="word pieces", objects=["word pieces", "words"], doc="Draw every view over word pieces, or over whole words (pieces merged).")
+    top_k = param.Integer(default=3, bounds=(0, 20), doc="CLS trace: keep the k strongest edges of each token (0: every edge of at least tau).")
     records = param.Parameter(default=None, precedence=-1, doc="One record of the input per model, in model order.")
     notice = param.String(default="", precedence=-1)
 
@@ -72,6 +76,8 @@ class AttentionView(pn.viewable.Viewer):
         self._ablate_button.on_click(self._ablate)
         self.head_map = head_map
         self._traced: tuple[object, tuple, dict[str, AttentionTrace]] | None = None  # records, settings, and their traces
+        self._words: tuple[object, tuple[AttentionRecord, ...]] | None = None  # records and their word-level merge
+        self._method_tau = dict(METHOD_TAU)
         self.grid, self.map, self.sentence = LiveFigure(), LiveFigure(), LiveFigure(sizing_mode="stretch_width")
         self.flows: dict[tuple[str, ...], LiveFigure] = {}
         self.matrices = {name: LiveFigure() for name in self.names}
@@ -83,11 +89,13 @@ class AttentionView(pn.viewable.Viewer):
             self.text = text
         self.param.watch(self._update_records, ["text", "text_pair"])
         self.param.watch(self._draw_all, ["records"])
+        self.param.watch(self._on_units, ["units"])
+        self.param.watch(self._on_method, ["method"])  # before the redraw below: the method's own tau
         self.param.watch(self._draw_flows, ["layout", *self._flow_modes()])
         self.param.watch(self._draw_grid, self._grid_params())
         self.param.watch(self._draw_map, ["map_color"])
         self.param.watch(self._on_mask, ["head_mask"])
-        self.param.watch(self._write_traced, ["tau", "alpha", "method", "combine", "root"])
+        self.param.watch(self._write_traced, ["tau", "alpha", "method", "combine", "root", "top_k"])
         self.param.watch(self._write_sentence, ["shading"])
         self._update_records()
         if self.records is None:
@@ -116,6 +124,21 @@ class AttentionView(pn.viewable.Viewer):
             notice = f"The input was longer than the model allows: the last {records[0].n_truncated} tokens were dropped."
         self.param.update(records=records, root=(-1, 0), notice=notice)
 
+    def _on_units(self, *_: object) -> None:
+        """Word pieces or words: token positions change, so the trace starts again at [CLS]."""
+        with pn.io.hold():
+            self.param.update(root=(-1, 0))
+            self._draw_all()
+
+    def _on_method(self, event: param.parameterized.Event) -> None:
+        """Each flow method keeps a tau of its own (their weights have different scales)."""
+        self._method_tau[event.old] = self.tau
+        self.tau = self._method_tau[event.new]
+
+    def reset_root(self, *_: object) -> None:
+        """Start the trace at [CLS] of the deepest layer again."""
+        self.root = (-1, 0)
+
     def _on_map_selection(self, index: list[int]) -> None:
         rows = self.head_map.points.iloc[index]
         self.select_heads(list(zip(rows["layer"].astype(int), rows["head"].astype(int), strict=True)))
@@ -136,7 +159,7 @@ class AttentionView(pn.viewable.Viewer):
         """Re-root the trace on the token nearest a click in the flow diagram."""
         if self.records is None or x is None or y is None:
             return
-        n, levels = self.records[0].n_tokens, self.n_layers + 1
+        n, levels = self.shown[0].n_tokens, self.n_layers + 1
         if self.layout == "layered":
             token, level = int(round(x)), int(round(y))
         else:
@@ -151,29 +174,43 @@ class AttentionView(pn.viewable.Viewer):
         return (self.n_layers if level < 0 else level, token)
 
     # ------------------------------------------------------------------ computed
+    @property
+    def shown(self) -> tuple[AttentionRecord, ...] | None:
+        """The records as drawn: the input's records, or their word-level merge."""
+        if self.records is None or self.units == "word pieces":
+            return self.records
+        if self._words is None or self._words[0] is not self.records:
+            self._words = (self.records, tuple(word_level(r) for r in self.records))
+        return self._words[1]
+
     def _traces(self) -> dict[str, AttentionTrace]:
         """Each model's trace for the current state; the flow diagram and the sentence view share one computation."""
-        state = (self.head_mask.tobytes(), self.tau, self.alpha, self.method, self.combine, self.root)
-        if self._traced is not None and self._traced[0] is self.records and self._traced[1] == state:
+        state = (self.head_mask.tobytes(), self.tau, self.alpha, self.method, self.combine, self.root, self.top_k)
+        if self._traced is not None and self._traced[0] is self.shown and self._traced[1] == state:
             return self._traced[2]
         traces = {}
-        for name, record in zip(self.names, self.records, strict=True):
+        for name, record in zip(self.names, self.shown, strict=True):
             if self.method in RESIDUAL_TRACES:
                 traces[name] = RESIDUAL_TRACES[self.method](record.attention, self.head_mask, tau=self.tau, root=self._root())
             else:
-                traces[name] = trace_cls_flow(record.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine)
-        self._traced = (self.records, state, traces)
+                traces[name] = trace_cls_flow(record.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine, top_k=self.top_k or None)
+        self._traced = (self.shown, state, traces)
         return traces
 
     def _flow_title(self, shown: tuple[str, ...], labels: np.ndarray) -> str:
-        """Models, method, where the trace starts, and the number of distinct edges drawn (split by model when merged)."""
+        """Models, method, where the trace starts, the distinct edges drawn (split in the legend), and what top-k hides."""
         level, token = self._root()
-        start = f"from {self.records[0].tokens[token]} ({level_name(level)})"
         models = " vs ".join(self.titles[name] for name in shown)
-        counts = edge_counts(labels)
-        total = sum(counts.values())
-        split = f" ({', '.join(f'{c} {LEGEND_NAMES[k]}' for k, c in counts.items())})" if len(shown) > 1 else ""
-        return f"{models}: {METHOD_NAMES[self.method]} {start}, {total} edges{split}"
+        title = f"{models}: {METHOD_NAMES[self.method]} from {self.shown[0].tokens[token]} ({level_name(level)}), {labels.size} edges"
+        hidden = self._hidden_by_top_k(shown) - labels.size
+        return f"{title}; {hidden} weaker hidden (top {self.top_k} per token)" if hidden > 0 else title
+
+    def _hidden_by_top_k(self, shown: tuple[str, ...]) -> int:
+        """Distinct edges of at least tau the CLS trace would draw without top-k (0 for other methods)."""
+        if self.method != "trace" or not self.top_k:
+            return 0
+        full = [trace_cls_flow(r.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine) for name, r in zip(self.names, self.shown, strict=True) if name in shown]
+        return int(np.unique(np.concatenate([t.edge_ids() for t in full])).size)
 
     def _flow_message(self, traces: dict[str, AttentionTrace]) -> str:
         """Why nothing is drawn, when no trace keeps an edge."""
@@ -181,17 +218,17 @@ class AttentionView(pn.viewable.Viewer):
             return ""
         level, token = self._root()
         if not self.head_mask[level - 1].any():
-            return f"No edge: the trace starts at {self.records[0].tokens[token]} in layer {level}, and no selected head is in layer {level}. Select a head of layer {level}."
-        return f"No edge of weight {self.tau:.2f} or more leaves {self.records[0].tokens[token]}: lower tau."
+            return f"No edge: the trace starts at {self.shown[0].tokens[token]} in layer {level}, and no selected head is in layer {level}. Select a head of layer {level}."
+        return f"No edge of weight {self.tau:.2f} or more leaves {self.shown[0].tokens[token]}: lower tau."
 
     def _flow_frames(self, shown: tuple[str, ...]) -> tuple[dict, str]:
         traces = self._traces()
         drawn = {name: traces[name] for name in shown}
-        frames = flow_frames(self.records[0].tokens, drawn, self.layout, self._flow_message(drawn))
+        frames = flow_frames(self.shown[0].tokens, drawn, self.layout, self._flow_message(drawn))
         return frames, self._flow_title(shown, frames["edges"]["label"].to_numpy())
 
     def _grid_values(self) -> np.ndarray:
-        record = self.records[-1]
+        record = self.shown[-1]
         return head_measures(record.attention, record.tokens, record.cls_mask, record.sep_mask)[self.measure]
 
     def _grid_title(self) -> str:
@@ -201,18 +238,18 @@ class AttentionView(pn.viewable.Viewer):
         return MEASURE_LABELS[self.measure]
 
     def _matrix_element(self, index: int) -> object:
-        record, heads = self.records[index], np.argwhere(self.head_mask)
+        record, heads = self.shown[index], np.argwhere(self.head_mask)
         label = f"mean of {len(heads)} heads" if len(heads) > 1 else f"layer {heads[0][0] + 1}, head {heads[0][1] + 1}"
         matrix = record.attention[heads[:, 0], heads[:, 1]].mean(axis=0)
         return attention_matrix(matrix, record.tokens, title=f"{self.titles[self.names[index]]}: {label}", size=340)
 
     def _sentence_parts(self) -> tuple[list[str], dict[str, np.ndarray], dict[str, str]]:
-        words, index = merge_tokens(self.records[0].tokens, self.records[0].word_ids)
+        words, index = merge_tokens(self.shown[0].tokens, self.shown[0].word_ids)
         traces = self._traces()
         level, token = self._root()
         heads = np.flatnonzero(self.head_mask[level - 1])  # the root's query attention is in layer level - 1
         values, captions = {}, {}
-        for name, record in zip(self.names, self.records, strict=True):
+        for name, record in zip(self.names, self.shown, strict=True):
             if self.shading == "attention":
                 row = record.attention[level - 1, heads, token].mean(axis=0) if heads.size else np.zeros(record.n_tokens)
                 shown = f"attention of {record.tokens[token]} (layer {level}, {heads.size} heads)"
@@ -267,7 +304,7 @@ class AttentionView(pn.viewable.Viewer):
             frames, title = self._flow_frames(shown)
             height = FLOW_HEIGHT if self.layout == "layered" else 640
             # the layered diagram takes the page's width; the rings keep their aspect
-            element = flow_diagram(self.records[0].tokens, {n: self._traces()[n] for n in shown}, layout=self.layout, frames=frames, width=height, height=height, responsive=self.layout == "layered")
+            element = flow_diagram(self.shown[0].tokens, {n: self._traces()[n] for n in shown}, layout=self.layout, frames=frames, width=height, height=height, responsive=self.layout == "layered")
             live.draw(element.opts(title=title), flow_layers(), frames)
             live.on_tap(self._on_tap)
             panes.append(live.pane)

@@ -42,7 +42,7 @@ class CompareView(AttentionView):
         return [(PRETRAINED, FINETUNED)] if self.mode == "merged" else [(PRETRAINED,), (FINETUNED,)]
 
     def _grid_values(self) -> np.ndarray:
-        pre, fine = self.records
+        pre, fine = self.shown
         if self.measure == DIFFERENCE:
             return head_js_divergence(pre.attention, fine.attention)
         record = fine if self.grid_model == FINETUNED else pre

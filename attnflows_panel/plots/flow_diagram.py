@@ -139,6 +139,7 @@ def flow_frames(tokens: Sequence[str], traces: Mapping[str, AttentionTrace], lay
     reached = nodes["label"] != ""
     nodes["size"] = np.where(reached, 5 + 13 * np.sqrt(nodes["influence"] / peak), 3.0)
     nodes["color"] = _colors(nodes["label"])
+    nodes["level_name"] = np.array(["input", *(f"layer {i}" for i in range(1, levels))], dtype=object)[nodes["level"]]
     root_level, root_token = next(iter(traces.values())).root
     is_root = (nodes["level"] == root_level) & (nodes["index"] == root_token)
     nodes["size"][is_root], nodes["color"][is_root] = 16.0, ROOT_COLOR
@@ -153,9 +154,10 @@ def flow_frames(tokens: Sequence[str], traces: Mapping[str, AttentionTrace], lay
 
 
 # Bokeh formats hover values in the browser: layers from 1, "below tau" where a model has no such edge.
-LAYER_FROM_ONE = CustomJSHover(code="return String(Math.round(value) + 1);")
-WEIGHT_OR_BELOW = CustomJSHover(code='return Number.isFinite(value) ? value.toFixed(3) : "below tau";')
-INFLUENCE_OR_NONE = CustomJSHover(code='return Number.isFinite(value) ? value.toFixed(2) : "—";')
+# (Code, not models: a Bokeh model belongs to one document, so each diagram makes its own formatters.)
+LAYER_FROM_ONE = "return String(Math.round(value) + 1);"
+WEIGHT_OR_BELOW = 'return Number.isFinite(value) ? value.toFixed(3) : "below tau";'
+INFLUENCE_OR_NONE = 'return Number.isFinite(value) ? value.toFixed(2) : "—";'
 
 
 def _edge_tips(models: Sequence[str]) -> list[tuple[str, str]]:
@@ -165,9 +167,9 @@ def _edge_tips(models: Sequence[str]) -> list[tuple[str, str]]:
     return tips
 
 
-def _hover(tips: list[tuple[str, str]], formatters: dict[str, CustomJSHover]) -> HoverTool:
-    """A hover showing the one item nearest the pointer: overlapping edges never stack their tooltips."""
-    return HoverTool(tooltips=tips, formatters=formatters, limit=1)
+def _hover(tips: list[tuple[str, str]], formatters: dict[str, str]) -> HoverTool:
+    """A hover showing the one item nearest the pointer (overlapping edges never stack tooltips); formatters as JS code."""
+    return HoverTool(tooltips=tips, formatters={field: CustomJSHover(code=code) for field, code in formatters.items()}, limit=1)
 
 
 def flow_diagram(
@@ -198,7 +200,6 @@ def flow_diagram(
     node_tips = [("token", "@{token} (@{index})"), ("level", "@{level_name}")]
     node_tips += [(f"influence, {MODEL_TITLES[m]}", f"@{{influence_{m}}}{{custom}}") for m in models]
     node_hover = _hover(node_tips, {f"@{{influence_{m}}}": INFLUENCE_OR_NONE for m in models})
-    nodes = nodes.assign(level_name=np.where(nodes["level"] == 0, "input", "layer " + nodes["level"].astype(str)))
     points = hv.Points(nodes, ["x", "y"], [c for c in nodes.columns if c not in ("x", "y")], label="tokens").opts(
         color="color", size="size", line_color="white", tools=[node_hover, "tap"]
     )

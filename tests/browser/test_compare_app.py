@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import panel as pn
 import pytest
-from conftest import PLOT_POINT_JS
+from conftest import PLOT_STATE_JS
 from panel.tests.util import wait_until
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, trace_cls_flow
@@ -20,27 +20,33 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 
 
+MERGED = (PRETRAINED, FINETUNED)
+
+
 def flow_edges(view: CompareView) -> int:
     """The number of edges the session's merged flow diagram draws (its Bokeh source, as sent to the page)."""
-    plot = view._live["flow pretrained finetuned"][0]
-    segments = next(sub for key, sub in plot.subplots.items() if key[0] == "Segments")
-    return len(segments.handles["source"].data["x0"])
+    return len(view.flows[MERGED].sources["edges"].data["x0"])
+
+
+def plots_titled(page, title: str) -> list[dict]:
+    """Title, shown x and y ranges and colour-bar titles of every plot on the page whose title starts with ``title``."""
+    return page.evaluate(PLOT_STATE_JS, title)
 
 
 def console_errors(msgs: list) -> list[str]:
     return [m.text for m in msgs if m.type == "error"]
 
 
-def serve_view(serve_page, page, pair, text: str = TEXT, **params: object) -> tuple[CompareView, list]:
-    """Serve a CompareView and return the session's view once its plots are drawn, and the console messages."""
+def serve_view(serve_page, page, pair, text: str = TEXT, controls: bool = False, **params: object) -> tuple[CompareView, list]:
+    """Serve a CompareView (beside its controls, if asked) and return the session's view once its plots are drawn, and the console messages."""
     views: list[CompareView] = []
 
     def app() -> pn.viewable.Viewable:
         views.append(CompareView(pair, text, **params))
-        return views[-1]
+        return pn.Row(views[-1].controls(), views[-1]) if controls else views[-1]
 
     msgs = serve_page(page, app)
-    wait_until(lambda: "flow pretrained finetuned" in views[0]._live, page, timeout=30_000)
+    wait_until(lambda: MERGED in views[0].flows or (PRETRAINED,) in views[0].flows, page, timeout=30_000)
     return views[0], msgs
 
 
@@ -65,8 +71,8 @@ def test_grid_brush_sets_head_mask_and_filters_flows(page, serve_page, real_pair
     view, _ = serve_view(serve_page, page, real_pair)
     before = flow_edges(view)
     assert view.head_mask.all()
-    # a box over heads 8-9 of the two deepest layers (the grid's y axis counts layers from 1)
-    drag(page, plot_point(page, "model difference", 7.6, 6.4), plot_point(page, "model difference", 9.4, 4.6))
+    # a box over heads 9-10 of the two deepest layers (the grid counts layers and heads from 1)
+    drag(page, plot_point(page, "model difference", 8.6, 6.4), plot_point(page, "model difference", 10.4, 4.6))
     wait_until(lambda: 0 < view.head_mask.sum() < view.head_mask.size and flow_edges(view) < before, page, timeout=10_000)
     assert set(view.selected_heads()) == {(4, 8), (4, 9), (5, 8), (5, 9)}
 
@@ -86,11 +92,12 @@ def test_a_brush_down_to_one_edge_leaves_no_glyph_reading_a_missing_column(page,
     single = [head for head in range(view.n_heads) if edges_with(head) == 1]
     assert single, f"no head of the last layer leaves one edge: {[edges_with(h) for h in range(view.n_heads)]}"
     head = single[0]
-    drag(page, plot_point(page, "model difference", head - 0.4, last + 1.4), plot_point(page, "model difference", head + 0.4, last + 0.6))
+    drag(page, plot_point(page, "model difference", head + 0.6, last + 1.4), plot_point(page, "model difference", head + 1.4, last + 0.6))
     wait_until(lambda: view.selected_heads() == [(last, head)] and flow_edges(view) == 1, page, timeout=10_000)
     # the title is written after the glyphs and sources: once the page shows it, it has applied their changes
-    title = f"pre-trained vs fine-tuned ({sum(t.n_edges for t in view._traces().values())} edges)"  # edges of both models
-    wait_until(lambda: page.evaluate(PLOT_POINT_JS, [title, 0, 0]) is not None, page, timeout=10_000)
+    title = view.flows[MERGED].figure.title.text
+    assert ", 1 edges (" in title
+    wait_until(lambda: plots_titled(page, title) != [], page, timeout=10_000)
     page.wait_for_timeout(200)  # console messages reach Python asynchronously
     assert [m.text for m in msgs if "nonexistent field" in m.text] == []
     assert console_errors(msgs) == []
@@ -168,6 +175,71 @@ def test_empty_and_too_long_text_show_notices(page, serve_page, real_pair, artif
 def test_a_trace_without_edges_draws_without_browser_errors(page, serve_page, real_pair) -> None:
     view, msgs = serve_view(serve_page, page, real_pair, tau=1.0)
     assert flow_edges(view) == 0
+    shown = "() => Bokeh.documents[0].get_model_by_name('message').data.text[0]"  # drawn on the canvas, across the plot
+    assert page.evaluate(shown) == "No edge of weight 1.00 or more leaves [CLS]: lower tau."
+    assert console_errors(msgs) == []
+
+
+def type_text(page, text: str) -> None:
+    box = page.locator("textarea").first
+    box.fill(text)
+    box.blur()
+
+
+SHORT = "I loved it."
+PAIR_LIKE = "The film was long, the actors were tired, and the ending made no sense at all to anyone in the room."
+REVIEW = (
+    "I went in expecting a light comedy and came out an hour and a half later wondering why I had paid for it: the jokes "
+    "land late or not at all, the plot forgets its own rules, and the only good scene is in the trailer, which is a "
+    "shame because the cast is clearly trying hard and the music is lovely, yet the whole thing is a disaster."
+)
+
+
+def test_every_pane_fits_each_new_input(page, serve_page, real_pair, artifacts: Path) -> None:
+    """Three inputs of different lengths one after another: the page's flow and matrix ranges fit each."""
+    view, msgs = serve_view(serve_page, page, real_pair, controls=True)
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    for text in (REVIEW, SHORT, PAIR_LIKE):
+        type_text(page, text)
+        wait_until(lambda text=text: view.records is not None and view.records[0].text == text, page, timeout=60_000)
+        n = view.records[0].n_tokens
+        # the page's plots are replaced asynchronously: wait for the new ones (the old code kept [-1, 16] for good)
+        wait_until(lambda n=n: [p["x"] for p in plots_titled(page, "pre-trained vs fine-tuned")] == [[-1, n]], page, timeout=30_000)
+        matrices = lambda: plots_titled(page, "pre-trained: ") + plots_titled(page, "fine-tuned: ")  # noqa: E731
+        wait_until(lambda n=n: [(m["x"], sorted(m["y"])) for m in matrices()] == [([-0.5, n - 0.5], [-0.5, n - 0.5])] * 2, page, timeout=30_000)
+        if text == REVIEW:
+            page.screenshot(path=str(artifacts / "compare-long-review.png"), full_page=True)
+    assert console_errors(msgs) == []
+
+
+def test_edge_hover_shows_one_tooltip_with_the_words(page, serve_page, real_pair, plot_point) -> None:
+    view, msgs = serve_view(serve_page, page, real_pair)
+    page.set_viewport_size({"width": 1600, "height": 1800})  # the flow diagram in view: the pointer only moves there
+    page.wait_for_timeout(500)
+    edges = view.flows[MERGED].sources["edges"].data
+    title = view.flows[MERGED].figure.title.text
+    i = int(np.argmax(np.abs(np.subtract(edges["x1"], edges["x0"]))))  # the most slanted edge: few others cross its middle
+    page.mouse.move(0, 0)
+    page.mouse.move(*plot_point(page, title, (edges["x0"][i] + edges["x1"][i]) / 2, (edges["y0"][i] + edges["y1"][i]) / 2), steps=4)
+    tips = page.locator(".bk-tooltip-content")
+    tips.first.wait_for(timeout=10_000)
+    visible = [t for t in tips.all() if t.is_visible()]
+    assert len(visible) == 1  # the nearest edge only, not a stack
+    shown = dict(line.split(":\t") for line in visible[0].inner_text().split("\n"))
+    assert list(shown) == ["layer", "key → query", "pre-trained weight", "pre-trained heads", "fine-tuned weight", "fine-tuned heads"]
+    words = {f"{kt} ({k}) → {qt} ({q})": layer + 1 for kt, k, qt, q, layer in zip(edges["key_token"], edges["key"], edges["query_token"], edges["query"], edges["layer"], strict=True)}
+    assert shown["layer"] == str(words[shown["key → query"]])  # words and positions, the layer counted from 1
+    assert all(shown[f"{m} weight"] == "below tau" or float(shown[f"{m} weight"]) >= view.tau for m in ("pre-trained", "fine-tuned"))
+    assert console_errors(msgs) == []
+
+
+def test_the_grid_colour_bar_follows_the_measure(page, serve_page, real_pair) -> None:
+    view, msgs = serve_view(serve_page, page, real_pair, controls=True)
+    assert plots_titled(page, "model difference")[0]["colorbars"] == ["JS (bits)"]
+    page.locator("select").first.select_option(label="attention to [CLS]")
+    wait_until(lambda: view.measure == "attn_cls", page, timeout=10_000)
+    wait_until(lambda: plots_titled(page, "attention to [CLS]") != [], page, timeout=10_000)
+    assert plots_titled(page, "attention to [CLS]")[0]["colorbars"] == ["attention to [CLS]"]
     assert console_errors(msgs) == []
 
 

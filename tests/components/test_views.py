@@ -90,7 +90,7 @@ def test_selecting_heads_filters_every_flow_consistently(tiny_pair) -> None:
     view.select_heads([(1, 0), (0, 3)])
     assert view.selected_heads() == [(0, 3), (1, 0)]
     for name, record in zip(MERGED, view.records, strict=True):
-        expected = trace_cls_flow(record.attention, view.head_mask, tau=0.05, alpha=view.alpha)
+        expected = trace_cls_flow(record.attention, view.head_mask, tau=0.05, alpha=view.alpha, top_k=view.top_k)
         assert view._traces()[name].n_edges == expected.n_edges <= everything[name]
     live = view.flows[MERGED]
     edges = flow_edges(view.records[0].tokens, view._traces())
@@ -100,14 +100,50 @@ def test_selecting_heads_filters_every_flow_consistently(tiny_pair) -> None:
 
 
 def test_one_edge_count_everywhere_with_its_split(tiny_pair) -> None:
-    """The merged title counts distinct edges (shared once) and splits them as the legend does."""
-    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    """The merged title counts distinct edges (shared once); the legend splits them by model."""
+    view = CompareView(tiny_pair, TEXT, tau=0.05, top_k=0)
     view.select_heads([(1, 0), (1, 2)])
     edges = flow_edges(view.records[0].tokens, view._traces())
     counts = edges["label"].value_counts()
-    title = view.flows[MERGED].figure.title.text
-    assert f"{len(edges)} edges ({counts.get('shared', 0)} shared, {counts.get('pretrained', 0)} pre-trained only, {counts.get('finetuned', 0)} fine-tuned only)" in title
-    assert set(data(view.flows[MERGED], "edges")["legend"]) == {f"shared ({counts.get('shared', 0)})", f"pre-trained only ({counts.get('pretrained', 0)})", f"fine-tuned only ({counts.get('finetuned', 0)})"} - {"shared (0)", "pre-trained only (0)", "fine-tuned only (0)"}
+    assert view.flows[MERGED].figure.title.text.endswith(f", {len(edges)} edges")
+    names = {"shared": "shared", "pretrained": "pre-trained only", "finetuned": "fine-tuned only"}
+    assert set(data(view.flows[MERGED], "edges")["legend"]) == {f"{names[k]} ({c})" for k, c in counts.items()}
+
+
+def test_top_k_keeps_the_strongest_edges_and_says_how_many_are_hidden(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT, tau=0.05, top_k=0)
+    everything = len(data(view.flows[MERGED], "edges")["x0"])
+    view.top_k = 1
+    kept = len(data(view.flows[MERGED], "edges")["x0"])
+    assert 0 < kept < everything
+    assert view.flows[MERGED].figure.title.text.endswith(f", {kept} edges; {everything - kept} weaker hidden (top 1 per token)")
+
+
+def test_each_method_keeps_a_tau_of_its_own(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    assert view.tau == 0.1
+    view.method = "rollout"
+    assert view.tau == 0.01
+    view.tau = 0.02
+    view.method = "trace"
+    assert view.tau == 0.1
+    view.method = "rollout"
+    assert view.tau == 0.02
+
+
+def test_word_level_merges_pieces_in_every_view(tiny_pair) -> None:
+    view = CompareView(tiny_pair, "the carz was xq good", tau=0.05)
+    pieces = view.records[0].tokens
+    view.units = "words"
+    words = view.shown[0].tokens
+    assert "carz" in words and "##z" in pieces and len(words) < len(pieces)
+    n = len(words)
+    flow = view.flows[MERGED].figure
+    assert (flow.x_range.start, flow.x_range.end) == (-1, n)
+    assert data(view.matrices[FINETUNED], "image")["image"][0].shape == (n, n)
+    np.testing.assert_allclose(data(view.matrices[FINETUNED], "image")["image"][0].sum(axis=1), 1.0, rtol=1e-5)  # rows still sum to 1
+    view.units = "word pieces"
+    assert view.flows[MERGED].figure.x_range.end == len(pieces)
 
 
 def fresh(view) -> CompareView:
@@ -223,7 +259,8 @@ def test_matrices_show_the_selected_head_or_the_mean_of_the_selection(tiny_pair)
 def test_rollout_and_exact_flow_replace_the_trace_and_follow_brushes(tiny_pair, method: str, build) -> None:
     view = CompareView(tiny_pair, TEXT, tau=0.05)
     rendered(view)
-    view.param.update(method=method, root=(2, 1))
+    view.method = method  # the method's own tau, then this test's
+    view.param.update(tau=0.05, root=(2, 1))
     view.select_heads([(1, 0), (1, 3)])
     for name, record in zip(MERGED, view.records, strict=True):
         expected = build(record.attention, view.head_mask, tau=0.05, root=(2, 1))

@@ -1,0 +1,85 @@
+"""CorpusBrowser: a run's corpus table, to find the sentences worth a closer look (most different first)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import panel as pn
+import param
+from bokeh.models.widgets.tables import NumberFormatter
+
+PAGE_SIZE = 20
+TEXT_COLUMNS = ("text", "text_pair")
+TITLES = {"sentence_id": "#", "text_pair": "text pair", "prediction_changed": "changed", "difference": "difference (bits)", "n_tokens": "tokens"}
+
+
+class CorpusBrowser(pn.viewable.Viewer):
+    """The corpus table, sortable and filterable; choosing a row sets :attr:`chosen` to its text and text pair."""
+
+    chosen = param.Tuple(default=None, length=2, allow_None=True, doc="(text, text_pair or '') of the row last chosen")
+
+    def __init__(self, table: pd.DataFrame, **params: Any) -> None:
+        super().__init__(**params)
+        shown = table.assign(text_pair=table["text_pair"].fillna("").astype(str))
+        self.tabulator = pn.widgets.Tabulator(
+            shown,
+            disabled=True,
+            show_index=False,
+            selectable=1,
+            pagination="remote",
+            page_size=PAGE_SIZE,
+            sorters=[{"field": "difference", "dir": "desc"}],
+            header_filters=header_filters(shown),
+            formatters=formatters(shown),
+            titles={c: TITLES.get(c, c.replace("_", " ")) for c in shown.columns},
+            widths={"text": 420, "text_pair": 260},
+            hidden_columns=blank_columns(shown, ("text_pair", "label")),
+            layout="fit_data_table",
+            sizing_mode="stretch_width",
+        )
+        self.tabulator.param.watch(self._on_selection, "selection")
+        self.tabulator.on_click(self._on_click)
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self.tabulator
+
+    def _on_selection(self, event: param.parameterized.Event) -> None:
+        if event.new:
+            self._choose(event.new[-1])
+
+    def _on_click(self, event: Any) -> None:
+        self._choose(event.row)
+
+    def _choose(self, iloc: int) -> None:
+        row = self.tabulator.value.iloc[iloc]
+        self.chosen = (str(row["text"]), str(row["text_pair"]))
+
+
+def blank_columns(table: pd.DataFrame, columns: tuple[str, ...]) -> list[str]:
+    """Those of ``columns`` with no value in any row (a corpus without pairs or labels)."""
+    return [c for c in columns if not (table[c].notna() & (table[c].astype(str) != "")).any()]
+
+
+def label_columns(table: pd.DataFrame) -> list[str]:
+    """The gold label and every model's predicted label."""
+    return [c for c in table.columns if c == "label" or c.startswith("predicted_")]
+
+
+def header_filters(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Text search on the texts; a list of the values present (all pages, not only the shown one) on the labels."""
+    filters: dict[str, dict[str, Any]] = {c: {"type": "input", "func": "like", "placeholder": "contains"} for c in TEXT_COLUMNS}
+    for column in label_columns(table):
+        values = sorted(table[column].dropna().unique().tolist(), key=str)
+        filters[column] = {"type": "list", "func": "=", "values": values, "clearable": True}
+    if "prediction_changed" in table.columns:
+        filters["prediction_changed"] = {"type": "tickCross", "func": "=", "tristate": True, "indeterminateValue": None}
+    return filters
+
+
+def formatters(table: pd.DataFrame) -> dict[str, Any]:
+    """Texts and labels as escaped plain text (texts wrapped), fractions to 3 decimals."""
+    out: dict[str, Any] = {c: {"type": "textarea"} for c in TEXT_COLUMNS}
+    out |= {c: {"type": "plaintext"} for c in label_columns(table)}
+    out |= {c: NumberFormatter(format="0.000") for c in table.columns if c == "difference" or c.startswith("probability_")}
+    return out
