@@ -9,40 +9,41 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import holoviews as hv
 import numpy as np
+import pandas as pd
 from bokeh.document import Document
 from bokeh.embed.bundle import bundle_for_objs_and_resources
 from bokeh.embed.elements import html_page_for_render_items
 from bokeh.embed.util import standalone_docs_json_and_render_items
 from bokeh.layouts import column, row
-from bokeh.models import CustomJS, CustomJSHover, Div, GlyphRenderer, HoverTool, Image, LayoutDOM, Plot, Quad, Rect, Scatter, Segment
+from bokeh.models import ColorBar, ColumnDataSource, CustomJS, CustomJSHover, Div, GlyphRenderer, HoverTool, LayoutDOM, LinearColorMapper, Plot
 from bokeh.resources import INLINE
 
 from attnflows_panel.analysis.compare import head_js_divergence, require_same_shape
-from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, AttentionTrace, compare_traces, trace_cls_flow, validate_alpha, validate_attention, validate_head_mask, validate_tau
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, AttentionTrace, trace_cls_flow, validate_alpha, validate_attention, validate_head_mask, validate_tau
 from attnflows_panel.errors import InputError
 from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.paths import atomic_file
 from attnflows_panel.plots import MODEL_TITLES
-from attnflows_panel.plots.attention_matrix import attention_matrix
-from attnflows_panel.plots.flow_diagram import LABEL_COLORS, ROOT_COLOR, flow_diagram
-from attnflows_panel.plots.head_grid import head_grid
-from attnflows_panel.plots.sentence_view import sentence_view
+from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_frames
+from attnflows_panel.plots.bound import render_bound
+from attnflows_panel.plots.flow_diagram import EDGE_COLUMNS, LABEL_COLORS, LABEL_ORDER, LEGEND_NAMES, ROOT_COLOR, UNREACHED_COLOR, edge_counts, flow_diagram, flow_frames, flow_layers
+from attnflows_panel.plots.head_grid import head_grid, heads_at
+from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
 
 MAX_TOP_HEADS = 8  # two matrices a head: with the grid, flows and sentence this stays under ~20 figures
-UNREACHED_COLOR = "#d9d9d9"
 DEFAULT_TITLE = "attnflows: pre-trained vs fine-tuned"
-EDGE_FIELDS = ["x0", "y0", "x1", "y1", "layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned", "color", "width"]
-NODE_FIELDS = ["x", "y", "level", "index", "token", "influence_pretrained", "influence_finetuned", "label", "influence", "size", "color"]
+EDGE_FIELDS = ["x0", "y0", "x1", "y1", *EDGE_COLUMNS, "color", "width"]
+NODE_FIELDS = ["x", "y", "level", "index", "token", "influence_pretrained", "influence_finetuned", "label", "influence", "size", "color", "level_name"]
 PAGE_STYLE = {"font-family": "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif", "font-size": "14px", "color": "#222222"}
 
 # Runs in the browser on every change of the grid selection; mirrors trace_cls_flow(combine="union")
-# from [CLS] at the deepest level, flow_edges/flow_nodes/flow_diagram and the sentence shading.
+# from [CLS] at the deepest level, flow_frames (edges grouped by label, heads from 1) and the sentence shading.
 TRACE_JS = """
 const sel = new Uint8Array(L * H);
 const picked = grid.selected.indices;
@@ -89,24 +90,30 @@ function trace(m) {
 const pre = trace(models.pretrained);
 const fine = trace(models.finetuned);
 const ids = Array.from(new Set([...pre.edges.keys(), ...fine.edges.keys()])).sort((a, b) => a - b);
+const label_of = (id) => (pre.edges.has(id) ? (fine.edges.has(id) ? "shared" : "pretrained") : "finetuned");
+const tally = {};
+for (const label of label_order) tally[label] = 0;
+for (const id of ids) tally[label_of(id)] += 1;
+const heads_text = (edge) => (edge !== undefined ? edge.heads.map((h) => h + 1).join(", ") : "-");
 const E = {};
 for (const f of edge_fields) E[f] = [];
-const tally = {shared: 0, pretrained: 0, finetuned: 0};
-for (const id of ids) {
-  const p = pre.edges.get(id), f = fine.edges.get(id);
-  const e = p !== undefined ? p : f;
-  const label = p !== undefined && f !== undefined ? "shared" : (p !== undefined ? "pretrained" : "finetuned");
-  const weight = Math.max(p !== undefined ? p.weight : -Infinity, f !== undefined ? f.weight : -Infinity);
-  tally[label] += 1;
-  E.x0.push(e.key); E.y0.push(e.layer); E.x1.push(e.query); E.y1.push(e.layer + 1);
-  E.layer.push(e.layer); E.query.push(e.query); E.key.push(e.key);
-  E.query_token.push(tokens[e.query]); E.key_token.push(tokens[e.key]);
-  E.label.push(label); E.weight.push(weight);
-  E.heads_pretrained.push(p !== undefined ? p.heads.join(", ") : "-");
-  E.weight_pretrained.push(p !== undefined ? p.weight : NaN);
-  E.heads_finetuned.push(f !== undefined ? f.heads.join(", ") : "-");
-  E.weight_finetuned.push(f !== undefined ? f.weight : NaN);
-  E.color.push(colors[label]); E.width.push(0.5 + 4.5 * weight);
+for (const label of label_order) {
+  for (const id of ids) {
+    if (label_of(id) !== label) continue;
+    const p = pre.edges.get(id), f = fine.edges.get(id);
+    const e = p !== undefined ? p : f;
+    const weight = Math.max(p !== undefined ? p.weight : -Infinity, f !== undefined ? f.weight : -Infinity);
+    E.x0.push(e.key); E.y0.push(e.layer); E.x1.push(e.query); E.y1.push(e.layer + 1);
+    E.layer.push(e.layer); E.query.push(e.query); E.key.push(e.key);
+    E.query_token.push(tokens[e.query]); E.key_token.push(tokens[e.key]);
+    E.label.push(label); E.weight.push(weight);
+    E.heads_pretrained.push(heads_text(p));
+    E.weight_pretrained.push(p !== undefined ? p.weight : NaN);
+    E.heads_finetuned.push(heads_text(f));
+    E.weight_finetuned.push(f !== undefined ? f.weight : NaN);
+    E.legend.push(`${legend_names[label]} (${tally[label]})`);
+    E.color.push(colors[label]); E.width.push(0.5 + 4.5 * weight);
+  }
 }
 edges.data = E;
 
@@ -121,6 +128,7 @@ for (let level = 0; level <= L; level++) {
     N.influence_pretrained.push(ip); N.influence_finetuned.push(fi);
     N.label.push(p && f ? "shared" : (p ? "pretrained" : (f ? "finetuned" : "")));
     N.influence.push(Math.max(ip, fi));
+    N.level_name.push(level === 0 ? "input" : `layer ${level}`);
     peak = Math.max(peak, ip, fi);
   }
 }
@@ -130,6 +138,9 @@ for (let i = 0; i < N.x.length; i++) {
   N.color.push(root ? root_color : (N.label[i] !== "" ? colors[N.label[i]] : unreached_color));
 }
 nodes.data = N;
+
+const deepest = sel.subarray((L - 1) * H, L * H).some((s) => s);
+message.data = Object.assign({}, message.data, {text: [ids.length > 0 ? "" : (deepest ? no_edge.tau : no_edge.layer)]});
 
 const W = Object.assign({}, words.data);
 W.value = [];
@@ -143,28 +154,47 @@ for (const t of [pre, fine]) {
 }
 words.data = W;
 
-title.text = flow_title(ids.length);
-status.text = status_html(ids.length, tally.shared, tally.pretrained, tally.finetuned, n_selected, L * H);
+title.text = flow_title(tally);
+status.text = status_html(tally, n_selected, L * H);
 """
 
 STATUS_JS = """
-function flow_title(total) { return `pre-trained vs fine-tuned: ${total} edges from [CLS]`; }
-function status_html(total, shared, pre, fine, selected, heads) {
+function split(counts) { return label_order.map((label) => `${counts[label]} ${legend_names[label]}`).join(", "); }
+function total(counts) { return label_order.reduce((sum, label) => sum + counts[label], 0); }
+function flow_title(counts) { return `pre-trained vs fine-tuned from [CLS]: ${total(counts)} edges (${split(counts)})`; }
+function status_html(counts, selected, heads) {
   const which = selected === heads ? `all ${heads} heads` : `${selected} of ${heads} heads selected`;
-  return `<b>${total}</b> edges (${shared} shared, ${pre} pre-trained only, ${fine} fine-tuned only); ${which}`;
+  return `<b>${total(counts)}</b> edges (${split(counts)}); ${which}`;
 }
 """
 
 
-def flow_title(total: int) -> str:
-    """The flow diagram's title (the browser writes the same through ``STATUS_JS``)."""
-    return f"pre-trained vs fine-tuned: {total} edges from [CLS]"
+def _split(counts: Mapping[str, int]) -> str:
+    """``"S shared, P pre-trained only, F fine-tuned only"``, in the legend's order."""
+    return ", ".join(f"{counts[label]} {LEGEND_NAMES[label]}" for label in LABEL_ORDER)
 
 
-def status_html(total: int, shared: int, pre: int, fine: int, selected: int, heads: int) -> str:
+def flow_title(counts: Mapping[str, int]) -> str:
+    """The flow diagram's title from the edges per label (the browser writes the same through ``STATUS_JS``)."""
+    return f"pre-trained vs fine-tuned from [CLS]: {sum(counts.values())} edges ({_split(counts)})"
+
+
+def status_html(counts: Mapping[str, int], selected: int, heads: int) -> str:
     """The edge and head count line above the flow diagram, numbers only (the browser mirrors it)."""
     which = f"all {heads} heads" if selected == heads else f"{selected} of {heads} heads selected"
-    return f"<b>{total}</b> edges ({shared} shared, {pre} pre-trained only, {fine} fine-tuned only); {which}"
+    return f"<b>{sum(counts.values())}</b> edges ({_split(counts)}); {which}"
+
+
+def no_edge_messages(layers: int, tau: float) -> dict[str, str]:
+    """Why no edge is drawn: no selected head in the deepest layer (``"layer"``), or no weight of ``tau`` or more (``"tau"``)."""
+    return {"layer": f"No edge reaches [CLS] from the selected heads: select a head of layer {layers}.", "tau": f"No edge of weight {tau:g} or more: lower tau."}
+
+
+def flow_message(traces: Mapping[str, AttentionTrace], mask: np.ndarray, tau: float) -> str:
+    """The message across an empty flow diagram (the browser picks the same one), ``""`` when an edge is drawn."""
+    if any(trace.n_edges for trace in traces.values()):
+        return ""
+    return no_edge_messages(mask.shape[0], tau)["tau" if mask[-1].any() else "layer"]
 
 
 def sparse_attention(attention: Any, tau: float) -> dict[str, np.ndarray]:
@@ -263,29 +293,21 @@ def dashboard_layout(records: Sequence[AttentionRecord] | None, *, tau: float = 
     js = head_js_divergence(pre.attention, fine.attention)
     words, word_index = merge_tokens(pre.tokens, pre.word_ids)
 
-    grid_fig = hv.render(head_grid(js, "JS (bits)", title="model difference (JS, bits): select heads", cmap="magma_r", width=440, height=320), backend="bokeh")
-    grid = _renderer(grid_fig, Rect).data_source
-    grid.name = "head_grid"
-    cell_layer = np.asarray(grid.data["layer"], dtype=np.int32) - 1
-    cell_head = np.asarray(grid.data["head"], dtype=np.int32)
-    if not mask.all():
-        grid.selected.indices = [i for i in range(L * H) if mask[cell_layer[i], cell_head[i]]]
-
-    flow_fig, edges, nodes = _flow_figure(pre.tokens, traces)
+    grid_fig, grid, cells = _grid_figure(js, mask)
+    frames = flow_frames(pre.tokens, traces, "layered", flow_message(traces, mask, tau))
+    counts = edge_counts(frames["edges"]["label"].to_numpy())
+    flow_fig, flow = _flow_figure(pre.tokens, traces, frames, flow_title(counts))
     sentence_fig, word_source = _sentence_figure(words, word_index, traces, fine)
-    comparison = compare_traces(traces[PRETRAINED], traces[FINETUNED])
-    tally = {label: int((comparison.edge_label == label).sum()) for label in (SHARED, PRETRAINED, FINETUNED)}
-    total = int(comparison.edge_label.size)
-    flow_fig.title.text = flow_title(total)
-    status = Div(text=status_html(total, tally[SHARED], tally[PRETRAINED], tally[FINETUNED], int(mask.sum()), L * H), name="edge_count", styles=PAGE_STYLE)
+    status = Div(text=status_html(counts, int(mask.sum()), L * H), name="edge_count", styles=PAGE_STYLE)
 
     callback = CustomJS(
         args=dict(
-            grid=grid, edges=edges, nodes=nodes, words=word_source, title=flow_fig.title, status=status,
-            L=L, H=H, n=n, alpha=alpha, cell_layer=cell_layer, cell_head=cell_head, tokens=list(pre.tokens),
+            grid=grid, edges=flow["edges"], nodes=flow["nodes"], message=flow["message"], words=word_source, title=flow_fig.title, status=status,
+            L=L, H=H, n=n, alpha=alpha, cell_layer=cells[:, 0], cell_head=cells[:, 1], tokens=list(pre.tokens),
             word_index=word_index.astype(np.int32), n_words=len(words),
             models={name: sparse_attention(r.attention, tau) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))},
             edge_fields=EDGE_FIELDS, node_fields=NODE_FIELDS, colors=LABEL_COLORS, root_color=ROOT_COLOR, unreached_color=UNREACHED_COLOR,
+            label_order=list(LABEL_ORDER), legend_names=LEGEND_NAMES, no_edge=no_edge_messages(L, tau),
         ),
         code=STATUS_JS + TRACE_JS,
     )
@@ -303,76 +325,68 @@ def dashboard_layout(records: Sequence[AttentionRecord] | None, *, tau: float = 
     return layout
 
 
-def _renderer(fig: Any, glyph_type: type) -> GlyphRenderer:
-    return next(r for r in fig.renderers if isinstance(r, GlyphRenderer) and isinstance(r.glyph, glyph_type))
+def _grid_figure(js: np.ndarray, mask: np.ndarray) -> tuple[Plot, ColumnDataSource, np.ndarray]:
+    """The model-difference grid, its cells' source ("head_grid", the heads of a partial ``mask`` selected) and each cell's 0-based (layer, head)."""
+    fig = hv.render(head_grid(js, "JS (bits)", title="model difference (JS, bits): select heads", cmap="magma_r", width=440, height=320), backend="bokeh")
+    grid = fig.select_one({"type": GlyphRenderer}).data_source
+    grid.name = "head_grid"
+    cells = np.array(heads_at(grid.data, range(mask.size)), dtype=np.int32)
+    if not mask.all():
+        grid.selected.indices = [i for i, (layer, head) in enumerate(cells) if mask[layer, head]]
+    return fig, grid, cells
 
 
-def _map_fields(renderer: GlyphRenderer, **fields: str) -> None:
-    """Point glyph properties at data columns in every state (HoloViews turns constant columns into values)."""
-    for glyph in (renderer.glyph, renderer.selection_glyph, renderer.nonselection_glyph, renderer.hover_glyph, renderer.muted_glyph):
-        if glyph is not None and glyph != "auto":
-            for prop, column_name in fields.items():
-                setattr(glyph, prop, column_name)
-
-
-def _flow_figure(tokens: Sequence[str], traces: dict[str, AttentionTrace]) -> tuple[Any, Any, Any]:
-    """The merged, layered flow diagram and its edge and node sources, in the columns the browser rewrites."""
+def _flow_figure(tokens: Sequence[str], traces: dict[str, AttentionTrace], frames: dict[str, pd.DataFrame], title: str) -> tuple[Plot, dict[str, ColumnDataSource]]:
+    """The merged, layered flow diagram ("flow") bound to ``frames`` in the columns the browser rewrites (sources "flow_edges", "flow_nodes", "flow_message")."""
     width = int(np.clip(12 * len(tokens) + 160, 900, 2600))
-    fig = hv.render(flow_diagram(tokens, traces, layout="layered", width=width, height=540), backend="bokeh")
-    segments, points = _renderer(fig, Segment), _renderer(fig, Scatter)
-    _map_fields(segments, line_color="color", line_width="width")
-    _map_fields(points, fill_color="color", size="size")
-    for renderer, fields, name in ((segments, EDGE_FIELDS, "flow_edges"), (points, NODE_FIELDS, "flow_nodes")):
-        data = renderer.data_source.data
-        # an empty trace comes out of HoloViews as empty float arrays, which BokehJS rejects as colours
-        renderer.data_source.data = {f: data[f] if len(data[f]) else [] for f in fields}
-        renderer.data_source.name = name
-    return fig, segments.data_source, points.data_source
+    element = flow_diagram(tokens, traces, layout="layered", width=width, height=540, frames=frames).opts(title=title)
+    nodes = frames["nodes"]
+    fig, sources = render_bound(element, flow_layers(), {"edges": frames["edges"][EDGE_FIELDS], "nodes": nodes[NODE_FIELDS], "message": frames["message"]})
+    fig.name = "flow"
+    for name, source in sources.items():
+        source.name = f"flow_{name}"
+    return fig, sources
 
 
-def _sentence_figure(words: list[str], word_index: np.ndarray, traces: dict[str, AttentionTrace], fine: AttentionRecord) -> tuple[Any, Any]:
-    """Words shaded by each model's influence on the input, the fine-tuned prediction in its caption."""
+def _sentence_figure(words: list[str], word_index: np.ndarray, traces: dict[str, AttentionTrace], fine: AttentionRecord) -> tuple[Plot, ColumnDataSource]:
+    """Words shaded by each model's influence on the input, the fine-tuned prediction in its caption; the boxes' source."""
     values = {name: np.bincount(word_index, weights=trace.influence[0], minlength=len(words)) for name, trace in traces.items()}
     captions = {PRETRAINED: "pre-trained: influence on the input", FINETUNED: "fine-tuned: influence on the input"}
     if fine.predicted_label is not None:
         captions[FINETUNED] = f"fine-tuned: predicts {fine.predicted_label} ({fine.probabilities.max():.0%})"
-    fig = hv.render(sentence_view(words, values, captions, max_chars=62, width=640), backend="bokeh")
-    quads = _renderer(fig, Quad)
-    _map_fields(quads, fill_color="color", fill_alpha="alpha")
-    quads.data_source.name = "sentence_words"
-    return fig, quads.data_source
+    element = sentence_view(words, values, captions, max_chars=62, width=640)
+    fig, sources = render_bound(element, SENTENCE_LAYERS, sentence_frames(words, values, captions, max_chars=62))
+    sources["boxes"].name = "sentence_words"
+    return fig, sources["boxes"]
 
 
 def _matrix_rows(pre: AttentionRecord, fine: AttentionRecord, js: np.ndarray, top_heads: int) -> list[LayoutDOM]:
-    """For the ``top_heads`` heads the models differ most on: both models' matrices side by side, as uint8."""
+    """For the ``top_heads`` heads the models differ most on: both models' matrices side by side."""
     if top_heads == 0:
         return []
-    n = pre.n_tokens
-    size = int(np.clip(4 * n, 340, 560))
+    size = int(np.clip(4 * pre.n_tokens, 340, 560))
     rows: list[LayoutDOM] = [Div(text=f"<b>The {top_heads} heads the models differ most on</b> (Jensen-Shannon divergence of their rows)", styles=PAGE_STYLE)]
     for flat in np.argsort(-js, axis=None, kind="stable")[:top_heads]:
         layer, head = np.unravel_index(int(flat), js.shape)
-        figs = []
-        for name, record in ((PRETRAINED, pre), (FINETUNED, fine)):
-            label = f"{MODEL_TITLES[name]}: layer {layer + 1}, head {head} (JS {js[layer, head]:.3f} bits)"
-            fig = hv.render(attention_matrix(record.attention[layer, head], record.tokens, title=label, size=size, rasterize=False), backend="bokeh")
-            _quantize_image(fig)
-            figs.append(fig)
-        rows.append(row(*figs))
+        titles = {name: f"{MODEL_TITLES[name]}: layer {layer + 1}, head {head + 1} (JS {js[layer, head]:.3f} bits)" for name in (PRETRAINED, FINETUNED)}
+        rows.append(row(*(_matrix_figure(record.attention[layer, head], record.tokens, titles[name], size) for name, record in ((PRETRAINED, pre), (FINETUNED, fine)))))
     return rows
 
 
-def _quantize_image(fig: Any) -> None:
-    """Ship the matrix as uint8 (weight * 255); colours and the hover still show weights."""
-    renderer = _renderer(fig, Image)
-    image = np.asarray(renderer.data_source.data["image"][0], dtype=np.float64)
-    renderer.data_source.data["image"] = [np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)]
-    mapper = renderer.glyph.color_mapper
+def _matrix_figure(attention: np.ndarray, tokens: Sequence[str], title: str, size: int) -> Plot:
+    """One head's matrix, shipped as uint8 (weight * 255); its colours, colour bar and hover still show weights."""
+    element = attention_matrix(attention, tokens, title=title, size=size, rasterize=False)
+    frames = matrix_frames(element)
+    frames["image"]["image"] = [np.round(np.clip(frames["image"]["image"][0], 0.0, 1.0) * 255).astype(np.uint8)]
+    fig, _ = render_bound(element, MATRIX_LAYERS, frames)
+    mapper = fig.select_one({"type": LinearColorMapper})  # HoloViews gives the image and its colour bar one mapper
+    fig.select_one({"type": ColorBar}).color_mapper = LinearColorMapper(palette=mapper.palette, low=mapper.low, high=mapper.high)
     mapper.low, mapper.high = 0.0, max(float(mapper.high) * 255, 1.0)
-    for tool in (t for t in fig.tools if isinstance(t, HoverTool)):
+    for tool in fig.select({"type": HoverTool}):
         # keep attention_matrix's token formatters for the axes; the weight now arrives as uint8
         tool.tooltips = [(label, "@image{custom}" if label == "weight" else field) for label, field in tool.tooltips]
         tool.formatters = {**tool.formatters, "@image": CustomJSHover(code="return (value / 255).toFixed(3)")}
+    return fig
 
 
 def _model_name(model_id: str) -> str:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bokeh.models import ColorBar, GlyphRenderer, HoverTool, Legend, LinearColorMapper, Plot
 
-from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, compare_traces, trace_cls_flow
+from attnflows_panel.analysis.compare import head_js_divergence
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, compare_traces, trace_cls_flow
 from attnflows_panel.cli import main
 from attnflows_panel.errors import InputError
 from attnflows_panel.export import EDGE_FIELDS, NODE_FIELDS, dashboard_layout, export_dashboard, sparse_attention
 from attnflows_panel.extract import extract_pair
 from attnflows_panel.plots.flow_diagram import flow_edges
+from attnflows_panel.plots.head_grid import heads_at
 
 TEXT = "the car was good and i love it"
 XSS_TEXT = "<img src=x onerror=alert(1)>"
@@ -145,6 +149,11 @@ def test_shipped_entries_hold_every_edge_of_the_union_trace(records) -> None:
     assert checked > 0
 
 
+def renderer_of(layout, name: str) -> GlyphRenderer:
+    """The glyph renderer drawing the source named ``name``."""
+    return next(r for r in layout.select({"type": GlyphRenderer}) if r.data_source.name == name)
+
+
 def test_layout_starts_from_the_given_head_mask(records) -> None:
     pre, fine = records
     tau = threshold_at_an_entry(pre.attention)
@@ -152,17 +161,77 @@ def test_layout_starts_from_the_given_head_mask(records) -> None:
     mask[:, :2] = True
     layout = dashboard_layout(records, tau=tau, alpha=0.3, top_heads=0, head_mask=mask)
     grid = layout.select_one({"name": "head_grid"})
-    picked = {(int(grid.data["layer"][i]) - 1, int(grid.data["head"][i])) for i in grid.selected.indices}
-    assert picked == {tuple(h) for h in np.argwhere(mask).tolist()}
+    assert set(heads_at(grid.data, grid.selected.indices)) == {tuple(h) for h in np.argwhere(mask).tolist()}
+    assert sorted(grid.data["head"])[0] == 1  # the grid numbers heads from 1
     traces = {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=0.3) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
     edges = layout.select_one({"name": "flow_edges"}).data
     expected = flow_edges(pre.tokens, traces)
     assert list(edges) == EDGE_FIELDS and list(layout.select_one({"name": "flow_nodes"}).data) == NODE_FIELDS
-    np.testing.assert_array_equal(edges["key"], expected["key"])
-    assert list(edges["label"]) == list(expected["label"])
-    total = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size
-    assert len(edges["key"]) == total and f"<b>{total}</b> edges" in layout.select_one({"name": "edge_count"}).text
-    assert f"{int(mask.sum())} of {mask.size} heads selected" in layout.select_one({"name": "edge_count"}).text
+    for column in ("layer", "query", "key", "label", "heads_pretrained", "heads_finetuned", "legend"):
+        assert list(edges[column]) == expected[column].tolist(), column
+    assert expected["label"].tolist() == sorted(expected["label"], key=[SHARED, PRETRAINED, FINETUNED].index)  # grouped by label
+    labels = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label
+    split = f"{(labels == SHARED).sum()} shared, {(labels == PRETRAINED).sum()} pre-trained only, {(labels == FINETUNED).sum()} fine-tuned only"
+    status = layout.select_one({"name": "edge_count"}).text
+    assert len(edges["key"]) == labels.size and status.startswith(f"<b>{labels.size}</b> edges ({split}); ")
+    assert f"{int(mask.sum())} of {mask.size} heads selected" in status
+    flow = next(p for p in layout.select({"type": Plot}) if p.title.text.startswith("pre-trained vs fine-tuned"))
+    assert flow.title.text.endswith(f"{labels.size} edges ({split})")
+    assert list(layout.select_one({"name": "flow_message"}).data["text"]) == [""]
+
+
+def test_edge_and_node_hovers_read_columns_the_sources_hold(records) -> None:
+    """Every ``@{column}`` a flow hover shows is in its source, so it shows words and numbers, never ``???``."""
+    layout = dashboard_layout(records, top_heads=0)
+    for name, shown in (("flow_edges", ("key_token", "query_token", "heads_pretrained", "weight_finetuned")), ("flow_nodes", ("token", "level_name"))):
+        renderer = renderer_of(layout, name)
+        (hover,) = (t for t in layout.select({"type": HoverTool}) if renderer in t.renderers)
+        fields = {f for _, text in hover.tooltips for f in re.findall(r"@\{(\w+)\}", text)}
+        assert set(shown) <= fields and fields <= set(renderer.data_source.data), name
+        assert not any(re.search(r"@(?!\{)", text) for _, text in hover.tooltips), name  # braces only: "@key_token" could be read as a shorter name
+    assert {"input", "layer 1", "layer 2"} == set(layout.select_one({"name": "flow_nodes"}).data["level_name"])
+
+
+def test_legend_labels_carry_the_edge_counts(records) -> None:
+    layout = dashboard_layout(records, tau=threshold_at_an_entry(records[0].attention), top_heads=0)
+    edges = layout.select_one({"name": "flow_edges"}).data
+    (legend,) = (item for legend in layout.select({"type": Legend}) for item in legend.items if item.renderers == [renderer_of(layout, "flow_edges")])
+    assert legend.label.field == "legend"
+    labels = np.asarray(edges["label"])
+    names = {SHARED: "shared", PRETRAINED: "pre-trained only", FINETUNED: "fine-tuned only"}
+    assert list(edges["legend"]) == [f"{names[label]} ({(labels == label).sum()})" for label in labels]
+    assert set(labels) == set(names)
+
+
+@pytest.mark.parametrize(
+    ("tau", "layers", "message"),
+    [
+        (0.1, [0], "No edge reaches [CLS] from the selected heads: select a head of layer 2."),
+        (1.0, [0, 1], "No edge of weight 1 or more: lower tau."),
+    ],
+)
+def test_an_empty_flow_says_why(records, tau: float, layers: list[int], message: str) -> None:
+    mask = np.zeros((records[0].n_layers, records[0].n_heads), dtype=bool)
+    mask[layers] = True
+    layout = dashboard_layout(records, tau=tau, top_heads=0, head_mask=mask)
+    assert len(layout.select_one({"name": "flow_edges"}).data["key"]) == 0
+    assert list(layout.select_one({"name": "flow_message"}).data["text"]) == [message]
+
+
+def test_matrices_name_heads_from_one_and_keep_weights_on_their_colour_bars(records) -> None:
+    pre, fine = records
+    js = head_js_divergence(pre.attention, fine.attention)
+    layer, head = np.unravel_index(int(np.argmax(js)), js.shape)
+    layout = dashboard_layout(records, top_heads=1)
+    matrices = {p.title.text.split(" (")[0]: p for p in layout.select({"type": Plot}) if ": layer " in p.title.text}
+    assert matrices.keys() == {f"{m}: layer {layer + 1}, head {head + 1}" for m in ("pre-trained", "fine-tuned")}
+    for model, record in zip(("pre-trained", "fine-tuned"), records, strict=True):
+        plot = matrices[f"{model}: layer {layer + 1}, head {head + 1}"]
+        (image,) = (r for r in plot.renderers if isinstance(r, GlyphRenderer))
+        assert image.data_source.data["image"][0].dtype == np.uint8
+        bar = plot.select_one({"type": ColorBar}).color_mapper
+        assert isinstance(bar, LinearColorMapper) and bar.high == pytest.approx(float(record.attention[layer, head].max()))
+        assert image.glyph.color_mapper.high == pytest.approx(255 * bar.high)
 
 
 def test_bad_inputs_are_refused_and_leave_nothing(records, tmp_path: Path) -> None:

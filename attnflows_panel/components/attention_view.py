@@ -37,6 +37,25 @@ METHOD_TAU = {"trace": 0.1, "rollout": 0.01, "flow": 0.1}  # each method's scale
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 FLOW_HEIGHT = 520
+HOW_TO_READ = """
+**Grid** (layer x head, layers and heads numbered from 1): one cell per attention head, coloured by the measure
+chosen in *Grid colour*. Drag a box or click cells to select heads; every other view then uses only those heads.
+Heads selected elsewhere (in the head map) are outlined in red. **Head map**: every head of both models, placed
+by how alike they attend over a corpus; a grey segment joins a head's pre-trained and fine-tuned copies.
+
+**Flow diagram**: each row is a level (*input* = the embeddings at the bottom, *layer l* = the output of
+layer l); each column is a token. The trace starts at the black **root** ([CLS] of the deepest layer; click a
+token to start there) and walks down: an **edge** joins a token to a token of the level below that it attends to
+with a weight of at least **tau** in a selected head (width = weight). **Colours**: grey edges are drawn by both
+models, turquoise only by the pre-trained model, purple only by the fine-tuned one (the legend counts each).
+**Node size** is the token's influence `I_l(w) = c_l(w) + alpha * I_(l+1)(w)`, where `c_l(w)` counts the
+edges reaching it; grey dots were not reached. Rollout and attention flow draw each edge's share of the root's
+relevance or flow instead. Hover an edge or a token for its words, heads and weights.
+
+**Sentence view**: each word shaded by its influence on the input (or by the root's attention), per model,
+with the fine-tuned model's prediction. **Matrices**: the attention of the selected head (or the mean of the
+selected heads), query rows against key columns.
+"""
 
 
 def level_name(level: int) -> str:
@@ -49,14 +68,14 @@ class AttentionView(pn.viewable.Viewer):
 
     text = param.String(default=DEFAULT_TEXT, doc="The sentence (first segment).")
     text_pair = param.String(default="", doc="Optional second segment.")
-    tau = param.Number(default=0.1, bounds=(0.01, 1.0), step=0.01, doc="Keep edges with at least this weight.")
-    alpha = param.Number(default=0.5, bounds=(0.0, 1.0), step=0.05, doc="Weight of deeper influence.")
-    method = param.Selector(default="trace", objects={label: key for key, label in METHOD_NAMES.items()}, doc="CLS trace, rollout relevance or exact attention flow.")
-    combine = param.Selector(default="union", objects=["union", "mean"], doc="How heads combine in the trace.")
-    layout = param.Selector(default="layered", objects=["layered", "radial"])
-    measure = param.Selector(default=MEASURE_NAMES[0], objects={MEASURE_LABELS[m]: m for m in MEASURE_NAMES}, doc="Colour of the head grid.")
+    tau = param.Number(default=0.1, bounds=(0.01, 1.0), step=0.01, doc="Edge threshold: the flow diagram draws only edges of at least this weight (each method keeps its own).")
+    alpha = param.Number(default=0.5, bounds=(0.0, 1.0), step=0.05, doc="CLS trace: how much a token's influence in deeper layers adds to its node size, I_l = c_l + alpha * I_(l+1).")
+    method = param.Selector(default="trace", objects={label: key for key, label in METHOD_NAMES.items()}, doc="What the flow diagram traces from the root: the paper's CLS trace (edges of at least tau), attention rollout, or exact attention flow (max-flow).")
+    combine = param.Selector(default="union", objects=["union", "mean"], doc="CLS trace: an edge is kept if any selected head passes tau (union), or if the heads' mean does (mean).")
+    layout = param.Selector(default="layered", objects=["layered", "radial"], doc="Flow diagram as rows (input at the bottom, deepest layer on top) or as the paper's token rings (input innermost).")
+    measure = param.Selector(default=MEASURE_NAMES[0], objects={MEASURE_LABELS[m]: m for m in MEASURE_NAMES}, doc="What colours the layer x head grid.")
     shading = param.Selector(default="influence", objects=["influence", "attention"], doc="Sentence view: each word's influence in the trace, or the attention the root token pays it.")
-    map_color = param.Selector(default="layer", objects=["layer", "model"], doc="Colour of the head map's points.")
+    map_color = param.Selector(default="layer", objects=["layer", "model"], doc="Colour the head map's points by their layer or by their model.")
     head_mask = param.Array(default=None, doc="Selected heads, bool [layers, heads]; all when nothing is brushed.")
     root = param.Tuple(default=(-1, 0), length=2, doc="(level, token) the trace starts from; level -1 is the deepest.")
     units = param.Selector(default="word pieces", objects=["word pieces", "words"], doc="Draw every view over word pieces, or over whole words (pieces merged).")
@@ -388,27 +407,49 @@ class AttentionView(pn.viewable.Viewer):
             "text_pair": {"type": pn.widgets.TextInput, "name": "Second segment (optional)"},
             "method": {"type": pn.widgets.RadioButtonGroup, "name": "Flow method"},
             "tau": {"type": pn.widgets.FloatSlider, "name": "tau (edge threshold)"},
+            "top_k": {"type": pn.widgets.IntSlider, "name": "strongest edges per token (CLS trace; 0 = all)"},
             "alpha": {"type": pn.widgets.FloatSlider, "name": "alpha (deeper influence)"},
             "combine": {"type": pn.widgets.RadioButtonGroup, "name": "Heads"},
             "layout": {"type": pn.widgets.RadioButtonGroup, "name": "Layout"},
+            "units": {"type": pn.widgets.RadioButtonGroup, "name": "Units"},
             "shading": {"type": pn.widgets.RadioButtonGroup, "name": "Words shaded by"},
             "measure": {"type": pn.widgets.Select, "name": "Grid colour"},
         }
 
-    def controls(self) -> pn.viewable.Viewable:
-        """The widgets that drive this view."""
+    def controls(self) -> pn.Column:
+        """The widgets that drive this view, each with its help, and the Analyze / Clear selection / Reset root buttons."""
         column = pn.Column(sizing_mode="stretch_width")
+        widgets = {}
         for name, spec in self._widgets().items():
             options = dict(spec)
             kind, label = options.pop("type"), options.pop("name")
-            if kind is pn.widgets.RadioButtonGroup:  # a button group draws no name of its own
-                column.append(pn.pane.HTML(f"<label>{html.escape(label)}</label>", margin=(6, 10, 0, 10)))
-            column.append(kind.from_param(self.param[name], name=label, sizing_mode="stretch_width", **options))
+            widgets[name] = kind.from_param(self.param[name], name=label, sizing_mode="stretch_width", **options)
+            help_icon = pn.widgets.TooltipIcon(value=self.param[name].doc, margin=(6, 0, 0, 0))
+            if kind is pn.widgets.RadioButtonGroup:  # a button group draws no name of its own, so no help icon either
+                column.append(pn.Row(pn.pane.HTML(f"<label>{html.escape(label)}</label>", margin=(6, 4, 0, 10)), help_icon))
+                column.append(widgets[name])
+            elif "description" in widgets[name].param:
+                column.append(widgets[name])
+            else:  # sliders take no description: the help sits beside them
+                column.append(pn.Row(widgets[name], help_icon, sizing_mode="stretch_width"))
+            if name == "text_pair":
+                column.append(self._buttons(widgets["text"], widgets["text_pair"]))
         return column
+
+    def _buttons(self, text: pn.widgets.TextAreaInput, text_pair: pn.widgets.TextInput) -> pn.Row:
+        """Analyze (the text as typed, without leaving the box), Clear selection, Reset root."""
+        analyze = pn.widgets.Button(label="Analyze", color="primary", description="Run both boxes' text through the model(s); leaving the box does too.")
+        analyze.on_click(lambda _: self.param.update(text=text.value_input, text_pair=text_pair.value_input or ""))
+        clear = pn.widgets.Button(label="Clear selection", description="Select every head again (the grid and head map brushes).")
+        clear.on_click(lambda _: self.select_heads([]))
+        reset = pn.widgets.Button(label="Reset root", description="Trace from [CLS] of the deepest layer again (a click on a token re-roots the flow there).")
+        reset.on_click(self.reset_root)
+        return pn.Row(analyze, clear, reset, sizing_mode="stretch_width")
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
             self.notice_pane,
+            pn.Card(pn.pane.Markdown(HOW_TO_READ, sizing_mode="stretch_width"), title="How to read these views", collapsed=False, sizing_mode="stretch_width"),
             pn.Row(pn.Column(self.grid.pane, self._ablate_button, self.ablation, width=460), self.map.pane),
             self.sentence.pane,
             self._flow_row,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from attnflows_panel.plots import MODEL_TITLES
 class CompareView(AttentionView):
     """A sentence's attention in both models of a pair: grid by model difference, flows merged or side by side."""
 
-    mode = param.Selector(default="merged", objects=["merged", "side by side"])
+    mode = param.Selector(default="merged", objects=["merged", "side by side"], doc="One flow diagram with both models' edges coloured by model, or one diagram per model.")
     grid_model = param.Selector(default=FINETUNED, objects={MODEL_TITLES[m]: m for m in (FINETUNED, PRETRAINED)}, doc="Model whose measure the grid shows (not used by the model difference).")
 
     def __init__(self, pair: ModelPair, text: str | None = None, *, head_map: HeadEmbedding | None = None, **params: object) -> None:
@@ -67,9 +68,21 @@ class CompareView(AttentionView):
         return widgets
 
     def controls(self) -> pn.viewable.Viewable:
-        """The widgets that drive this view; "Grid model" is off while the grid shows the model difference."""
+        """The widgets that drive this view ("Grid model" off while the grid shows the model difference) and a download."""
         column = super().controls()
         grid_model = next(w for w in column if getattr(w, "name", None) == "Grid model")
         grid_model.disabled = self.measure == DIFFERENCE
         self.param.watch(lambda event: setattr(grid_model, "disabled", event.new == DIFFERENCE), "measure")
+        download = pn.widgets.FileDownload(
+            callback=self._report, filename="attnflows-report.html", label="Download this input as an HTML report", color="success",
+            description="A self-contained page (works offline) with this input, tau, alpha and head selection.", sizing_mode="stretch_width", disabled=self.records is None,
+        )
+        self.param.watch(lambda event: setattr(download, "disabled", event.new is None), "records")
+        column.append(download)
         return column
+
+    def _report(self) -> io.StringIO:
+        """The static dashboard of this input and selection, for the download button."""
+        from attnflows_panel.export import dashboard_html
+
+        return io.StringIO(dashboard_html(self.records, tau=self.tau, alpha=self.alpha, head_mask=self.head_mask))

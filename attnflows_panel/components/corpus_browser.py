@@ -32,8 +32,8 @@ class CorpusBrowser(pn.viewable.Viewer):
             sorters=[{"field": "difference", "dir": "desc"}],
             header_filters=header_filters(shown),
             formatters=formatters(shown),
-            titles={c: TITLES.get(c, c.replace("_", " ")) for c in shown.columns},
-            widths={"text": 420, "text_pair": 260},
+            titles={c: title(c) for c in shown.columns},
+            widths={"text": 380, "text_pair": 220},
             hidden_columns=blank_columns(shown, ("text_pair", "label")),
             layout="fit_data_table",
             sizing_mode="stretch_width",
@@ -54,6 +54,14 @@ class CorpusBrowser(pn.viewable.Viewer):
     def _choose(self, iloc: int) -> None:
         row = self.tabulator.value.iloc[iloc]
         self.chosen = (str(row["text"]), str(row["text_pair"]))
+
+
+def title(column: str) -> str:
+    """A short header: a model's name for its prediction, ``p(model)`` for that prediction's probability."""
+    if column.startswith(("predicted_", "probability_")):
+        kind, model = column.split("_", 1)
+        return model if kind == "predicted" else f"p({model})"
+    return TITLES.get(column, column)
 
 
 def blank_columns(table: pd.DataFrame, columns: tuple[str, ...]) -> list[str]:
@@ -78,8 +86,9 @@ def header_filters(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
 
 def formatters(table: pd.DataFrame) -> dict[str, Any]:
-    """Texts and labels as escaped plain text (texts wrapped), fractions to 3 decimals."""
+    """Texts and labels as escaped plain text (texts wrapped), a tick for a changed prediction, fractions to 3 decimals."""
     out: dict[str, Any] = {c: {"type": "textarea"} for c in TEXT_COLUMNS}
     out |= {c: {"type": "plaintext"} for c in label_columns(table)}
+    out |= {"prediction_changed": {"type": "tickCross"}} if "prediction_changed" in table.columns else {}
     out |= {c: NumberFormatter(format="0.000") for c in table.columns if c == "difference" or c.startswith("probability_")}
     return out

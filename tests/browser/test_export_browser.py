@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,9 +12,10 @@ from conftest import BOKEH_IDLE_JS
 from panel.tests.util import wait_until
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, compare_traces, trace_cls_flow
-from attnflows_panel.export import export_dashboard
+from attnflows_panel.export import export_dashboard, flow_message, flow_title, status_html
 from attnflows_panel.extract import extract_pair, merge_tokens
-from attnflows_panel.plots.flow_diagram import flow_edges, flow_nodes
+from attnflows_panel.plots.flow_diagram import edge_counts, flow_edges, flow_nodes
+from attnflows_panel.plots.head_grid import heads_at
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,6 +29,8 @@ SOURCE_DATA = """name => {
 }"""
 SELECT = "indices => { Bokeh.documents[0].get_model_by_name('head_grid').selected.indices = indices; }"
 TEXT_OF = "name => Bokeh.documents[0].get_model_by_name(name).text"
+FLOW_TITLE = "() => Bokeh.documents[0].get_model_by_name('flow').title.text"
+TOOLTIP = ".bk-tooltip-content"
 
 
 @dataclass
@@ -56,17 +60,22 @@ def source(page, name: str) -> dict[str, list]:
     return page.evaluate(SOURCE_DATA, name)
 
 
-def cell_indices(page, mask: np.ndarray) -> list[int]:
-    """The grid cells (Bokeh's order) of the heads in ``mask``."""
+def grid_heads(page) -> list[tuple[int, int]]:
+    """The 0-based (layer, head) of each grid cell, in Bokeh's order (the grid shows both from 1)."""
     grid = source(page, "head_grid")
-    return [i for i, (layer, head) in enumerate(zip(grid["layer"], grid["head"], strict=True)) if mask[int(layer) - 1, int(head)]]
+    return heads_at(grid, range(len(grid["head"])))
+
+
+def cell_indices(page, mask: np.ndarray) -> list[int]:
+    """The grid cells of the heads in ``mask``."""
+    return [i for i, head in enumerate(grid_heads(page)) if mask[head]]
 
 
 def mask_of(page, indices: list[int], shape: tuple[int, int]) -> np.ndarray:
-    grid = source(page, "head_grid")
+    cells = grid_heads(page)
     mask = np.zeros(shape, dtype=bool)
     for i in indices:
-        mask[int(grid["layer"][i]) - 1, int(grid["head"][i])] = True
+        mask[cells[i]] = True
     return mask if mask.any() else ~mask
 
 
@@ -75,11 +84,11 @@ def python_traces(records, mask: np.ndarray, tau: float, alpha: float) -> dict:
 
 
 def assert_matches_python(page, records, mask: np.ndarray, tau: float, alpha: float) -> None:
-    """The browser's edges, nodes and word shading equal the app's functions on Python's traces for ``mask``."""
+    """The browser's edges (same rows, same order), nodes, word shading, message and counts equal the app's functions on Python's traces for ``mask``."""
     pre = records[0]
     traces = python_traces(records, mask, tau, alpha)
     edges, expected = source(page, "flow_edges"), flow_edges(pre.tokens, traces)
-    for column in ("layer", "query", "key", "query_token", "key_token", "label", "heads_pretrained", "heads_finetuned"):
+    for column in ("layer", "query", "key", "query_token", "key_token", "label", "heads_pretrained", "heads_finetuned", "legend"):
         assert edges[column] == expected[column].tolist(), column
     for column in ("weight", "weight_pretrained", "weight_finetuned"):
         np.testing.assert_array_equal(np.asarray(edges[column], dtype=float), expected[column].to_numpy(float), err_msg=column)
@@ -91,9 +100,11 @@ def assert_matches_python(page, records, mask: np.ndarray, tau: float, alpha: fl
     shaded = source(page, "sentence_words")["value"]
     expected_words = np.concatenate([np.bincount(index, weights=traces[name].influence[0], minlength=len(words)) for name in (PRETRAINED, FINETUNED)])
     np.testing.assert_array_equal(shaded, expected_words)
-    total = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size
-    assert len(edges["key"]) == total
-    assert page.evaluate(TEXT_OF, "edge_count").startswith(f"<b>{total}</b> edges")
+    assert source(page, "flow_message")["text"] == [flow_message(traces, mask, tau)]
+    counts = edge_counts(expected["label"].to_numpy())
+    assert sum(counts.values()) == len(edges["key"]) == compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size
+    assert page.evaluate(TEXT_OF, "edge_count") == status_html(counts, int(mask.sum()), mask.size)
+    assert page.evaluate(FLOW_TITLE) == flow_title(counts)
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +123,13 @@ def test_browser_trace_equals_trace_cls_flow_for_any_head_selection(page, tiny_r
     initial_status = page.evaluate(TEXT_OF, "edge_count")
     assert_matches_python(page, tiny_records, np.ones(shape, dtype=bool), tau, alpha)
     rng = np.random.default_rng(1)
-    masks = [rng.random(shape) < 0.5 for _ in range(6)] + [np.eye(*shape, dtype=bool), np.zeros(shape, dtype=bool)]
-    masks[-1][-1, :] = True  # the deepest layer only
+    masks = [rng.random(shape) < 0.5 for _ in range(6)] + [np.eye(*shape, dtype=bool), np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)]
+    masks[-2][-1, :] = True  # the deepest layer only
+    masks[-1][0, :] = True  # no head of the deepest layer: no edge, and a message saying so
     for mask in masks:
         page.evaluate(SELECT, cell_indices(page, mask))
         assert_matches_python(page, tiny_records, mask, tau, alpha)
+    assert source(page, "flow_message")["text"] == [f"No edge reaches [CLS] from the selected heads: select a head of layer {shape[0]}."]
     page.evaluate(SELECT, [])  # an empty selection means every head: back to the state Python rendered
     assert page.evaluate(TEXT_OF, "edge_count") == initial_status
     for name, data in initial.items():
@@ -136,10 +149,10 @@ def test_box_select_in_the_grid_retraces_offline(page, real_pair, plot_point, tm
     visit = open_offline(page, path)
     assert page.locator("canvas").count() >= 5
     before = len(source(page, "flow_edges")["key"])
-    # drag over heads 8-9 of the grid's two top rows (layers 5 and 6, the deepest)
-    page.mouse.move(*plot_point(page, "model difference", 7.6, 6.4))
+    # drag over heads 9-10 of the grid's two top rows (layers 5 and 6, the deepest), numbered from 1 as the grid shows them
+    page.mouse.move(*plot_point(page, "model difference", 8.6, 6.4))
     page.mouse.down()
-    page.mouse.move(*plot_point(page, "model difference", 9.4, 4.6), steps=8)
+    page.mouse.move(*plot_point(page, "model difference", 10.4, 4.6), steps=8)
     page.mouse.up()
     wait_until(lambda: len(source(page, "flow_edges")["key"]) != before, page, timeout=10_000)
     indices = page.evaluate("() => Array.from(Bokeh.documents[0].get_model_by_name('head_grid').selected.indices)")
@@ -151,6 +164,36 @@ def test_box_select_in_the_grid_retraces_offline(page, real_pair, plot_point, tm
     assert page.evaluate(TEXT_OF, "edge_count").startswith(f"<b>{total}</b> edges")
     assert page.get_by_text(f"{total} edges (").first.is_visible()
     page.screenshot(path=str(artifacts / "export.png"), full_page=True)
+    assert visit.errors == [] and visit.outside == []
+
+
+def hover_edge_middle(page, plot_point) -> dict[str, str]:
+    """Point at the middle of the most slanted edge; the tooltip's rows (label -> text)."""
+    edges = source(page, "flow_edges")
+    i = int(np.argmax(np.abs(np.subtract(edges["x1"], edges["x0"]))))
+    page.mouse.move(0, 0)
+    page.mouse.move(*plot_point(page, "pre-trained vs fine-tuned", (edges["x0"][i] + edges["x1"][i]) / 2, (edges["y0"][i] + edges["y1"][i]) / 2))
+    tip = page.locator(TOOLTIP)
+    tip.wait_for(timeout=10_000)
+    return dict(line.split(":\t") for line in tip.inner_text().split("\n"))
+
+
+def test_edge_hover_shows_the_words_of_its_edge(page, tiny_records, plot_point, tmp_path: Path) -> None:
+    """The edge hover names the tokens, layer (from 1), heads and weights, before and after the browser re-traces."""
+    path = export_dashboard(tiny_records, tmp_path / "hover.html", top_heads=0)
+    visit = open_offline(page, path)
+    deepest = np.zeros(tiny_records[0].attention.shape[:2], dtype=bool)
+    deepest[-1] = True
+    for mask in (None, deepest):
+        if mask is not None:
+            page.evaluate(SELECT, cell_indices(page, mask))
+        edges = source(page, "flow_edges")
+        layers = {f"{kt} ({k}) → {qt} ({q})": layer + 1 for kt, k, qt, q, layer in zip(edges["key_token"], edges["key"], edges["query_token"], edges["query"], edges["layer"], strict=True)}
+        shown = hover_edge_middle(page, plot_point)
+        assert list(shown) == ["layer", "key → query", "pre-trained weight", "pre-trained heads", "fine-tuned weight", "fine-tuned heads"]
+        assert shown["layer"] == str(layers[shown["key → query"]])  # an edge crossing this one's middle may be the nearest
+        assert all(re.fullmatch(r"-|\d+(, \d+)*", shown[f"{m} heads"]) for m in ("pre-trained", "fine-tuned"))
+        assert all(re.fullmatch(r"below tau|\d\.\d{3}", shown[f"{m} weight"]) for m in ("pre-trained", "fine-tuned"))
     assert visit.errors == [] and visit.outside == []
 
 

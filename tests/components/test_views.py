@@ -439,3 +439,25 @@ def test_compare_view_exports_its_input_and_selection(tiny_pair, tmp_path) -> No
     with pytest.raises(AttnflowsError):
         CompareView(tiny_pair, "  ").export(tmp_path / "empty.html")
     assert not (tmp_path / "empty.html").exists()
+
+
+def test_controls_analyze_clear_selection_reset_root_and_download(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    controls = view.controls()
+    buttons = {b.label: b for b in controls.select(pn.widgets.Button)}
+    text = next(w for w in controls.select(pn.widgets.TextAreaInput))
+    text.value_input = "the car was good"  # typed, not yet committed by leaving the box
+    buttons["Analyze"].clicks += 1
+    assert view.records[0].text == "the car was good"
+    view.param.update(root=(1, 2))
+    view.select_heads([(1, 0)])
+    buttons["Clear selection"].clicks += 1
+    buttons["Reset root"].clicks += 1
+    assert view.head_mask.all() and view.root == (-1, 0)
+    download = next(w for w in controls.select(pn.widgets.FileDownload))
+    page = download.callback().getvalue()
+    assert "the car was good" in page and "<html" in page.lower()
+    view.text = ""
+    assert download.disabled
+    helps = {w.value for w in controls.select(pn.widgets.TooltipIcon)} | {getattr(w, "description", None) for w in controls.select(pn.widgets.Widget)}
+    assert [name for name in view._widgets() if view.param[name].doc not in helps] == []  # every control says what it does
