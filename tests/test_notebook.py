@@ -72,7 +72,7 @@ def test_notebook_runs_on_the_real_pair(small_finetune, attnflows_home: Path) ->
     assert counts is not None
     all_heads, selected = map(int, counts.groups())
     assert 0 < selected < all_heads
-    assert f"pre-trained vs fine-tuned ({all_heads} edges)" in view_html
+    assert f"pre-trained vs fine-tuned: CLS trace from [CLS] (layer 6), {all_heads} edges" in view_html
 
     figure_html = rendered_html(cell_with(nb, "flow_diagram(pre.tokens, traces"))
     assert f"[CLS] traces through the selected heads ({selected} edges)" in figure_html

@@ -1,8 +1,8 @@
 """CompareView as a pane in a live JupyterLab page: Python updates after display, and brushes back to Python.
 
 nbclient (tests/test_notebook.py) runs the example notebook without a frontend, so nothing there shows
-that a displayed view follows ``view.select_heads(...)`` run in a later cell (``_push_mask`` writes
-the panes' Bokeh sources and calls the HoloViews plot's ``push()``, which sends the document diff over
+that a displayed view follows ``view.select_heads(...)`` run in a later cell (``_on_mask`` writes
+the panes' Bokeh sources and calls ``pn.io.push_notebook``, which sends the document diff over
 the notebook comm), nor that a brush drawn on the displayed grid reaches the kernel over that comm.
 
 A ``jupyter lab`` subprocess (temporary root, config, data and runtime dirs; a kernelspec that runs
@@ -50,13 +50,14 @@ pair = ModelPair(load_encoder({pretrained!r}), load_encoder({finetuned!r}))
 
 
 def edges(view):
-    \"\"\"The flow title's count (edges of both traces) and the distinct edges the diagram draws.\"\"\"
-    traces = [trace_cls_flow(r.attention, view.head_mask, tau=view.tau) for r in view.records]
-    return sum(t.n_edges for t in traces), len(np.union1d(*(t.edge_ids() for t in traces)))
+    \"\"\"The distinct edges of both models' traces (the flow title's count) and the segments the diagram draws.\"\"\"
+    traces = [trace_cls_flow(r.attention, view.head_mask, tau=view.tau, top_k=view.top_k) for r in view.records]
+    return len(np.union1d(*(t.edge_ids() for t in traces))), len(view.flows[("pretrained", "finetuned")].sources["edges"].data["x0"])
 
 
 print("KERNEL", sys.executable)"""
 SHOW = f"view = CompareView(pair, {TEXT!r})\nview"
+FLOW_TITLE = "pre-trained vs fine-tuned: CLS trace from [CLS] (layer 2)"
 REPORT = 'print("EDGES %d SEGMENTS %d" % edges(view), "SELECTED", view.selected_heads())'
 
 
@@ -175,7 +176,7 @@ FLOW_JS = """() => {
   for (const doc of (window.Bokeh ? Bokeh.documents : [])) {
     for (const model of doc.all_models) {
       const title = model.title != null && model.renderers != null ? model.title.text : null;
-      if (title != null && / edges\\)$/.test(title)) {
+      if (title != null && /, \\d+ edges/.test(title)) {
         const segments = model.renderers.filter((r) => r.data_source != null && r.data_source.data.x0 != null);
         out.push({title, segments: segments.map((r) => r.data_source.data.x0.length)});
       }
@@ -196,7 +197,7 @@ PALETTES_JS = """() => Object.fromEntries((window.Bokeh ? Bokeh.documents : []).
 # Only the view's document counts (the one drawing the flow): the BrowserInfo document pn.extension()
 # displays sometimes never gets its first batch acknowledged, which costs nothing but its own timeout.
 COMMS_JS = """() => (window.Bokeh ? Bokeh.documents : [])
-  .filter((doc) => [...doc.all_models].some((m) => m.title != null && m.renderers != null && / edges\\)$/.test(m.title.text || "")))
+  .filter((doc) => [...doc.all_models].some((m) => m.title != null && m.renderers != null && /, \\d+ edges/.test(m.title.text || "")))
   .flatMap((doc) => [...doc.all_models].filter((m) => m._event_buffer !== undefined && m._blocked !== undefined))
   .map((m) => ({blocked: m._blocked, buffered: m._event_buffer.length}))"""
 
@@ -262,7 +263,7 @@ class Notebook:
     def wait_for_flow(self, title: str, segments: int, timeout: float = 30_000) -> None:
         def drawn() -> None:
             flow = self.flow()
-            assert flow["title"].endswith(title) and flow["segments"] == [segments], flow
+            assert title in flow["title"] and flow["segments"] == [segments], flow
 
         wait_until(drawn, self.page, timeout=timeout)
 
@@ -306,7 +307,7 @@ def open_notebook(page, lab: Lab, request: pytest.FixtureRequest) -> Iterator:
         edges, segments, heads = counts(notebook.run(2, expect="EDGES"))
         assert edges > 0 and heads == [(layer, head) for layer in range(2) for head in range(4)]
         # the output is a live Bokeh document: five plots, the flow titled with the count Python prints
-        notebook.wait_for_flow(f"pre-trained vs fine-tuned ({edges} edges)", segments)
+        notebook.wait_for_flow(f"{FLOW_TITLE}, {edges} edges", segments)
         wait_until(lambda: page.locator(".jp-OutputArea-output .bk-events").count() == 5, page, timeout=30_000)
         notebook.wait_for_comms()
         return notebook
@@ -324,10 +325,10 @@ def test_select_heads_in_a_later_cell_redraws_the_displayed_view(open_notebook, 
     notebook = open_notebook([select([(1, 0)])])
     before = notebook.flow()
     edges, segments, heads = counts(notebook.run(3, expect="EDGES"))
-    assert heads == [(1, 0)] and 0 < edges < int(re.search(r"\((\d+) edges\)", before["title"])[1])
-    notebook.wait_for_flow(f"pre-trained vs fine-tuned ({edges} edges)", segments)
+    assert heads == [(1, 0)] and 0 < edges < int(re.search(r", (\d+) edges", before["title"])[1])
+    notebook.wait_for_flow(f"{FLOW_TITLE}, {edges} edges", segments)
     # the matrices follow too
-    wait_until(lambda: {"pre-trained: layer 2, head 0", "fine-tuned: layer 2, head 0"} <= set(notebook.titles()), notebook.page, timeout=10_000)
+    wait_until(lambda: {"pre-trained: layer 2, head 1", "fine-tuned: layer 2, head 1"} <= set(notebook.titles()), notebook.page, timeout=10_000)
     notebook.page.wait_for_timeout(1000)
     notebook.page.screenshot(path=str(artifacts / "notebook.png"))
 
@@ -339,7 +340,7 @@ def test_select_heads_in_a_later_cell_keeps_what_the_panes_draw(open_notebook, a
     palettes = notebook.palettes()
     assert notebook.bokeh_problems() == []
     edges, segments, _ = counts(notebook.run(3, expect="EDGES"))
-    notebook.wait_for_flow(f"({edges} edges)", segments)
+    notebook.wait_for_flow(f", {edges} edges", segments)
     notebook.page.wait_for_timeout(2000)  # let BokehJS repaint every pane
     notebook.page.screenshot(path=str(artifacts / "notebook-styles.png"))
     assert notebook.bokeh_problems() == []
@@ -349,11 +350,11 @@ def test_select_heads_in_a_later_cell_keeps_what_the_panes_draw(open_notebook, a
 def test_grid_brush_in_the_browser_reaches_python(open_notebook, plot_point, artifacts: Path) -> None:
     notebook = open_notebook([REPORT])
     before = notebook.flow()
-    # a box over heads 1-2 of layer 2 (the grid's y axis counts layers from 1)
-    notebook.brush(plot_point, (0.6, 2.4), (2.4, 1.6))
+    # a box over heads 2-3 of layer 2 (the grid counts layers and heads from 1)
+    notebook.brush(plot_point, (1.6, 2.4), (3.4, 1.6))
     wait_until(lambda: notebook.flow()["title"] != before["title"], notebook.page, timeout=15_000)  # Python traced the brushed heads and pushed them
     notebook.wait_for_comms()
     edges, segments, heads = counts(notebook.run(3, expect="EDGES"))
     assert heads == [(1, 1), (1, 2)]
-    notebook.wait_for_flow(f"pre-trained vs fine-tuned ({edges} edges)", segments)
+    notebook.wait_for_flow(f"{FLOW_TITLE}, {edges} edges", segments)
     notebook.page.screenshot(path=str(artifacts / "notebook-brush.png"))

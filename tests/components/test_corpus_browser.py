@@ -12,7 +12,7 @@ import requests
 from bokeh.document import Document
 from bokeh.models.widgets.tables import NumberFormatter
 from panel.models.tabulator import CellClickEvent, SelectionEvent
-from panel.tests.util import serve_and_request, wait_until
+from panel.tests.util import serve_and_request, serve_component, wait_until
 
 from attnflows_panel.components.corpus_browser import PAGE_SIZE, CorpusBrowser
 
@@ -135,7 +135,7 @@ def test_served_page_needs_nothing_from_a_cdn(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.browser
-def test_in_a_browser_html_stays_text_and_a_click_chooses(page, serve_page) -> None:
+def test_in_a_browser_html_stays_text_and_a_click_chooses(page) -> None:
     frame = table()
     browsers: list[CorpusBrowser] = []
 
@@ -147,8 +147,8 @@ def test_in_a_browser_html_stays_text_and_a_click_chooses(page, serve_page) -> N
     dialogs: list[str] = []
     page.on("request", lambda r: external.append(r.url) if not r.url.startswith(("http://localhost", "ws://localhost", "blob:", "data:")) else None)
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    msgs = serve_page(page, app)
-    page.wait_for_selector(".tabulator-row")
+    msgs, _ = serve_component(page, app, wait=False)
+    page.wait_for_selector(".tabulator-row", timeout=60_000)
     page.locator(".tabulator-col[tabulator-field=text] input").press_sequentially("img")
     cell = page.locator(".tabulator-cell[tabulator-field=text]", has_text=XSS)
     cell.wait_for()

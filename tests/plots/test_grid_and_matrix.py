@@ -19,7 +19,7 @@ def test_grid_has_one_cell_per_head_and_brush_tools() -> None:
     element = head_grid(values, "entropy")
     frame = element.dframe()
     assert len(frame) == 72
-    assert frame.set_index(["layer", "head"]).loc[(6, 11), "entropy"] == values[5, 11]
+    assert frame.set_index(["layer", "head"]).loc[(6, 12), "entropy"] == values[5, 11]  # layers and heads from 1
     figure = hv.render(element)
     assert any(isinstance(t, TapTool) for t in figure.tools) and any(isinstance(t, BoxSelectTool) for t in figure.tools)
 
@@ -138,7 +138,7 @@ def test_selection_indices_map_to_the_cells_bokeh_draws() -> None:
     figure = hv.render(element)
     source = next(r.data_source for r in figure.renderers if "zvalues" in r.data_source.data)
     for index in (0, 5, 52, 71):
-        layer, head = heads_at(element, [index])[0]
+        layer, head = heads_at(source.data, [index])[0]
         assert source.data["zvalues"][index] == values[layer, head]
 
 
