@@ -8,11 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 import holoviews as hv
+import pandas as pd
 import panel as pn
 
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.components import AttentionView, CompareView, SingleView
-from attnflows_panel.examples import load_examples
+from attnflows_panel.components.corpus_browser import CorpusBrowser
+from attnflows_panel.examples import Example, load_examples
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.prepare import Prepared
@@ -43,8 +45,14 @@ def shared_default() -> Prepared:
         return _PREPARED
 
 
+def example_label(example: Example) -> str:
+    """The menu entry of an example: its task first; a pair task says the default fine-tune never learned it."""
+    untrained = "" if example.task == "sentiment" else " (not a task the default fine-tune learned)"
+    return f"{example.task}: {example.name}{untrained}"
+
+
 def _examples_menu(view: AttentionView) -> pn.widgets.Select:
-    examples = {"(choose an example)": None} | {f"{e.name} — {e.task}": e for e in load_examples()}
+    examples = {"(choose an example)": None} | {example_label(e): e for e in load_examples()}
     menu = pn.widgets.Select(label="Examples", options=list(examples), sizing_mode="stretch_width")
 
     def pick(event: object) -> None:
@@ -101,7 +109,7 @@ def _page(title: str) -> tuple[pn.template.BootstrapTemplate, pn.Column, pn.Colu
     if _served():
         _warm_rasterizer_once()
     hv.extension("bokeh", logo=False)
-    pn.extension(notifications=False, loading_indicator=True)
+    pn.extension("tabulator", notifications=False, loading_indicator=True)
     template = pn.template.BootstrapTemplate(title=title, sidebar_width=330)
     sidebar, main = pn.Column(sizing_mode="stretch_width"), pn.Column(sizing_mode="stretch_width")
     template.sidebar.append(sidebar)
@@ -113,21 +121,29 @@ def _waiting(message: str) -> tuple[pn.pane.Markdown, pn.indicators.Progress]:
     return pn.pane.Markdown(html.escape(message)), pn.indicators.Progress(active=True, width=300)
 
 
-def create_app(pair: ModelPair | None = None, text: str | None = None, head_map: HeadEmbedding | None = None) -> pn.template.BootstrapTemplate:
-    """The comparison dashboard for ``pair`` (default: the offline default pair and its corpus head map)."""
+def _corpus_card(view: AttentionView, corpus: pd.DataFrame) -> pn.Card:
+    """The corpus run's sentences (most changed by fine-tuning first); choosing one shows it in every view."""
+    browser = CorpusBrowser(corpus)
+    browser.param.watch(lambda event: view.param.update(text_pair=event.new[1], text=event.new[0]), "chosen")
+    title = f"Corpus: {len(corpus)} held-out sentences, sortable and filterable; click one to show it"
+    return pn.Card(browser, title=title, collapsed=True, sizing_mode="stretch_width")
+
+
+def create_app(pair: ModelPair | None = None, text: str | None = None, head_map: HeadEmbedding | None = None, corpus: pd.DataFrame | None = None) -> pn.template.BootstrapTemplate:
+    """The comparison dashboard for ``pair`` (default: the offline default pair, its corpus head map and sentence table)."""
     template, sidebar, main = _page("attnflows — pre-trained vs fine-tuned attention")
 
-    def build(pair: ModelPair, head_map: HeadEmbedding | None) -> None:
+    def build(pair: ModelPair, head_map: HeadEmbedding | None, corpus: pd.DataFrame | None = None) -> None:
         view = CompareView(pair, text, head_map=head_map)
         sidebar[:] = [_examples_menu(view), view.controls()]
-        main[:] = [view]
+        main[:] = [view] if corpus is None else [_corpus_card(view, corpus), view]
 
     if pair is not None:
-        build(pair, head_map)
+        build(pair, head_map, corpus)
         return template
     if not _served():
         prepared = shared_default()
-        build(prepared.pair, prepared.head_map)
+        build(prepared.pair, prepared.head_map, prepared.corpus)
         return template
     status, progress = _waiting("Preparing the default models (the first run fine-tunes them; this takes a few minutes)…")
     main[:] = [status, progress]
@@ -135,7 +151,7 @@ def create_app(pair: ModelPair | None = None, text: str | None = None, head_map:
     def failed(exc: Exception) -> None:
         main[:] = [pn.pane.Alert(f"Could not prepare the models: {html.escape(str(exc))}", alert_type="danger")]
 
-    _in_background(shared_default, lambda prepared: build(prepared.pair, prepared.head_map), failed, status)
+    _in_background(shared_default, lambda prepared: build(prepared.pair, prepared.head_map, prepared.corpus), failed, status)
     return template
 
 

@@ -133,7 +133,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     prepared = prepare_default(progress=not args.quiet, report=lambda stage: None if args.quiet else print(stage, flush=True))
     store = prepared.store
-    print(f"default models ready; corpus run {store.path}: {store.describe()}; head map of {len(prepared.head_map.points)} heads")
+    print(f"default models ready; corpus run {store.path}: {store.describe()}; head map of {len(prepared.head_map.points)} heads; sentence table of {len(prepared.corpus)} rows")
     return 0
 
 

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.paths import home
@@ -19,15 +21,17 @@ def default_run_dir() -> Path:
 
 @dataclass(frozen=True)
 class Prepared:
-    """The default pair, its corpus run and the head map of that run."""
+    """The default pair, its corpus run, the head map of that run and its sentence table."""
 
     pair: ModelPair
     store: RunStore
     head_map: HeadEmbedding
+    corpus: pd.DataFrame  # one row per sentence: text, label, both predictions, model difference (see corpus_table)
 
 
 def prepare_default(*, progress: bool = True, report: Callable[[str], None] = lambda _: None) -> Prepared:
-    """Fine-tune (once), extract the held-out corpus (once) and place the heads (once); ``report`` names each stage."""
+    """Fine-tune, extract the held-out corpus, place the heads and compare the sentences (each once); ``report`` names each stage."""
+    from attnflows_panel.analysis.corpus_table import corpus_table
     from attnflows_panel.corpus import heldout_sentiment_corpus
     from attnflows_panel.head_map import run_head_map
     from attnflows_panel.models import default_pair
@@ -38,4 +42,6 @@ def prepare_default(*, progress: bool = True, report: Callable[[str], None] = la
     report("Extracting attention for the held-out sentences (once: about a minute)…")
     store = extract_corpus({"pretrained": pair.pretrained, "finetuned": pair.finetuned}, heldout_sentiment_corpus(), default_run_dir(), progress=progress)
     report("Placing every head by its behaviour over the corpus (once: under a minute)…")
-    return Prepared(pair, store, run_head_map(store))
+    head_map = run_head_map(store)
+    report("Comparing the two models sentence by sentence (once: under a minute)…")
+    return Prepared(pair, store, head_map, corpus_table(store, progress=progress))

@@ -461,3 +461,24 @@ def test_controls_analyze_clear_selection_reset_root_and_download(tiny_pair) -> 
     assert download.disabled
     helps = {w.value for w in controls.select(pn.widgets.TooltipIcon)} | {getattr(w, "description", None) for w in controls.select(pn.widgets.Widget)}
     assert [name for name in view._widgets() if view.param[name].doc not in helps] == []  # every control says what it does
+
+
+def test_the_compare_app_shows_a_chosen_corpus_sentence_in_every_view(tiny_pair) -> None:
+    from attnflows_panel.app import _corpus_card
+
+    corpus = pd.DataFrame({"sentence_id": [0, 1], "text": ["the car was good", "i hate it"], "text_pair": [None, "it was bad"], "label": ["positive", "negative"], "difference": [0.2, 0.1], "n_tokens": [6, 9]})
+    assert isinstance(create_app(tiny_pair, TEXT, corpus=corpus).main[0][0], pn.Card)  # the corpus card leads the page
+    view = CompareView(tiny_pair, TEXT)
+    table = _corpus_card(view, corpus).select(pn.widgets.Tabulator)[0]
+    table.selection = [1]  # as a click on that row reports it
+    assert (view.records[0].text, view.records[0].text_pair) == ("i hate it", "it was bad")
+    assert view.flows[MERGED].figure.x_range.end == view.records[0].n_tokens
+
+
+def test_pair_examples_say_the_default_fine_tune_never_learned_their_task() -> None:
+    from attnflows_panel.app import example_label
+    from attnflows_panel.examples import load_examples
+
+    labels = [example_label(e) for e in load_examples()]
+    assert all(label.startswith("sentiment: ") and "not a task" not in label for label in labels[:7])
+    assert all("(not a task the default fine-tune learned)" in label for label in labels if not label.startswith("sentiment"))
