@@ -14,6 +14,7 @@ import panel as pn
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.components import AttentionView, CompareView, SingleView
 from attnflows_panel.components.corpus_browser import CorpusBrowser
+from attnflows_panel.components.url_state import share_state
 from attnflows_panel.examples import Example, load_examples
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
@@ -135,6 +136,8 @@ def create_app(pair: ModelPair | None = None, text: str | None = None, head_map:
 
     def build(pair: ModelPair, head_map: HeadEmbedding | None, corpus: pd.DataFrame | None = None) -> None:
         view = CompareView(pair, text, head_map=head_map)
+        if _served():
+            share_state(view, pn.state.location)
         sidebar[:] = [_examples_menu(view), view.controls()]
         main[:] = [view] if corpus is None else [_corpus_card(view, corpus), view]
 
@@ -204,6 +207,8 @@ def create_single_app(model: LoadedModel | None = None, text: str | None = None,
 
     def build(loaded: LoadedModel, heads: HeadEmbedding | None, title: str | None = None) -> None:
         view = SingleView(loaded, current["view"].text if current else text, head_map=heads, title=title)
+        if _served() and not current:  # the link opens the first model's view; a model loaded later starts afresh
+            share_state(view, pn.state.location)
         current["view"] = view
         sidebar[:] = [loader, _examples_menu(view), view.controls()]
         main[:] = [view]

@@ -252,3 +252,18 @@ def test_apps_compare_py_serves_and_shows_progress_while_preparing(page, serve_a
     page.wait_for_selector("text=Loading the default models", timeout=30_000)
     assert "Traceback" not in page.content()
     assert console_errors(msgs) == []
+
+
+def test_a_link_reopens_the_view_and_follows_it(page, serve_page, real_pair, plot_point) -> None:
+    """The URL carries heads, method and tau; a hostile value is ignored with a notice, and a brush updates the URL."""
+    msgs = serve_page(page, lambda: create_app(real_pair, TEXT))
+    base = page.url.split("?")[0]
+    page.goto(f"{base}?heads=6.3&method=rollout&tau=0.02&root=bad%3Cb%3E")
+    page.wait_for_function("() => window.Bokeh !== undefined && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle", timeout=60_000)
+    wait_until(lambda: plots_titled(page, "pre-trained: layer 6, head 3") != [], page, timeout=30_000)
+    assert plots_titled(page, "pre-trained vs fine-tuned: rollout from [CLS] (layer 6)") != []
+    page.wait_for_selector("text=Ignored from the link (not valid here): root.", timeout=10_000)
+    assert "heads=6.3" in page.url and "method=rollout" in page.url and "tau=0.02" in page.url
+    drag(page, plot_point(page, "model difference", 0.6, 5.4), plot_point(page, "model difference", 1.4, 4.6))  # layer 5, head 1
+    wait_until(lambda: "heads=5.1" in page.url, page, timeout=15_000)
+    assert console_errors(msgs) == []
