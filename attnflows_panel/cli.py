@@ -43,6 +43,14 @@ def _rate(value: str) -> float:
     return number
 
 
+def _whole_number_or_text(value: str) -> int | str:
+    """An ``int`` when ``value`` is one, else ``value`` itself for the command to refuse in one line."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
 def _finetune_config(args: argparse.Namespace) -> Any:
     from attnflows_panel.models.finetune import FinetuneConfig
 
@@ -160,7 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from attnflows_panel.analysis.flows import validate_alpha, validate_tau
-    from attnflows_panel.export import export_dashboard, output_path, validate_top_heads
+    from attnflows_panel.export import export_dashboard, output_path, validate_top_heads, validate_top_k
     from attnflows_panel.extract import extract_pair
     from attnflows_panel.models import ModelPair
 
@@ -172,9 +180,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     validate_tau(args.tau)
     validate_alpha(args.alpha)
     validate_top_heads(args.top_heads)
+    top_k = validate_top_k(args.top_k)
     pair = ModelPair(**_models_for(args, progress=not args.quiet))
     records = extract_pair(pair, args.text, args.text_pair)
-    path = export_dashboard(records, target, tau=args.tau, alpha=args.alpha, top_heads=args.top_heads)
+    path = export_dashboard(records, target, tau=args.tau, alpha=args.alpha, top_heads=args.top_heads, top_k=top_k)
     print(f"{path}: {path.stat().st_size / 2**20:.1f} MB, {records[0].n_tokens} tokens; opens offline in any browser")
     return 0
 
@@ -231,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tau", type=float, default=0.1, help="keep attention edges of at least this weight, in (0, 1] (default 0.1)")
     exp.add_argument("--alpha", type=float, default=0.5, help="weight of deeper influence, in [0, 1] (default 0.5)")
     exp.add_argument("--top-heads", type=int, default=4, help="show the matrices of this many heads the models differ most on, 0 to 8 (default 4)")
+    exp.add_argument("--top-k", type=_whole_number_or_text, default=3, metavar="K", help="CLS trace: keep the K strongest edges of each token, 0 to 20; 0 keeps every edge of at least tau (default 3, as in the app)")
     exp.add_argument("--device", default="cpu", help="torch device (default cpu)")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
     exp.set_defaults(func=cmd_export, model=None)

@@ -2,7 +2,9 @@
 
 The file holds Bokeh models only (rendered from the plot builders, with Bokeh's JS and CSS inline), so
 it opens offline and without Python. For the trace it ships, per model, the attention entries at or
-above ``tau``: exactly what a union-combined :func:`trace_cls_flow` at that ``tau`` can keep.
+above ``tau``: exactly what a union-combined :func:`trace_cls_flow` at that ``tau`` can keep. The
+browser applies the same ``top_k`` rule as the trace (the k strongest edges of each expanded token,
+ties to the lower key index), so Python and the page draw the same edges and count them the same way.
 """
 
 from __future__ import annotations
@@ -37,13 +39,16 @@ from attnflows_panel.plots.head_grid import head_grid, heads_at
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
 
 MAX_TOP_HEADS = 8  # two matrices a head: with the grid, flows and sentence this stays under ~20 figures
+MAX_TOP_K = 20  # the app's top-k slider bounds
+DEFAULT_TOP_K = 3  # the app's default
 DEFAULT_TITLE = "attnflows: pre-trained vs fine-tuned"
 EDGE_FIELDS = ["x0", "y0", "x1", "y1", *EDGE_COLUMNS, "color", "width"]
 NODE_FIELDS = ["x", "y", "level", "index", "token", "influence_pretrained", "influence_finetuned", "label", "influence", "size", "color", "level_name"]
 PAGE_STYLE = {"font-family": "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif", "font-size": "14px", "color": "#222222"}
 
-# Runs in the browser on every change of the grid selection; mirrors trace_cls_flow(combine="union")
-# from [CLS] at the deepest level, flow_frames (edges grouped by label, heads from 1) and the sentence shading.
+# Runs in the browser on every change of the grid selection; mirrors trace_cls_flow(combine="union",
+# top_k=top_k or None) from [CLS] at the deepest level, flow_frames (edges grouped by label, heads from 1),
+# the count of edges top-k hides (hidden_by_top_k) and the sentence shading.
 TRACE_JS = """
 const sel = new Uint8Array(L * H);
 const picked = grid.selected.indices;
@@ -51,7 +56,8 @@ if (picked.length === 0) sel.fill(1); else for (const i of picked) sel[cell_laye
 let n_selected = 0;
 for (const s of sel) n_selected += s;
 
-function trace(m) {
+// k > 0 keeps the k strongest edges of each expanded query (ties: the lower key), k = 0 every edge
+function trace(m, k) {
   const counts = [];
   const influence = [];
   for (let l = 0; l <= L; l++) { counts.push(new Float64Array(n)); influence.push(new Float64Array(n)); }
@@ -63,19 +69,27 @@ function trace(m) {
     const c = counts[level - 1];
     for (const q of frontier) {
       const row = layer * n + q;
+      // a row's entries come sorted by key, then head: one candidate per key, weighing its strongest selected head
+      const candidates = [];
       for (let e = m.offsets[row]; e < m.offsets[row + 1]; e++) {
         const h = m.head[e];
         if (!sel[layer * H + h]) continue;
-        const k = m.key[e];
-        const id = row * n + k;
-        const edge = edges.get(id);
-        if (edge === undefined) {
-          edges.set(id, {layer, query: q, key: k, weight: m.weight[e], heads: [h]});
-          c[k] += 1;
+        const key = m.key[e];
+        const last = candidates[candidates.length - 1];
+        if (last !== undefined && last.key === key) {
+          last.heads.push(h);
+          last.weight = Math.max(last.weight, m.weight[e]);
         } else {
-          edge.heads.push(h);
-          edge.weight = Math.max(edge.weight, m.weight[e]);
+          candidates.push({layer, query: q, key, weight: m.weight[e], heads: [h]});
         }
+      }
+      if (k > 0 && candidates.length > k) {
+        candidates.sort((a, b) => (b.weight - a.weight) || (a.key - b.key));
+        candidates.length = k;
+      }
+      for (const edge of candidates) {
+        edges.set(row * n + edge.key, edge);
+        c[edge.key] += 1;
       }
     }
     frontier = [];
@@ -87,9 +101,14 @@ function trace(m) {
   return {edges, influence, reached};
 }
 
-const pre = trace(models.pretrained);
-const fine = trace(models.finetuned);
+const pre = trace(models.pretrained, top_k);
+const fine = trace(models.finetuned, top_k);
 const ids = Array.from(new Set([...pre.edges.keys(), ...fine.edges.keys()])).sort((a, b) => a - b);
+let hidden = 0;
+if (top_k > 0) {
+  const all = new Set([...trace(models.pretrained, 0).edges.keys(), ...trace(models.finetuned, 0).edges.keys()]);
+  hidden = all.size - ids.length;
+}
 const label_of = (id) => (pre.edges.has(id) ? (fine.edges.has(id) ? "shared" : "pretrained") : "finetuned");
 const tally = {};
 for (const label of label_order) tally[label] = 0;
@@ -154,17 +173,18 @@ for (const t of [pre, fine]) {
 }
 words.data = W;
 
-title.text = flow_title(tally);
-status.text = status_html(tally, n_selected, L * H);
+title.text = flow_title(tally, hidden, top_k);
+status.text = status_html(tally, n_selected, L * H, hidden, top_k);
 """
 
 STATUS_JS = """
 function split(counts) { return label_order.map((label) => `${counts[label]} ${legend_names[label]}`).join(", "); }
 function total(counts) { return label_order.reduce((sum, label) => sum + counts[label], 0); }
-function flow_title(counts) { return `pre-trained vs fine-tuned from [CLS]: ${total(counts)} edges (${split(counts)})`; }
-function status_html(counts, selected, heads) {
+function hidden_text(hidden, k) { return hidden > 0 ? `; ${hidden} weaker hidden (top ${k} per token)` : ""; }
+function flow_title(counts, hidden, k) { return `pre-trained vs fine-tuned from [CLS]: ${total(counts)} edges (${split(counts)})${hidden_text(hidden, k)}`; }
+function status_html(counts, selected, heads, hidden, k) {
   const which = selected === heads ? `all ${heads} heads` : `${selected} of ${heads} heads selected`;
-  return `<b>${total(counts)}</b> edges (${split(counts)}); ${which}`;
+  return `<b>${total(counts)}</b> edges (${split(counts)})${hidden_text(hidden, k)}; ${which}`;
 }
 """
 
@@ -174,15 +194,28 @@ def _split(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{counts[label]} {LEGEND_NAMES[label]}" for label in LABEL_ORDER)
 
 
-def flow_title(counts: Mapping[str, int]) -> str:
-    """The flow diagram's title from the edges per label (the browser writes the same through ``STATUS_JS``)."""
-    return f"pre-trained vs fine-tuned from [CLS]: {sum(counts.values())} edges ({_split(counts)})"
+def _hidden_text(hidden: int, top_k: int | None) -> str:
+    """``"; M weaker hidden (top k per token)"`` as the app's title says it, ``""`` when top-k hides nothing."""
+    return f"; {hidden} weaker hidden (top {top_k} per token)" if hidden > 0 else ""
 
 
-def status_html(counts: Mapping[str, int], selected: int, heads: int) -> str:
+def flow_title(counts: Mapping[str, int], hidden: int = 0, top_k: int | None = None) -> str:
+    """The flow diagram's title from the edges per label and the ``hidden`` ones top-k drops (the browser writes the same through ``STATUS_JS``)."""
+    return f"pre-trained vs fine-tuned from [CLS]: {sum(counts.values())} edges ({_split(counts)}){_hidden_text(hidden, top_k)}"
+
+
+def status_html(counts: Mapping[str, int], selected: int, heads: int, hidden: int = 0, top_k: int | None = None) -> str:
     """The edge and head count line above the flow diagram, numbers only (the browser mirrors it)."""
     which = f"all {heads} heads" if selected == heads else f"{selected} of {heads} heads selected"
-    return f"<b>{sum(counts.values())}</b> edges ({_split(counts)}); {which}"
+    return f"<b>{sum(counts.values())}</b> edges ({_split(counts)}){_hidden_text(hidden, top_k)}; {which}"
+
+
+def hidden_by_top_k(attentions: Sequence[Any], mask: np.ndarray, tau: float, alpha: float, top_k: int | None, shown: int) -> int:
+    """Distinct edges of at least ``tau`` the union traces of ``attentions`` draw without top-k, minus the ``shown`` ones (0 when top-k is off)."""
+    if not top_k:
+        return 0
+    full = [trace_cls_flow(attention, mask, tau=tau, alpha=alpha, combine="union").edge_ids() for attention in attentions]
+    return int(np.unique(np.concatenate(full)).size) - shown
 
 
 def no_edge_messages(layers: int, tau: float) -> dict[str, str]:
@@ -222,6 +255,15 @@ def validate_top_heads(top_heads: Any, n_heads: int | None = None) -> int:
     return int(top_heads)
 
 
+def validate_top_k(top_k: Any) -> int:
+    """Check the CLS trace's top-k: a whole number from 0 to ``MAX_TOP_K``, 0 (or None) keeping every edge of at least tau."""
+    if top_k is None:
+        return 0
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 0 <= top_k <= MAX_TOP_K:
+        raise InputError(f"top k must be a whole number from 0 to {MAX_TOP_K} (0: every edge of at least tau), got {top_k!r}")
+    return int(top_k)
+
+
 def output_path(path: str | os.PathLike) -> Path:
     """``path`` checked for writing: not a directory, and in a directory that exists."""
     target = Path(path).expanduser()
@@ -241,24 +283,35 @@ def export_dashboard(
     top_heads: int = 4,
     head_mask: Any = None,
     title: str = DEFAULT_TITLE,
+    top_k: int | None = DEFAULT_TOP_K,
 ) -> Path:
     """Write the (pre-trained, fine-tuned) ``records`` of one input as one self-contained HTML file; returns its path.
 
     ``head_mask`` ([L, H] bool, all heads when None or all True) is the initial grid selection.
+    ``top_k`` keeps the k strongest edges of each traced token, as the app does (None or 0: every edge of at least tau).
     The file is written to a temporary sibling first and renamed, so a failure leaves nothing behind.
     """
     target = output_path(path)
-    page = dashboard_html(records, tau=tau, alpha=alpha, top_heads=top_heads, head_mask=head_mask, title=title)
+    page = dashboard_html(records, tau=tau, alpha=alpha, top_heads=top_heads, head_mask=head_mask, title=title, top_k=top_k)
     with atomic_file(target) as tmp:
         tmp.write_text(page, encoding="utf-8")
         tmp.chmod(0o644)  # the temporary file is private (0600); a report is for reading and sharing
     return target
 
 
-def dashboard_html(records: Sequence[AttentionRecord] | None, *, tau: float = 0.1, alpha: float = 0.5, top_heads: int = 4, head_mask: Any = None, title: str = DEFAULT_TITLE) -> str:
+def dashboard_html(
+    records: Sequence[AttentionRecord] | None,
+    *,
+    tau: float = 0.1,
+    alpha: float = 0.5,
+    top_heads: int = 4,
+    head_mask: Any = None,
+    title: str = DEFAULT_TITLE,
+    top_k: int | None = DEFAULT_TOP_K,
+) -> str:
     """The dashboard as an HTML string with Bokeh's JS and CSS inline (see :func:`export_dashboard`)."""
     document = Document()
-    document.add_root(dashboard_layout(records, tau=tau, alpha=alpha, top_heads=top_heads, head_mask=head_mask))
+    document.add_root(dashboard_layout(records, tau=tau, alpha=alpha, top_heads=top_heads, head_mask=head_mask, top_k=top_k))
     docs_json, render_items = standalone_docs_json_and_render_items([document])
     bundle = bundle_for_objs_and_resources([document], INLINE)
     # Bokeh adds the external files every imported model class declares, used or not (Panel's ES-module
@@ -280,30 +333,40 @@ def _check_records(records: Sequence[AttentionRecord] | None) -> tuple[Attention
     return pre, fine
 
 
-def dashboard_layout(records: Sequence[AttentionRecord] | None, *, tau: float = 0.1, alpha: float = 0.5, top_heads: int = 4, head_mask: Any = None) -> LayoutDOM:
+def dashboard_layout(
+    records: Sequence[AttentionRecord] | None,
+    *,
+    tau: float = 0.1,
+    alpha: float = 0.5,
+    top_heads: int = 4,
+    head_mask: Any = None,
+    top_k: int | None = DEFAULT_TOP_K,
+) -> LayoutDOM:
     """The Bokeh layout of the dashboard: header, head grid and sentence view, flow diagram, top-head matrices."""
     pre, fine = _check_records(records)
     tau, alpha = validate_tau(tau), validate_alpha(alpha)
+    top_k = validate_top_k(top_k)
     L, H, n, _ = pre.attention.shape
     top_heads = validate_top_heads(top_heads, L * H)
     mask = validate_head_mask(head_mask, L, H)
     if not mask.any():
         mask = ~mask  # an empty selection means every head, as in the app
-    traces = {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union") for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
+    traces = {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
     js = head_js_divergence(pre.attention, fine.attention)
     words, word_index = merge_tokens(pre.tokens, pre.word_ids)
 
     grid_fig, grid, cells = _grid_figure(js, mask)
     frames = flow_frames(pre.tokens, traces, "layered", flow_message(traces, mask, tau))
     counts = edge_counts(frames["edges"]["label"].to_numpy())
-    flow_fig, flow = _flow_figure(pre.tokens, traces, frames, flow_title(counts))
+    hidden = hidden_by_top_k([pre.attention, fine.attention], mask, tau, alpha, top_k, sum(counts.values()))
+    flow_fig, flow = _flow_figure(pre.tokens, traces, frames, flow_title(counts, hidden, top_k))
     sentence_fig, word_source = _sentence_figure(words, word_index, traces, fine)
-    status = Div(text=status_html(counts, int(mask.sum()), L * H), name="edge_count", styles=PAGE_STYLE)
+    status = Div(text=status_html(counts, int(mask.sum()), L * H, hidden, top_k), name="edge_count", styles=PAGE_STYLE)
 
     callback = CustomJS(
         args=dict(
             grid=grid, edges=flow["edges"], nodes=flow["nodes"], message=flow["message"], words=word_source, title=flow_fig.title, status=status,
-            L=L, H=H, n=n, alpha=alpha, cell_layer=cells[:, 0], cell_head=cells[:, 1], tokens=list(pre.tokens),
+            L=L, H=H, n=n, alpha=alpha, top_k=top_k, cell_layer=cells[:, 0], cell_head=cells[:, 1], tokens=list(pre.tokens),
             word_index=word_index.astype(np.int32), n_words=len(words),
             models={name: sparse_attention(r.attention, tau) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))},
             edge_fields=EDGE_FIELDS, node_fields=NODE_FIELDS, colors=LABEL_COLORS, root_color=ROOT_COLOR, unreached_color=UNREACHED_COLOR,
@@ -313,7 +376,7 @@ def dashboard_layout(records: Sequence[AttentionRecord] | None, *, tau: float = 
     )
     grid.selected.js_on_change("indices", callback)
     layout = column(
-        Div(text=_header_html(pre, fine, tau, alpha), name="header", width=1100, styles=PAGE_STYLE),
+        Div(text=_header_html(pre, fine, tau, alpha, top_k), name="header", width=1100, styles=PAGE_STYLE),
         row(grid_fig, sentence_fig),
         status,
         flow_fig,
@@ -394,7 +457,7 @@ def _model_name(model_id: str) -> str:
     return "/".join(Path(model_id).parts[-2:]) if os.path.isabs(model_id) else model_id
 
 
-def _header_html(pre: AttentionRecord, fine: AttentionRecord, tau: float, alpha: float) -> str:
+def _header_html(pre: AttentionRecord, fine: AttentionRecord, tau: float, alpha: float, top_k: int) -> str:
     """Title, the input, the models and the settings; every text from users and models escaped."""
     e = html.escape
     parts = [f"<h2 style='margin: 0 0 6px 0'>{DEFAULT_TITLE}</h2>", f"<div><b>Sentence:</b> {e(pre.text)}</div>"]
@@ -405,6 +468,7 @@ def _header_html(pre: AttentionRecord, fine: AttentionRecord, tau: float, alpha:
         models += f"; the fine-tuned model predicts <b>{e(fine.predicted_label)}</b> ({fine.probabilities.max():.0%})"
     parts.append(f"<div><b>Models:</b> {models}</div>")
     truncated = f", the last {pre.n_truncated} dropped (model maximum)" if pre.n_truncated else ""
-    parts.append(f"<div><b>Settings:</b> CLS trace from [CLS] at the last layer, tau = {tau:g}, alpha = {alpha:g}, heads combined by union; {pre.n_tokens} tokens{truncated}</div>")
+    kept = f"top k = {top_k} (strongest edges kept per token)" if top_k else "top k = 0 (every edge of at least tau)"
+    parts.append(f"<div><b>Settings:</b> CLS trace from [CLS] at the last layer, tau = {tau:g}, alpha = {alpha:g}, {kept}, heads combined by union; {pre.n_tokens} tokens{truncated}</div>")
     parts.append("<div style='color: #555555'>Select heads in the grid (box select, or tap; shift adds); no selection means all heads. The flow diagram and the word shading follow.</div>")
     return "".join(parts)

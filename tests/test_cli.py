@@ -70,6 +70,42 @@ def test_finetune_command(tiny_dir: Path, sentiment_csv: Path, capsys: pytest.Ca
     assert "fine-tuned:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("value", ["-1", "21", "1.5", "three", ""])
+def test_export_refuses_a_bad_top_k_in_one_line(value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.html"
+    assert main(["export", "--top-k", value, "-o", str(out), "--quiet"]) == 2  # refused before any model loads
+    shown = int(value) if value.lstrip("-").isdigit() else repr(value)
+    assert capsys.readouterr().err.splitlines() == [f"attnflows: error: top k must be a whole number from 0 to 20 (0: every edge of at least tau), got {shown}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_help_names_top_k_next_to_top_heads(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--top-heads TOP_HEADS" in out and "--top-k K" in out and "(default 3, as in the app)" in out
+
+
+@pytest.mark.parametrize(("value", "setting"), [("0", "top k = 0 (every edge of at least tau)"), ("1", "top k = 1 (strongest edges kept per token)")])
+def test_export_with_top_k(value: str, setting: str, tiny_dir: Path, tiny_classifier_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from attnflows_panel.analysis.flows import trace_cls_flow
+    from attnflows_panel.extract import extract_pair
+    from attnflows_panel.models import ModelPair, load_encoder
+
+    out = tmp_path / "r.html"
+    text = "the car was good and i love it"
+    args = ["export", "--pretrained", str(tiny_dir), "--finetuned", str(tiny_classifier_dir), "--text", text, "--top-k", value, "--top-heads", "0", "-o", str(out), "--quiet"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: ")
+    page = out.read_text(encoding="utf-8")
+    assert setting in page
+    records = extract_pair(ModelPair(load_encoder(tiny_dir), load_encoder(tiny_classifier_dir)), text)
+    edges = {int(i) for r in records for i in trace_cls_flow(r.attention, top_k=int(value) or None).edge_ids()}
+    assert f"pre-trained vs fine-tuned from [CLS]: {len(edges)} edges (" in page
+    assert ("weaker hidden (top 1 per token)" in page) == (value == "1")
+
+
 def test_info_on_a_foreign_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(tmp_path)]) == 2
     assert "not an attnflows run directory" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from attnflows_panel.analysis.compare import head_js_divergence
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, compare_traces, trace_cls_flow
 from attnflows_panel.cli import main
 from attnflows_panel.errors import InputError
-from attnflows_panel.export import EDGE_FIELDS, NODE_FIELDS, dashboard_layout, export_dashboard, sparse_attention
+from attnflows_panel.export import EDGE_FIELDS, NODE_FIELDS, dashboard_html, dashboard_layout, export_dashboard, sparse_attention
 from attnflows_panel.extract import extract_pair
 from attnflows_panel.plots.flow_diagram import flow_edges
 from attnflows_panel.plots.head_grid import heads_at
@@ -154,16 +154,22 @@ def renderer_of(layout, name: str) -> GlyphRenderer:
     return next(r for r in layout.select({"type": GlyphRenderer}) if r.data_source.name == name)
 
 
-def test_layout_starts_from_the_given_head_mask(records) -> None:
+def distinct_edges(traces) -> int:
+    """Distinct (layer, query, key) edges over ``traces``, as the merged flow diagram draws them."""
+    return int(np.unique(np.concatenate([t.edge_ids() for t in traces])).size)
+
+
+@pytest.mark.parametrize("top_k", [3, 0, None])
+def test_layout_starts_from_the_given_head_mask(records, top_k: int | None) -> None:
     pre, fine = records
     tau = threshold_at_an_entry(pre.attention)
     mask = np.zeros((pre.n_layers, pre.n_heads), dtype=bool)
     mask[:, :2] = True
-    layout = dashboard_layout(records, tau=tau, alpha=0.3, top_heads=0, head_mask=mask)
+    layout = dashboard_layout(records, tau=tau, alpha=0.3, top_heads=0, head_mask=mask, top_k=top_k)
     grid = layout.select_one({"name": "head_grid"})
     assert set(heads_at(grid.data, grid.selected.indices)) == {tuple(h) for h in np.argwhere(mask).tolist()}
     assert sorted(grid.data["head"])[0] == 1  # the grid numbers heads from 1
-    traces = {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=0.3) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
+    traces = {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=0.3, top_k=top_k or None) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
     edges = layout.select_one({"name": "flow_edges"}).data
     expected = flow_edges(pre.tokens, traces)
     assert list(edges) == EDGE_FIELDS and list(layout.select_one({"name": "flow_nodes"}).data) == NODE_FIELDS
@@ -172,12 +178,39 @@ def test_layout_starts_from_the_given_head_mask(records) -> None:
     assert expected["label"].tolist() == sorted(expected["label"], key=[SHARED, PRETRAINED, FINETUNED].index)  # grouped by label
     labels = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label
     split = f"{(labels == SHARED).sum()} shared, {(labels == PRETRAINED).sum()} pre-trained only, {(labels == FINETUNED).sum()} fine-tuned only"
+    full = distinct_edges(trace_cls_flow(r.attention, mask, tau=tau, alpha=0.3) for r in records)
+    hidden = f"; {full - labels.size} weaker hidden (top {top_k} per token)" if top_k else ""
+    assert (full > labels.size) == bool(top_k)  # top 3 drops edges for these heads; top 0 and None drop none
     status = layout.select_one({"name": "edge_count"}).text
-    assert len(edges["key"]) == labels.size and status.startswith(f"<b>{labels.size}</b> edges ({split}); ")
-    assert f"{int(mask.sum())} of {mask.size} heads selected" in status
+    assert len(edges["key"]) == labels.size and status == f"<b>{labels.size}</b> edges ({split}){hidden}; {int(mask.sum())} of {mask.size} heads selected"
     flow = next(p for p in layout.select({"type": Plot}) if p.title.text.startswith("pre-trained vs fine-tuned"))
-    assert flow.title.text.endswith(f"{labels.size} edges ({split})")
+    assert flow.title.text == f"pre-trained vs fine-tuned from [CLS]: {labels.size} edges ({split}){hidden}"
     assert list(layout.select_one({"name": "flow_message"}).data["text"]) == [""]
+    header = layout.select_one({"name": "header"}).text
+    assert ("top k = 3 (strongest edges kept per token)" if top_k else "top k = 0 (every edge of at least tau)") in header
+    assert header.index("tau = ") < header.index("alpha = ") < header.index("top k = ")
+
+
+def test_the_default_top_k_is_the_apps(records) -> None:
+    """Without ``top_k`` the export draws what the app draws by default: the 3 strongest edges of each token."""
+    traces = [trace_cls_flow(r.attention, tau=0.1, alpha=0.5, top_k=3) for r in records]
+    shown = distinct_edges(traces)
+    assert shown < distinct_edges(trace_cls_flow(r.attention, tau=0.1, alpha=0.5) for r in records)
+    layout = dashboard_layout(records, top_heads=0)
+    assert len(layout.select_one({"name": "flow_edges"}).data["key"]) == shown
+    assert "weaker hidden (top 3 per token); all 8 heads" in layout.select_one({"name": "edge_count"}).text
+    assert "top k = 3" in layout.select_one({"name": "header"}).text
+    assert "top k = 3" in dashboard_html(records, top_heads=0)
+
+
+@pytest.mark.parametrize("top_k", [-1, 21, 1.5, True, "3", np.float64(2)])
+def test_a_bad_top_k_is_refused_in_one_line(records, tmp_path: Path, top_k: object) -> None:
+    with pytest.raises(InputError) as info:
+        export_dashboard(records, tmp_path / "report.html", top_k=top_k)
+    assert str(info.value) == f"top k must be a whole number from 0 to 20 (0: every edge of at least tau), got {top_k!r}"
+    with pytest.raises(InputError, match="top k must be"):
+        dashboard_html(records, top_k=top_k)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_edge_and_node_hovers_read_columns_the_sources_hold(records) -> None:
@@ -255,7 +288,9 @@ def test_cli_export(tiny_dir: Path, tiny_classifier_dir: Path, tmp_path: Path, c
     models = ["--pretrained", str(tiny_dir), "--finetuned", str(tiny_classifier_dir)]
     assert main(["export", *models, "--text", TEXT, "--tau", "0.05", "--top-heads", "2", "-o", str(out), "--quiet"]) == 0
     assert capsys.readouterr().out.startswith(f"{out}: ")
-    assert "tau = 0.05" in bokeh_models(scan(out))["header"]["text"]
+    named = bokeh_models(scan(out))
+    assert "tau = 0.05" in named["header"]["text"] and "top k = 3" in named["header"]["text"]
+    assert "weaker hidden (top 3 per token)" in named["edge_count"]["text"]
 
 
 @pytest.mark.parametrize(
@@ -265,6 +300,7 @@ def test_cli_export(tiny_dir: Path, tiny_classifier_dir: Path, tmp_path: Path, c
         (["-o", "{tmp}/no/r.html"], "attnflows: error: cannot write the dashboard to {tmp}/no/r.html: directory {tmp}/no does not exist"),
         (["--tau", "1.5", "-o", "{tmp}/r.html"], "attnflows: error: tau must be in (0, 1], got 1.5"),
         (["--top-heads", "-1", "-o", "{tmp}/r.html"], "attnflows: error: the number of top heads must be a whole number from 0 to 8, got -1"),
+        (["--top-k", "21", "-o", "{tmp}/r.html"], "attnflows: error: top k must be a whole number from 0 to 20 (0: every edge of at least tau), got 21"),
     ],
 )
 def test_cli_export_errors_are_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

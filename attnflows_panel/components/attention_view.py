@@ -8,18 +8,20 @@ import threading
 import numpy as np
 import panel as pn
 import param
+from bokeh.models import Rect, Scatter
 
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.analysis.flows import AttentionTrace, flow_trace, rollout_trace, trace_cls_flow
 from attnflows_panel.analysis.heads import MEASURES, head_measures
+from attnflows_panel.analysis.words import word_level
 from attnflows_panel.components.live_figure import LiveFigure
 from attnflows_panel.components.records import cached_records
 from attnflows_panel.errors import AttnflowsError
-from attnflows_panel.analysis.words import word_level
 from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_clim, matrix_frames
+from attnflows_panel.plots.bound import Layer
 from attnflows_panel.plots.flow_diagram import flow_diagram, flow_frames, flow_layers
 from attnflows_panel.plots.head_embedding import HIGHLIGHT_LAYERS, head_embedding, highlight_frames
 from attnflows_panel.plots.head_grid import OUTLINE_LAYERS, grid_outline, grid_outline_frames, head_grid, heads_at
@@ -33,7 +35,7 @@ MEASURE_LABELS = {
 }
 MEASURE_NAMES = [name for name, _ in MEASURES]
 METHOD_NAMES = {"trace": "CLS trace", "rollout": "rollout", "flow": "attention flow"}
-METHOD_TAU = {"trace": 0.1, "rollout": 0.01, "flow": 0.1}  # each method's scale: a readable structure on the default input
+METHOD_TAU = {"trace": 0.1, "rollout": 0.01, "flow": 0.2}  # each method's scale: a readable structure on the default input
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 FLOW_HEIGHT = 520
@@ -297,17 +299,14 @@ class AttentionView(pn.viewable.Viewer):
         cells = head_grid(self._grid_values(), "JS (bits)" if difference else self._grid_label(), title=self._grid_title(), cmap="magma_r" if difference else "viridis", width=440, height=300)
         heads = self._outlined()
         self.grid.draw(cells * grid_outline(heads), OUTLINE_LAYERS, grid_outline_frames(heads))
-        data = next(r.data_source.data for r in self.grid.figure.renderers if r.data_source is not self.grid.sources["outline"])
-        cells_source = next(r.data_source for r in self.grid.figure.renderers if r.data_source is not self.grid.sources["outline"])
-        cells_source.selected.on_change("indices", lambda _a, _o, new: self.select_heads(heads_at(data, new) if new else []))
+        self.grid.on_select(Layer(Rect), lambda index, cells: self.select_heads(heads_at(cells, index) if index else []))
 
     def _draw_map(self, *_: object) -> None:
         if self.head_map is None:
             return
         overlay = head_embedding(self.head_map.points, self.head_map.moves, color_by=self.map_color, titles=self.titles, title="heads over the corpus (drag to select)", width=460, height=330)
         self.map.draw(overlay, HIGHLIGHT_LAYERS, highlight_frames(self.head_map.points, self._outlined()))
-        heads = next(r.data_source for r in self.map.figure.renderers if r.data_source is not self.map.sources["highlight"] and len(r.data_source.data.get("head", [])) == len(self.head_map.points))
-        heads.selected.on_change("indices", lambda _a, _o, new: self._on_map_selection(list(new)))
+        self.map.on_select(Layer(Scatter), lambda index, _: self._on_map_selection(index))  # the heads, drawn before the highlight
 
     def _flow_layouts(self) -> list[tuple[str, ...]]:
         return [self.names]

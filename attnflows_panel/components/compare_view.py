@@ -53,10 +53,10 @@ class CompareView(AttentionView):
         return DIFFERENCE if self.measure == DIFFERENCE else f"{MEASURE_LABELS[self.measure]} ({MODEL_TITLES[self.grid_model]})"
 
     def export(self, path: str | os.PathLike, *, top_heads: int = 4) -> Path:
-        """Write this input, tau, alpha and head selection as a self-contained HTML dashboard (see ``attnflows export``)."""
+        """Write this input, tau, alpha, top-k and head selection as a self-contained HTML dashboard (see ``attnflows export``)."""
         from attnflows_panel.export import export_dashboard
 
-        return export_dashboard(self.records, path, tau=self.tau, alpha=self.alpha, top_heads=top_heads, head_mask=self.head_mask)
+        return export_dashboard(self.records, path, tau=self.tau, alpha=self.alpha, top_heads=top_heads, head_mask=self.head_mask, top_k=self.top_k)
 
     def _widgets(self) -> dict[str, dict[str, object]]:
         widgets = super()._widgets() | {
@@ -85,4 +85,4 @@ class CompareView(AttentionView):
         """The static dashboard of this input and selection, for the download button."""
         from attnflows_panel.export import dashboard_html
 
-        return io.StringIO(dashboard_html(self.records, tau=self.tau, alpha=self.alpha, head_mask=self.head_mask))
+        return io.StringIO(dashboard_html(self.records, tau=self.tau, alpha=self.alpha, head_mask=self.head_mask, top_k=self.top_k))

@@ -9,7 +9,7 @@ import panel as pn
 from bokeh.events import Tap
 from bokeh.models import ColumnDataSource, Plot
 
-from attnflows_panel.plots.bound import Frame, Layer, columns, render_bound
+from attnflows_panel.plots.bound import Frame, Layer, columns, render_bound, renderer
 
 
 class LiveFigure:
@@ -35,9 +35,10 @@ class LiveFigure:
         self.figure, self.sources = None, {}
         self.pane.object = None
 
-    def on_select(self, layer: str, callback: Callable[[list[int]], None]) -> None:
-        """Call ``callback(indices)`` when the user selects rows of the bound ``layer`` (box, lasso or tap)."""
-        self.sources[layer].selected.on_change("indices", lambda _attr, _old, new: callback(list(new)))
+    def on_select(self, layer: Layer, callback: Callable[[list[int], dict], None]) -> None:
+        """Call ``callback(indices, data)`` when the user selects rows of ``layer`` (box, lasso or tap)."""
+        source = renderer(self.figure, layer).data_source
+        source.selected.on_change("indices", lambda _attr, _old, new: callback(list(new), source.data))
 
     def on_tap(self, callback: Callable[[float, float], None]) -> None:
         """Call ``callback(x, y)`` with the data coordinates of a click on the plot."""

@@ -41,7 +41,8 @@ def columns(frame: Frame) -> dict[str, object]:
     return out
 
 
-def _renderer(plot: Plot, layer: Layer) -> GlyphRenderer:
+def renderer(plot: Plot, layer: Layer) -> GlyphRenderer:
+    """The glyph renderer of ``layer`` in ``plot`` (its ``nth`` glyph of that type, in drawing order)."""
     found = [r for r in plot.renderers if isinstance(r, GlyphRenderer) and isinstance(r.glyph, layer.glyph)]  # in drawing order
     if len(found) <= layer.nth:
         raise ValueError(f"the rendered element has {len(found)} {layer.glyph.__name__} glyphs, not {layer.nth + 1}")
@@ -59,16 +60,16 @@ def bind(plot: Plot, layers: Mapping[str, Layer], frames: Mapping[str, Frame]) -
     """Point each layer's glyphs at its columns and fill its source with its frame; the sources by layer name."""
     sources = {}
     for name, layer in layers.items():
-        renderer = _renderer(plot, layer)
+        drawn = renderer(plot, layer)
         for state in GLYPH_STATES:
-            glyph = getattr(renderer, state, None)
+            glyph = getattr(drawn, state, None)
             if isinstance(glyph, Glyph):
                 for prop, column in layer.fields.items():
                     if prop in glyph.properties():
                         _point(glyph, prop, column)
-        renderer.data_source.data = columns(frames[name])
-        renderer.data_source.name = name
-        sources[name] = renderer.data_source
+        drawn.data_source.data = columns(frames[name])
+        drawn.data_source.name = name
+        sources[name] = drawn.data_source
     return sources
 
 
@@ -86,8 +87,8 @@ def field_legend(glyph: type[Glyph], column: str, title: str, nth: int = 0) -> C
 
     def hook(plot: object, _: object) -> None:
         figure = plot.state
-        renderer = _renderer(figure, Layer(glyph, nth=nth))
-        legend = Legend(items=[LegendItem(label=Field(column), renderers=[renderer])], title=title, background_fill_alpha=0.8, label_text_font_size="9pt", title_text_font_size="9pt")
+        drawn = renderer(figure, Layer(glyph, nth=nth))
+        legend = Legend(items=[LegendItem(label=Field(column), renderers=[drawn])], title=title, background_fill_alpha=0.8, label_text_font_size="9pt", title_text_font_size="9pt")
         figure.add_layout(legend, "right")
 
     return hook

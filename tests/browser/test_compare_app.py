@@ -51,9 +51,11 @@ def serve_view(serve_page, page, pair, text: str = TEXT, controls: bool = False,
 
 
 def test_compare_app_renders_without_errors(page, serve_page, real_pair, artifacts: Path) -> None:
-    msgs = serve_page(page, lambda: create_app(real_pair, TEXT))
+    """The whole app on a review longer than the default sentence (the README's screenshot)."""
+    msgs = serve_page(page, lambda: create_app(real_pair, REVIEW))
     page.wait_for_selector("text=pre-trained vs fine-tuned", timeout=30_000)
-    page.set_viewport_size({"width": 1500, "height": 1700})
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    page.wait_for_timeout(1000)
     page.screenshot(path=str(artifacts / "compare-app.png"), full_page=True)
     content = page.content()
     assert "Traceback (most recent call last)" not in content
