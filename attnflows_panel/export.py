@@ -127,9 +127,9 @@ for (const label of label_order) {
     E.query_token.push(tokens[e.query]); E.key_token.push(tokens[e.key]);
     E.label.push(label); E.weight.push(weight);
     E.heads_pretrained.push(heads_text(p));
-    E.weight_pretrained.push(p !== undefined ? p.weight : NaN);
+    E.weight_pretrained.push(p !== undefined ? p.weight : -1);
     E.heads_finetuned.push(heads_text(f));
-    E.weight_finetuned.push(f !== undefined ? f.weight : NaN);
+    E.weight_finetuned.push(f !== undefined ? f.weight : -1);
     E.legend.push(`${legend_names[label]} (${tally[label]})`);
     E.color.push(colors[label]); E.width.push(0.5 + 4.5 * weight);
   }

@@ -435,15 +435,15 @@ class AttentionView(pn.viewable.Viewer):
                 column.append(self._buttons(widgets["text"], widgets["text_pair"]))
         return column
 
-    def _buttons(self, text: pn.widgets.TextAreaInput, text_pair: pn.widgets.TextInput) -> pn.Row:
+    def _buttons(self, text: pn.widgets.TextAreaInput, text_pair: pn.widgets.TextInput) -> pn.Column:
         """Analyze (the text as typed, without leaving the box), Clear selection, Reset root."""
-        analyze = pn.widgets.Button(label="Analyze", color="primary", description="Run both boxes' text through the model(s); leaving the box does too.")
+        analyze = pn.widgets.Button(label="Analyze", color="primary", sizing_mode="stretch_width", description="Run both boxes' text through the model(s); leaving the box does too.")
         analyze.on_click(lambda _: self.param.update(text=text.value_input, text_pair=text_pair.value_input or ""))
         clear = pn.widgets.Button(label="Clear selection", description="Select every head again (the grid and head map brushes).")
         clear.on_click(lambda _: self.select_heads([]))
         reset = pn.widgets.Button(label="Reset root", description="Trace from [CLS] of the deepest layer again (a click on a token re-roots the flow there).")
         reset.on_click(self.reset_root)
-        return pn.Row(analyze, clear, reset, sizing_mode="stretch_width")
+        return pn.Column(analyze, pn.Row(clear, reset, sizing_mode="stretch_width"), sizing_mode="stretch_width")
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(

@@ -19,6 +19,7 @@ ROOT_COLOR = "#303030"
 LABEL_COLORS = {SHARED: SHARED_COLOR, PRETRAINED: PRETRAINED_COLOR, FINETUNED: FINETUNED_COLOR}
 UNREACHED_COLOR = "#d9d9d9"
 EDGE_COLUMNS = ["layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned", "legend"]
+NOT_DRAWN = -1.0  # a model's weight for an edge it does not draw (Bokeh shows NaN as "NaN" before any formatter runs)
 LABEL_ORDER = (SHARED, PRETRAINED, FINETUNED)  # legend order; model-only edges drawn over shared ones
 LEGEND_NAMES = {SHARED: "shared", PRETRAINED: "pre-trained only", FINETUNED: "fine-tuned only"}
 
@@ -55,12 +56,12 @@ def _edge_columns(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -
     columns: dict[str, np.ndarray] = {"layer": ids // (n * n), "query": ids // n % n, "key": ids % n}
     has = {}
     for name in (PRETRAINED, FINETUNED):
-        weight, heads = np.full(len(ids), np.nan), np.full(len(ids), "-", dtype=object)
+        weight, heads = np.full(len(ids), NOT_DRAWN), np.full(len(ids), "-", dtype=object)
         trace = traces.get(name)
         if trace is not None:
             at = np.searchsorted(ids, trace.edge_ids())
             weight[at], heads[at] = trace.edge_weight, heads_text(trace.edge_heads)
-        columns[f"weight_{name}"], columns[f"heads_{name}"], has[name] = weight, heads, ~np.isnan(weight)
+        columns[f"weight_{name}"], columns[f"heads_{name}"], has[name] = weight, heads, weight != NOT_DRAWN
     rank = np.where(has[PRETRAINED] & has[FINETUNED], 0, np.where(has[PRETRAINED], 1, 2))
     order = np.argsort(rank, kind="stable")
     columns = {name: values[order] for name, values in columns.items()}
@@ -153,10 +154,11 @@ def flow_frames(tokens: Sequence[str], traces: Mapping[str, AttentionTrace], lay
     return {"edges": pd.DataFrame(edges), "nodes": pd.DataFrame(nodes), "message": text}
 
 
-# Bokeh formats hover values in the browser: layers from 1, "below tau" where a model has no such edge.
+# Bokeh formats hover values in the browser: layers from 1, "not drawn" where a model has no such edge
+# (below tau, or not among a token's strongest edges).
 # (Code, not models: a Bokeh model belongs to one document, so each diagram makes its own formatters.)
 LAYER_FROM_ONE = "return String(Math.round(value) + 1);"
-WEIGHT_OR_BELOW = 'return Number.isFinite(value) ? value.toFixed(3) : "below tau";'
+WEIGHT_OR_NOT_DRAWN = 'return value >= 0 ? value.toFixed(3) : "not drawn";'
 INFLUENCE_OR_NONE = 'return Number.isFinite(value) ? value.toFixed(2) : "—";'
 
 
@@ -195,7 +197,7 @@ def flow_diagram(
     levels = int(nodes["level"].max()) + 1
     models = [m for m in (PRETRAINED, FINETUNED) if m in traces]
     segment_dims = [c for c in edges.columns if c not in ("x0", "y0", "x1", "y1")]
-    edge_hover = _hover(_edge_tips(models), {f"@{{weight_{m}}}": WEIGHT_OR_BELOW for m in models} | {"@{layer}": LAYER_FROM_ONE})
+    edge_hover = _hover(_edge_tips(models), {f"@{{weight_{m}}}": WEIGHT_OR_NOT_DRAWN for m in models} | {"@{layer}": LAYER_FROM_ONE})
     segments = hv.Segments(edges, ["x0", "y0", "x1", "y1"], segment_dims, label="edges").opts(color="color", line_width="width", alpha=0.75, tools=[edge_hover])
     node_tips = [("token", "@{token} (@{index})"), ("level", "@{level_name}")]
     node_tips += [(f"influence, {MODEL_TITLES[m]}", f"@{{influence_{m}}}{{custom}}") for m in models]
@@ -214,7 +216,10 @@ def flow_diagram(
         outer = nodes[nodes["level"] == levels - 1]
         angle = np.pi / 2 - 2 * np.pi * outer["index"].to_numpy() / n
         labels = hv.Labels(outer.assign(x=(levels + 0.9) * np.cos(angle), y=(levels + 0.9) * np.sin(angle)), ["x", "y"], "token").opts(text_font_size="9pt", text_color=ROOT_COLOR)
-        rings = hv.Labels(pd.DataFrame({"x": 0.0, "y": 1.0 + np.arange(levels) + 0.35, "text": ["input", *(f"layer {i}" for i in range(1, levels))]}), ["x", "y"], "text").opts(text_font_size="8pt", text_color="#888888")
+        between = np.pi / 2 + np.pi / n  # each ring's name sits between the last token and the first
+        radius = 1.0 + np.arange(levels)
+        names = pd.DataFrame({"x": radius * np.cos(between), "y": radius * np.sin(between), "text": ["input", *(f"layer {i}" for i in range(1, levels))]})
+        rings = hv.Labels(names, ["x", "y"], "text").opts(text_font_size="8pt", text_color="#888888", text_align="right")
         reach = levels + 2.2
         axes = dict(xaxis=None, yaxis=None, xlim=(-reach, reach), ylim=(-reach, reach), data_aspect=1)
         layers = segments * points * message * labels * rings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,14 +80,25 @@ def mask_of(page, indices: list[int], shape: tuple[int, int]) -> np.ndarray:
     return mask if mask.any() else ~mask
 
 
-def python_traces(records, mask: np.ndarray, tau: float, alpha: float) -> dict:
-    return {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union") for name, r in zip((PRETRAINED, FINETUNED), records, strict=True)}
+def python_traces(records, mask: np.ndarray, tau: float, alpha: float, top_k: int) -> dict:
+    return {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None) for name, r in zip((PRETRAINED, FINETUNED), records, strict=True)}
 
 
-def assert_matches_python(page, records, mask: np.ndarray, tau: float, alpha: float) -> None:
-    """The browser's edges (same rows, same order), nodes, word shading, message and counts equal the app's functions on Python's traces for ``mask``."""
+def hidden_by_top_k(records, mask: np.ndarray, tau: float, alpha: float, top_k: int, shown: int) -> int:
+    """As the app counts it: distinct edges of at least tau without top-k, minus those drawn (0 with top-k off)."""
+    if not top_k:
+        return 0
+    full = python_traces(records, mask, tau, alpha, 0)
+    return int(np.unique(np.concatenate([t.edge_ids() for t in full.values()])).size) - shown
+
+
+def assert_matches_python(page, records, mask: np.ndarray, tau: float, alpha: float, top_k: int) -> int:
+    """The browser's edges (same rows, same order), nodes, word shading, message and counts equal the app's functions on Python's traces for ``mask``.
+
+    Returns how many edges top-k hides.
+    """
     pre = records[0]
-    traces = python_traces(records, mask, tau, alpha)
+    traces = python_traces(records, mask, tau, alpha, top_k)
     edges, expected = source(page, "flow_edges"), flow_edges(pre.tokens, traces)
     for column in ("layer", "query", "key", "query_token", "key_token", "label", "heads_pretrained", "heads_finetuned", "legend"):
         assert edges[column] == expected[column].tolist(), column
@@ -102,9 +114,19 @@ def assert_matches_python(page, records, mask: np.ndarray, tau: float, alpha: fl
     np.testing.assert_array_equal(shaded, expected_words)
     assert source(page, "flow_message")["text"] == [flow_message(traces, mask, tau)]
     counts = edge_counts(expected["label"].to_numpy())
-    assert sum(counts.values()) == len(edges["key"]) == compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size
-    assert page.evaluate(TEXT_OF, "edge_count") == status_html(counts, int(mask.sum()), mask.size)
-    assert page.evaluate(FLOW_TITLE) == flow_title(counts)
+    shown = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size
+    assert sum(counts.values()) == len(edges["key"]) == shown
+    hidden = hidden_by_top_k(records, mask, tau, alpha, top_k, shown)
+    assert hidden >= 0
+    status, title = page.evaluate(TEXT_OF, "edge_count"), page.evaluate(FLOW_TITLE)
+    assert status == status_html(counts, int(mask.sum()), mask.size, hidden, top_k)
+    assert title == flow_title(counts, hidden, top_k)
+    if hidden:
+        assert title.startswith(f"pre-trained vs fine-tuned from [CLS]: {shown} edges (") and title.endswith(f"); {hidden} weaker hidden (top {top_k} per token)")
+        assert f"; {hidden} weaker hidden (top {top_k} per token); " in status
+    else:
+        assert "weaker hidden" not in title + status
+    return hidden
 
 
 @pytest.fixture(scope="module")
@@ -112,24 +134,29 @@ def tiny_records(tiny_pair):
     return extract_pair(tiny_pair, TINY_TEXT)
 
 
-def test_browser_trace_equals_trace_cls_flow_for_any_head_selection(page, tiny_records, tmp_path: Path) -> None:
+@pytest.mark.parametrize("top_k", [3, 0])
+def test_browser_trace_equals_trace_cls_flow_for_any_head_selection(page, tiny_records, tmp_path: Path, top_k: int) -> None:
     attention = tiny_records[0].attention
     tau = float(np.sort(attention.ravel())[int(0.8 * attention.size)])  # one entry sits exactly on the threshold
     alpha = 0.3
-    path = export_dashboard(tiny_records, tmp_path / "tiny.html", tau=tau, alpha=alpha, top_heads=2)
+    path = export_dashboard(tiny_records, tmp_path / "tiny.html", tau=tau, alpha=alpha, top_heads=2, top_k=top_k)
     visit = open_offline(page, path)
     shape = attention.shape[:2]
     initial = {name: source(page, name) for name in ("flow_edges", "flow_nodes", "sentence_words")}
     initial_status = page.evaluate(TEXT_OF, "edge_count")
-    assert_matches_python(page, tiny_records, np.ones(shape, dtype=bool), tau, alpha)
+    hidden = [assert_matches_python(page, tiny_records, np.ones(shape, dtype=bool), tau, alpha, top_k)]
     rng = np.random.default_rng(1)
     masks = [rng.random(shape) < 0.5 for _ in range(6)] + [np.eye(*shape, dtype=bool), np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)]
     masks[-2][-1, :] = True  # the deepest layer only
     masks[-1][0, :] = True  # no head of the deepest layer: no edge, and a message saying so
     for mask in masks:
         page.evaluate(SELECT, cell_indices(page, mask))
-        assert_matches_python(page, tiny_records, mask, tau, alpha)
+        hidden.append(assert_matches_python(page, tiny_records, mask, tau, alpha, top_k))
     assert source(page, "flow_message")["text"] == [f"No edge reaches [CLS] from the selected heads: select a head of layer {shape[0]}."]
+    if top_k:
+        assert hidden[0] > 0 and sum(h > 0 for h in hidden) >= 5  # top 3 drops edges for all heads and for most selections
+    else:
+        assert hidden == [0] * len(hidden)
     page.evaluate(SELECT, [])  # an empty selection means every head: back to the state Python rendered
     assert page.evaluate(TEXT_OF, "edge_count") == initial_status
     for name, data in initial.items():
@@ -140,6 +167,51 @@ def test_browser_trace_equals_trace_cls_flow_for_any_head_selection(page, tiny_r
                 assert now[column] == values, (name, column)
             else:
                 np.testing.assert_array_equal(now[column], values, err_msg=f"{name}.{column}")
+    assert visit.errors == [] and visit.outside == []
+
+
+def tied_attention(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Rows of multiples of 0.05 (float32): many equal weights, within a head and across heads."""
+    rng = np.random.default_rng(seed)
+    units = rng.multinomial(20, np.full(shape[-1], 1 / shape[-1]), size=shape[:-1])
+    return (units / 20).astype(np.float32)
+
+
+def ties_at_the_cut(records, mask: np.ndarray, tau: float, top_k: int) -> int:
+    """Expanded tokens whose k-th and (k+1)-th strongest union weights of at least ``tau`` are equal: where the tie rule decides."""
+    ties = 0
+    for record, trace in zip(records, python_traces(records, mask, tau, 0.5, top_k).values(), strict=True):
+        L = mask.shape[0]
+        for level in range(L, 0, -1):
+            layer = level - 1
+            if not mask[layer].any():
+                break
+            for query in np.flatnonzero(trace.reached[level]):
+                weight = record.attention[layer][mask[layer], query].max(axis=0)
+                strong = np.sort(weight[weight >= tau])[::-1]
+                ties += int(strong.size > top_k and strong[top_k - 1] == strong[top_k])
+    return ties
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_browser_breaks_top_k_ties_as_trace_cls_flow(page, tiny_records, tmp_path: Path, top_k: int) -> None:
+    """On attention full of equal weights the browser keeps the same k edges as Python (ties to the lower key, union over heads)."""
+    shape = tiny_records[0].attention.shape
+    records = tuple(dataclasses.replace(r, attention=tied_attention(shape, seed)) for seed, r in enumerate(tiny_records))
+    tau, alpha = 0.1, 0.5
+    path = export_dashboard(records, tmp_path / "ties.html", tau=tau, alpha=alpha, top_heads=0, top_k=top_k)
+    visit = open_offline(page, path)
+    full = np.ones(shape[:2], dtype=bool)
+    rng = np.random.default_rng(2)
+    masks = [full, *(rng.random(shape[:2]) < 0.5 for _ in range(4)), np.eye(*shape[:2], dtype=bool)]
+    masks = [m for m in masks if m[-1].any()]
+    ties = 0
+    for mask in masks:
+        if mask is not full:
+            page.evaluate(SELECT, cell_indices(page, mask))
+        assert assert_matches_python(page, records, mask, tau, alpha, top_k) > 0
+        ties += ties_at_the_cut(records, mask, tau, top_k)
+    assert ties >= 3  # the rule for equal weights was exercised
     assert visit.errors == [] and visit.outside == []
 
 
@@ -158,7 +230,7 @@ def test_box_select_in_the_grid_retraces_offline(page, real_pair, plot_point, tm
     indices = page.evaluate("() => Array.from(Bokeh.documents[0].get_model_by_name('head_grid').selected.indices)")
     mask = mask_of(page, indices, records[0].attention.shape[:2])
     assert {tuple(h) for h in np.argwhere(mask).tolist()} == {(4, 8), (4, 9), (5, 8), (5, 9)}
-    traces = python_traces(records, mask, 0.1, 0.5)
+    traces = python_traces(records, mask, 0.1, 0.5, 3)  # the export's default top-k, the app's
     total = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size
     assert len(source(page, "flow_edges")["key"]) == total
     assert page.evaluate(TEXT_OF, "edge_count").startswith(f"<b>{total}</b> edges")
@@ -193,7 +265,7 @@ def test_edge_hover_shows_the_words_of_its_edge(page, tiny_records, plot_point, 
         assert list(shown) == ["layer", "key → query", "pre-trained weight", "pre-trained heads", "fine-tuned weight", "fine-tuned heads"]
         assert shown["layer"] == str(layers[shown["key → query"]])  # an edge crossing this one's middle may be the nearest
         assert all(re.fullmatch(r"-|\d+(, \d+)*", shown[f"{m} heads"]) for m in ("pre-trained", "fine-tuned"))
-        assert all(re.fullmatch(r"below tau|\d\.\d{3}", shown[f"{m} weight"]) for m in ("pre-trained", "fine-tuned"))
+        assert all(re.fullmatch(r"not drawn|\d\.\d{3}", shown[f"{m} weight"]) for m in ("pre-trained", "fine-tuned"))
     assert visit.errors == [] and visit.outside == []
 
 

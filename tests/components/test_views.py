@@ -232,7 +232,7 @@ def test_edge_hover_names_words_and_says_below_tau(tiny_pair) -> None:
     tips = dict(edge_hover.tooltips)
     assert tips["key → query"] == "@{key_token} (@{key}) → @{query_token} (@{query})"
     assert edge_hover.limit == 1  # the nearest edge only
-    assert "below tau" in edge_hover.formatters["@{weight_finetuned}"].code
+    assert "not drawn" in edge_hover.formatters["@{weight_finetuned}"].code
 
 
 def test_the_ablation_result_is_cleared_when_the_selection_changes(tiny_pair) -> None:
