@@ -176,7 +176,9 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
-PLOT_POINT_JS = """([title, x, y]) => {
+# Every Bokeh plot view on the page that has a frame and a title (walked once through Bokeh's view tree).
+PLOT_VIEWS_JS = """
+function* plotViews() {
   const seen = new Set();
   function* walk(view) {
     if (view == null || seen.has(view)) return;
@@ -184,35 +186,29 @@ PLOT_POINT_JS = """([title, x, y]) => {
     yield view;
     if (typeof view.children === "function") for (const child of view.children()) yield* walk(child);
   }
-  for (const root of Object.values(Bokeh.index)) {
-    for (const view of walk(root)) {
-      const title_text = view.model && view.model.title != null ? view.model.title.text : null;
-      if (view.frame != null && title_text != null && title_text.startsWith(title)) {
-        const canvas = view.canvas_view.el.getBoundingClientRect();
-        return [canvas.x + view.frame.x_scale.compute(x), canvas.y + view.frame.y_scale.compute(y)];
-      }
+  for (const root of Object.values(Bokeh.index))
+    for (const view of walk(root))
+      if (view.frame != null && view.model && view.model.title != null && view.model.title.text != null) yield view;
+}
+"""
+
+PLOT_POINT_JS = """([title, x, y]) => {""" + PLOT_VIEWS_JS + """
+  for (const view of plotViews())
+    if (view.model.title.text.startsWith(title)) {
+      const canvas = view.canvas_view.el.getBoundingClientRect();
+      return [canvas.x + view.frame.x_scale.compute(x), canvas.y + view.frame.y_scale.compute(y)];
     }
-  }
   return null;
 }"""
 
-
-PLOT_STATE_JS = """(title) => {
-  const seen = new Set();
-  function* walk(view) {
-    if (view == null || seen.has(view)) return;
-    seen.add(view);
-    yield view;
-    if (typeof view.children === "function") for (const child of view.children()) yield* walk(child);
-  }
+PLOT_STATE_JS = """(title) => {""" + PLOT_VIEWS_JS + """
   const found = [];
-  for (const root of Object.values(Bokeh.index))
-    for (const view of walk(root)) {
-      const t = view.model && view.model.title != null ? view.model.title.text : null;
-      if (view.frame != null && t != null && t.startsWith(title))
-        found.push({title: t, x: [view.frame.x_range.start, view.frame.x_range.end], y: [view.frame.y_range.start, view.frame.y_range.end],
-                    colorbars: view.model.right.concat(view.model.left, view.model.above, view.model.below).filter((m) => m.color_mapper !== undefined).map((m) => m.title)});
-    }
+  for (const view of plotViews()) {
+    const m = view.model;
+    if (m.title.text.startsWith(title))
+      found.push({title: m.title.text, x: [view.frame.x_range.start, view.frame.x_range.end], y: [view.frame.y_range.start, view.frame.y_range.end],
+                  colorbars: m.right.concat(m.left, m.above, m.below).filter((r) => r.color_mapper !== undefined).map((r) => r.title)});
+  }
   return found;
 }"""
 
