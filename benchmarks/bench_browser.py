@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/bench_browser.py [--quick]
 
 The view is served by Panel and driven by Playwright with real mouse drags in the head grid (box
-select). Each brush is timed in the page, from the pointerup that ends the drag until BokehJS has
-applied the flow diagram's new edges and a title with the edge count computed in Python, has painted
-the diagram and two animation frames have passed; the session's head mask is checked too. The time
-until the patch is applied, and the session's ``select_heads`` within it, are split out. The
-baseline, in the same run for the same head masks, is what an app without incremental updates makes
-the user wait for: loading the page afresh (the mask in the URL), from navigation start until the
-flow diagram is painted. Extracted records are cached across sessions, so neither side runs the models.
+select). Each pane is a Bokeh figure whose bound sources the session rewrites in place. Each brush is
+timed in the page, from the pointerup that ends the drag until BokehJS has applied the flow diagram's
+new edge source and a title with the edge count computed in Python (the distinct edges of both models'
+traces), has painted the diagram and two animation frames have passed; the session's head mask is
+checked too. The time until the patch is applied, and the session's ``select_heads`` within it, are
+split out. The baseline, in the same run for the same head masks, is what an app without incremental
+updates makes the user wait for: loading the page afresh (the mask in the URL), from navigation start
+until the flow diagram is painted. Extracted records are cached across sessions, so neither side runs the models.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shutil
 import statistics
@@ -44,6 +44,7 @@ from playwright.sync_api import ConsoleMessage, Page, sync_playwright
 from attnflows_panel.components import CompareView
 from attnflows_panel.models import ModelPair, default_pair
 from bench_dashboard import BUDGET_MS, FLOW_TITLE, brushes, expected_edges, sentence_of
+from bench_dashboard import load as machine_load
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 VIEWPORT = {"width": 1500, "height": 1700}  # the grid, the sentence view, the flow diagram and the matrices all on screen
@@ -52,9 +53,9 @@ Heads = list[tuple[int, int]]
 MODEL_ID = re.compile(r"\b(p\d+|0x[0-9a-f]+)\b")  # Bokeh model ids and WebGL context addresses, so repeats collapse
 
 # Installed in every page before its own scripts. A brush is seen through BokehJS's change signals of the flow
-# diagram's title and edge source, as the patch is applied; a fresh page by polling for the diagram (every 4 ms,
-# the browser's clamp for chained timeouts). Either is painted when two animation frames have passed since and
-# BokehJS has painted the diagram in between (its paints are throttled to 60 Hz).
+# diagram's title and its bound "edges" source, as the patch is applied; a fresh page by polling for the diagram
+# (every 4 ms, the browser's clamp for chained timeouts). Either is painted when two animation frames have
+# passed since and BokehJS has painted the diagram in between (its paints are throttled to 60 Hz).
 PAGE_JS = """
 window.bench = (() => {
   function* walk(view, seen) {
@@ -95,11 +96,13 @@ window.bench = (() => {
     }
     return {title: view.model.title.text, shown, painted: performance.now()};
   }
+  // "...: CLS trace from [CLS] (layer 6), 97 edges; 435 weaker hidden (top 3 per token)", the part after ";" optional
+  const counts = (text, count) => new RegExp(`, ${count} edges(;.*)?$`).test(String(text));
   let pending = null;
   // wait for a brush to show `count` edges: from the pointerup ending the drag until painted
   function arm(count) {
-    const view = plot(FLOW), title = view.model.title, suffix = `(${count} edges)`;
-    const edges = view.model.renderers.find((r) => r.glyph != null && r.glyph.type === "Segment").data_source;
+    const view = plot(FLOW), title = view.model.title, suffix = `${count} edges`;
+    const edges = view.model.renderers.find((r) => r.data_source != null && r.data_source.name === "edges").data_source;
     let released = null, replaced = false;
     window.addEventListener("pointerup", () => { released = performance.now(); }, {capture: true, once: true});
     pending = new Promise((resolve, reject) => {
@@ -109,7 +112,7 @@ window.bench = (() => {
         edges.properties.data.change.disconnect(replace);
       };
       const check = () => {
-        if (!replaced || !title.text.endsWith(suffix)) return;
+        if (!replaced || !counts(title.text, count)) return;
         stop();
         painted(view, performance.now()).then((r) => resolve({...r, released, clock: Date.now() - performance.now()}), reject);
       };
@@ -121,10 +124,10 @@ window.bench = (() => {
   }
   // wait for a fresh page to show `count` edges: from navigation start until painted
   async function loaded(count) {
-    const suffix = `(${count} edges)`, start = performance.now();
+    const suffix = `${count} edges`, start = performance.now();
     for (;;) {
       const view = plot(FLOW);
-      if (view != null && view.model.title.text.endsWith(suffix)) return painted(view, performance.now());
+      if (view != null && counts(view.model.title.text, count)) return painted(view, performance.now());
       if (performance.now() - start > 60000) throw new Error(`the flow diagram did not show ${suffix}`);
       await tick();
     }
@@ -193,17 +196,20 @@ def mask_of(n_layers: int, n_heads: int, heads: Heads) -> np.ndarray:
 def drag_box(page: Page, heads: Heads) -> None:
     """Box-select ``heads`` (a block of cells; none: an empty corner of the grid) with a real mouse drag.
 
-    The grid's x is the head, its y the layer counted from 1; a box selects every cell it overlaps.
+    The grid's x is the head and its y the layer, both counted from 1 (``heads`` are 0-based: head h sits at
+    x = h + 1, layer l at y = l + 1); a box selects every cell it overlaps.
     """
     if heads:
         layers, cols = [layer for layer, _ in heads], [head for _, head in heads]
         block = {(layer, head) for layer in range(min(layers), max(layers) + 1) for head in range(min(cols), max(cols) + 1)}
         if block != set(heads):
             raise ValueError(f"{heads} is not a block of cells a box can select")
-        corners = (min(cols) - 0.4, max(layers) + 1.4), (max(cols) + 0.4, min(layers) + 0.6)
+        corners = (min(cols) + 0.6, max(layers) + 1.4), (max(cols) + 1.4, min(layers) + 0.6)
     else:
-        x0, _, y0, _ = page.evaluate("(title) => bench.ranges(title)", GRID)  # the cells start at -0.5 and 0.5
-        corners = (x0 + 0.2 * (-0.5 - x0), y0 + 0.8 * (0.5 - y0)), (x0 + 0.8 * (-0.5 - x0), y0 + 0.2 * (0.5 - y0))
+        x0, _, y0, _ = page.evaluate("(title) => bench.ranges(title)", GRID)  # the cells start at 0.5 and 0.5
+        if x0 >= 0.5 or y0 >= 0.5:
+            raise RuntimeError(f"the grid's ranges start at ({x0}, {y0}): no empty corner to drag in")
+        corners = (x0 + 0.2 * (0.5 - x0), y0 + 0.8 * (0.5 - y0)), (x0 + 0.8 * (0.5 - x0), y0 + 0.2 * (0.5 - y0))
     start, end = (page.evaluate("([t, x, y]) => bench.point(t, x, y)", [GRID, x, y]) for x, y in corners)
     page.mouse.move(*start)
     page.mouse.down()
@@ -216,8 +222,8 @@ class Brush(NamedTuple):
 
     total: float  # until painted
     applied: float  # until the page has applied the flow diagram's new title and edges
-    before: float  # until select_heads starts (page and server clocks): the selection sent, HoloViews' callback scheduled
-    server: float  # in select_heads: new data written into the sources and the patch sent (it may arrive before the end)
+    before: float  # until select_heads starts (page and server clocks): the grid's selected indices sent, their on_change called
+    server: float  # in select_heads: new data written into the bound sources and the patch sent (it may arrive before the end)
 
 
 def brush(page: Page, view: TimedCompareView, heads: Heads) -> Brush:
@@ -290,7 +296,7 @@ def bench(page: Page, url: str, sessions: dict[str, TimedCompareView], collected
     b_med, b_p90 = median_p90([b.total for _, b in samples])
     l_med, l_p90 = median_p90(loads)
     part = {name: statistics.median(getattr(b, name) for _, b in samples) for name in Brush._fields}
-    print(f"== head brush in the browser, n={n_tokens} tokens ({pair.n_layers} x {pair.n_heads} heads) ==")
+    print(f"== head brush in the browser, n={n_tokens} tokens ({pair.n_layers} x {pair.n_heads} heads); {machine_load()} ==")
     print(
         f"brush, pointerup to painted, over {len(samples)} brushes: median {b_med:.0f} ms, p90 {b_p90:.0f} ms | "
         f"{b_med / BUDGET_MS:.2f}x the {BUDGET_MS:.0f} ms budget (p90 {b_p90 / BUDGET_MS:.2f}x)"
@@ -334,7 +340,7 @@ def main() -> None:
     sessions: dict[str, TimedCompareView] = {}
     logconfig.basicConfig(handlers=[collected])  # Bokeh's warnings go to the root logger, and so to the report
     logging.getLogger("panel").addHandler(collected)
-    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    print(machine_load())
     try:
         url = serve(pair, texts, sessions)
         with browser_page(collected) as page:

@@ -4,14 +4,17 @@
 
 The view is rendered into a Bokeh Document the way ``panel serve`` renders a session (no browser, no
 socket; a document without a server session applies Panel's updates synchronously, as a session does
-inside a brush callback). Each brush calls ``select_heads`` and is timed until the flow diagram, the
-matrices and the sentence view hold the new state and the PATCH-DOC messages a Bokeh server would
-send are encoded. The baseline, measured in the same run for the same head masks, is what an app
-without incremental updates pays: a new CompareView rendered into a fresh document and encoded as a
-PULL-DOC-REPLY. Extracted records are cached across views, so neither side runs the models.
+inside a brush callback). Each pane is a ``LiveFigure`` whose bound sources a brush rewrites in place.
+Each brush calls ``select_heads`` and is timed until the bound sources of the flow diagram, the
+matrices, the sentence view and the grid's outline (each checked to be the one in the document) hold
+the new state, the flow diagram's title counts the edges Python traces, and the PATCH-DOC messages a
+Bokeh server would send are encoded. The baseline, measured in the same run for the same head masks,
+is what an app without incremental updates pays: a new CompareView rendered into a fresh document and
+encoded as a PULL-DOC-REPLY. Extracted records are cached across views, so neither side runs the models.
 
 A new input (64, 128 and 512 tokens, texts not seen before, so both models run) is timed the same way:
-typed into the live view against a new view rendered for it.
+typed into the live view (which draws a new figure in every pane, in the same document) against a
+new view rendered for it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import hashlib
+import os
 import pstats
 import re
 import statistics
@@ -37,13 +41,14 @@ except ImportError:  # run from a checkout without an install
 
 from bokeh.document import Document
 from bokeh.document.events import DocumentPatchedEvent
-from bokeh.models import GlyphRenderer, Image, Model, Quad, Segment, Title
+from bokeh.models import ColumnDataSource, Model, Title
 from bokeh.protocol import Protocol
 from bokeh.protocol.message import Message
 from panel.io.state import set_curdoc
 
-from attnflows_panel.analysis.flows import trace_cls_flow
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, trace_cls_flow
 from attnflows_panel.components import CompareView
+from attnflows_panel.components.live_figure import LiveFigure
 from attnflows_panel.models import ModelPair, default_pair
 
 BUDGET_MS = 100.0  # "no visible lag"
@@ -59,7 +64,10 @@ PASSAGE = (
     "again for the rest of the trip and kept one eye on the mirrors. I still think these cars will be "
     "ordinary in ten years, but I understand my brother a little better than I did this morning."
 )
-FLOW_TITLE = re.compile(r"pre-trained vs fine-tuned \((\d+) edges\)")
+# "pre-trained vs fine-tuned: CLS trace from [CLS] (layer 6), 97 edges; 435 weaker hidden (top 3 per token)":
+# the distinct (layer, query, key) edges of both traces, then what top-k hides (if any)
+FLOW_TITLE = re.compile(r"pre-trained vs fine-tuned: .*, (\d+) edges(?:; .*)?")
+MERGED = (PRETRAINED, FINETUNED)  # the key of the merged flow diagram in ``view.flows``
 PROTOCOL = Protocol()
 
 
@@ -97,34 +105,48 @@ def render(view: CompareView) -> tuple[Document, Model]:
     return doc, root
 
 
-def fingerprint(root: Model) -> dict[str, set[str]]:
-    """A digest of the data behind each dependent pane: flow edges, matrices, sentence shading."""
-    panes: dict[str, set[str]] = {"flow diagram": set(), "matrices": set(), "sentence view": set()}
-    for r in root.select({"type": GlyphRenderer}):
-        data = r.data_source.data
-        if isinstance(r.glyph, Segment):
-            pane = "flow diagram"
-        elif isinstance(r.glyph, Image):
-            pane = "matrices"
-        elif isinstance(r.glyph, Quad) and "word" in data:
-            pane = "sentence view"
-        else:
-            continue
-        digest = hashlib.sha1()
-        for key in sorted(data):
-            digest.update(key.encode() + np.ascontiguousarray(np.asarray(data[key], dtype=object).astype(str)).tobytes())
-        panes[pane].add(digest.hexdigest())
+def digest(source: ColumnDataSource) -> str:
+    out = hashlib.sha1()
+    for key in sorted(source.data):
+        out.update(key.encode() + np.ascontiguousarray(np.asarray(source.data[key], dtype=object).astype(str)).tobytes())
+    return out.hexdigest()
+
+
+def dependent_panes(view: CompareView) -> dict[str, list[tuple[LiveFigure, str]]]:
+    """The bound sources a brush rewrites, by pane: (live figure, source name)."""
+    return {
+        "flow diagram": [(view.flows[MERGED], "edges")],
+        "matrices": [(live, "image") for live in view.matrices.values()],
+        "sentence view": [(view.sentence, "boxes")],
+        "grid outline": [(view.grid, "outline")],
+    }
+
+
+def fingerprint(view: CompareView, doc: Document) -> dict[str, set[str]]:
+    """A digest of the data behind each dependent pane, read from the live figures' bound sources, each of
+    which must be the source in ``doc`` (so the figure is the one on the page)."""
+    panes: dict[str, set[str]] = {}
+    for pane, bound in dependent_panes(view).items():
+        panes[pane] = set()
+        for live, name in bound:
+            source = live.sources.get(name)
+            if source is not None and doc.get_model_by_id(source.id) is source:
+                panes[pane].add(digest(source))
     return panes
 
 
 def flow_edges_shown(root: Model) -> int:
+    """The edge count in the one flow diagram title in the document under ``root``."""
     (edges,) = [int(m.group(1)) for t in root.select({"type": Title}) if (m := FLOW_TITLE.fullmatch(t.text or ""))]
     return edges
 
 
 def expected_edges(view: CompareView, mask: np.ndarray | None = None) -> int:
-    """The edges the flow diagram's title counts for ``mask`` (default: the view's head mask)."""
-    return sum(trace_cls_flow(r.attention, view.head_mask if mask is None else mask, tau=view.tau).n_edges for r in view.records)
+    """The edges the flow diagram's title counts for ``mask`` (default: the view's head mask): the distinct
+    (layer, query, key) edges of both models' CLS traces (with the view's tau and top-k), shared edges once."""
+    mask = view.head_mask if mask is None else mask
+    traces = [trace_cls_flow(r.attention, mask, tau=view.tau, top_k=view.top_k or None) for r in view.records]
+    return int(np.unique(np.concatenate([t.edge_ids() for t in traces])).size)
 
 
 def encoded_bytes(message: Message) -> int:
@@ -136,7 +158,7 @@ def brush(view: CompareView, doc: Document, heads: list[tuple[int, int]]) -> tup
     """Seconds for the callback and for encoding its patches, and the patch bytes; checks every pane followed."""
     events: list[DocumentPatchedEvent] = []
     doc.on_change(events.append)
-    before = fingerprint(doc.roots[0])
+    before = fingerprint(view, doc)
     t0 = time.perf_counter()
     with set_curdoc(doc):
         doc.hold("combine")  # a server session holds a callback's events and sends them together
@@ -146,7 +168,7 @@ def brush(view: CompareView, doc: Document, heads: list[tuple[int, int]]) -> tup
     size = sum(encoded_bytes(PROTOCOL.create("PATCH-DOC", [e])) for e in events if isinstance(e, DocumentPatchedEvent))
     t2 = time.perf_counter()
     doc.remove_on_change(events.append)
-    after = fingerprint(doc.roots[0])
+    after = fingerprint(view, doc)
     stale = [pane for pane in after if not after[pane] or after[pane] == before[pane]]
     if stale or flow_edges_shown(doc.roots[0]) != expected_edges(view):
         raise RuntimeError(f"brush {heads} did not update: {stale or 'flow diagram title'}")
@@ -194,7 +216,7 @@ def bench_brush(pair: ModelPair, n_tokens: int, rounds: int, n_rebuilds: int) ->
     rebuilds = [rebuild(pair, text, heads) for _, heads in states[:n_rebuilds]]
     u_med, u_p90, u_cb, u_enc, u_kb = summary(updates)
     r_med, r_p90, r_build, r_enc, r_kb = summary(rebuilds)
-    print(f"== head brush, n={n_tokens} tokens ({pair.n_layers} x {pair.n_heads} heads), first render {t_first:.2f} s ==")
+    print(f"== head brush, n={n_tokens} tokens ({pair.n_layers} x {pair.n_heads} heads), first render {t_first:.2f} s; {load()} ==")
     print(
         f"incremental update over {len(updates)} brushes: median {u_med:.0f} ms (callback {u_cb:.0f} + patch encoding {u_enc:.0f}; "
         f"{u_kb:.0f} KB), p90 {u_p90:.0f} ms | {u_med / BUDGET_MS:.1f}x the {BUDGET_MS:.0f} ms budget"
@@ -206,16 +228,20 @@ def bench_brush(pair: ModelPair, n_tokens: int, rounds: int, n_rebuilds: int) ->
     print("update median by brush: " + ", ".join(f"{kind} {statistics.median(ms):.0f} ms" for kind, ms in kinds.items()) + " | every pane followed every brush: True")
 
 
-# (label, file path ending, functions): the panes' callbacks build elements, get_data turns them into
-# source columns, and the rows after those run inside them (so they overlap).
+# (label, file path ending, functions): a brush's _on_mask computes each pane's frames and LiveFigure.write
+# puts them into the bound sources; indented rows run inside the row above them (so they overlap).
 VIEW = "attnflows_panel/components/attention_view.py"
 PROFILE_ROWS = [
-    ("pane elements built (pure builders + HoloViews)", VIEW, ("callback", "_sentence_element", "_grid_outline", "_map_highlight")),
-    ("element data into the sources (plots' get_data)", ".py", ("get_data",)),
-    ("  inside: flow_diagram (pure builder)", "attnflows_panel/plots/flow_diagram.py", ("flow_diagram",)),
-    ("  inside: sentence_view (pure builder)", "attnflows_panel/plots/sentence_view.py", ("sentence_view",)),
-    ("  inside: attention_matrix (pure builder)", "attnflows_panel/plots/attention_matrix.py", ("attention_matrix",)),
-    ("  inside: trace_cls_flow", "attnflows_panel/analysis/flows.py", ("trace_cls_flow",)),
+    ("flow diagram: traces, frames and title", VIEW, ("_flow_frames",)),
+    ("  inside: the traces (trace_cls_flow, top-k)", VIEW, ("_traces",)),
+    ("  inside: the title's hidden count (traces without top-k)", VIEW, ("_hidden_by_top_k",)),
+    ("  inside: flow_frames (pure builder)", "attnflows_panel/plots/flow_diagram.py", ("flow_frames",)),
+    ("sentence view: values (the traces are the flow diagram's)", VIEW, ("_sentence_parts",)),
+    ("sentence view: sentence_frames (pure builder)", "attnflows_panel/plots/sentence_view.py", ("sentence_frames",)),
+    ("matrices: elements (head means, attention_matrix)", VIEW, ("_matrix_element",)),
+    ("matrices: matrix_frames", "attnflows_panel/plots/attention_matrix.py", ("matrix_frames",)),
+    ("grid outline frames", "attnflows_panel/plots/head_grid.py", ("grid_outline_frames",)),
+    ("sources written (LiveFigure.write: source.data, title, clim)", "attnflows_panel/components/live_figure.py", ("write",)),
 ]
 
 
@@ -250,8 +276,13 @@ def new_inputs(pair: ModelPair, n_tokens: int, count: int) -> list[str]:
     return [" ".join([opener, *base]) for opener in OPENERS[:count]]
 
 
+def figures(view: CompareView) -> dict[str, list[object]]:
+    return {pane: [live.figure for live, _ in bound] for pane, bound in dependent_panes(view).items()}
+
+
 def type_text(view: CompareView, doc: Document, text: str) -> float:
     """Seconds from a new text to every pane redrawn and its patches encoded (the models run: nothing is cached)."""
+    before = figures(view)
     events: list[DocumentPatchedEvent] = []
     doc.on_change(events.append)
     t0 = time.perf_counter()
@@ -264,8 +295,10 @@ def type_text(view: CompareView, doc: Document, text: str) -> float:
             encoded_bytes(PROTOCOL.create("PATCH-DOC", [event]))
     elapsed = time.perf_counter() - t0
     doc.remove_on_change(events.append)
-    if flow_edges_shown(doc.roots[0]) != expected_edges(view):
-        raise RuntimeError("the view did not follow the new text")
+    after, shown = figures(view), fingerprint(view, doc)
+    stale = [pane for pane in after if not shown[pane] or any(new is old for new in after[pane] for old in before[pane])]
+    if stale or flow_edges_shown(doc.roots[0]) != expected_edges(view):
+        raise RuntimeError(f"the view did not follow the new text: {stale or 'flow diagram title'}")
     return elapsed
 
 
@@ -277,10 +310,15 @@ def bench_new_input(pair: ModelPair, n_tokens: int, repeats: int) -> None:
     if view.records[0].n_tokens != n_tokens:
         raise RuntimeError(f"expected {n_tokens} tokens, the view has {view.records[0].n_tokens}")
     updates = [type_text(view, doc, text) for text in texts[1 : repeats + 1]]
-    rebuilds = [rebuild(pair, text, [])[0] for text in texts[repeats + 1 :]]
+    rebuilds = [sum(rebuild(pair, text, [])[:2]) for text in texts[repeats + 1 :]]  # like the live view: encoding included
     u, r = 1e3 * statistics.median(updates), 1e3 * statistics.median(rebuilds)
-    print(f"== a new input of {n_tokens} tokens (both models run, every pane redrawn) ==")
-    print(f"typed into the live view: median {u:.0f} ms over {len(updates)} texts | new view for it: median {r:.0f} ms | ratio {r / u:.2f}x")
+    print(f"== a new input of {n_tokens} tokens (both models run, every pane redrawn; {load()}) ==")
+    print(f"typed into the live view: median {u:.0f} ms over {len(updates)} texts | new view for it: median {r:.0f} ms | ratio new view / typed {r / u:.2f}x")
+
+
+def load() -> str:
+    """The machine's load, to read the timings by (other processes may share the cores)."""
+    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:

@@ -206,7 +206,7 @@ PLOT_STATE_JS = """(title) => {""" + PLOT_VIEWS_JS + """
   for (const view of plotViews()) {
     const m = view.model;
     if (m.title.text.startsWith(title))
-      found.push({title: m.title.text, x: [view.frame.x_range.start, view.frame.x_range.end], y: [view.frame.y_range.start, view.frame.y_range.end],
+      found.push({title: m.title.text, right: view.canvas_view.el.getBoundingClientRect().right, x: [view.frame.x_range.start, view.frame.x_range.end], y: [view.frame.y_range.start, view.frame.y_range.end],
                   colorbars: m.right.concat(m.left, m.above, m.below).filter((r) => r.color_mapper !== undefined).map((r) => r.title)});
   }
   return found;

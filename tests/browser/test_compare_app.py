@@ -269,3 +269,18 @@ def test_a_link_reopens_the_view_and_follows_it(page, serve_page, real_pair, plo
     drag(page, plot_point(page, "model difference", 0.6, 5.4), plot_point(page, "model difference", 1.4, 4.6))  # layer 5, head 1
     wait_until(lambda: "heads=5.1" in page.url, page, timeout=15_000)
     assert console_errors(msgs) == []
+
+
+def test_side_by_side_fits_a_1280_pixel_window(page, serve_page, real_pair, artifacts: Path) -> None:
+    """Both models' flow diagrams stay inside the window beside the sidebar, none cut off."""
+    page.set_viewport_size({"width": 1280, "height": 800})
+    msgs = serve_page(page, lambda: create_app(real_pair, REVIEW))
+    page.wait_for_selector("text=side by side", timeout=30_000)
+    page.get_by_text("side by side", exact=True).click()
+    wait_until(lambda: len(plots_titled(page, "pre-trained: CLS trace") + plots_titled(page, "fine-tuned: CLS trace")) == 2, page, timeout=30_000)
+    right = [p["right"] for p in plots_titled(page, "pre-trained: CLS trace") + plots_titled(page, "fine-tuned: CLS trace")]
+    assert 0 < max(right) <= 1280, right
+    page.set_viewport_size({"width": 1280, "height": 2000})
+    page.screenshot(path=str(artifacts / "compare-side-by-side-1280.png"))
+    assert console_errors(msgs) == []
+
