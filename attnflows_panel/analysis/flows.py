@@ -191,6 +191,7 @@ def trace_cls_flow(
     combine: Literal["union", "mean"] = "union",
     top_k: int | None = None,
     direction: Literal["backward", "forward"] = "backward",
+    every_token: bool = False,
 ) -> AttentionTrace:
     """Trace the paper's attention graph from ``root`` (default: token 0, [CLS], at level L).
 
@@ -199,6 +200,8 @@ def trace_cls_flow(
     going forward). ``c_l(w)`` counts kept edges arriving at token w on level l and
     ``I_l(w) = c_l(w) + alpha * I_{l'}(w)``, l' being the neighbouring level nearer the root; both are
     0 on the root's level and on levels beyond it. An empty head mask gives an empty trace.
+    ``every_token`` expands every token of every level from the root's on, reached or not: the selected
+    heads' own attention edges (BertViz's reading), whether or not they lead to the root.
     """
     arr = validate_attention(A)
     L, H, n, _ = arr.shape
@@ -222,13 +225,18 @@ def trace_cls_flow(
     reached[r_level, r_token] = True
     parts: list[tuple[np.ndarray, ...]] = []
 
-    frontier = np.array([r_token])
+    everyone = np.arange(n)
+    frontier = everyone if every_token else np.array([r_token])
     steps = range(r_level, 0, -1) if backward else range(r_level, L)
     for level in steps:
         layer = level - 1 if backward else level
         heads = np.flatnonzero(mask[layer])
-        if heads.size == 0 or frontier.size == 0:
+        if every_token:
+            frontier = everyone
+        if frontier.size == 0 or (heads.size == 0 and not every_token):
             break
+        if heads.size == 0:  # no selected head here: nothing to draw in this layer, the layers below still count
+            continue
         # sub[h, i, j]: expanded node i (frontier) to candidate j on the next level
         att = arr[layer] if heads.size == H else arr[layer][heads]
         sub = np.take(att, frontier, axis=1) if backward else np.take(att, frontier, axis=2).transpose(0, 2, 1)

@@ -34,8 +34,9 @@ MEASURE_LABELS = {
     "distance": "attention distance (tokens)", "max_weight": "largest weight (confidence)",
 }
 MEASURE_NAMES = [name for name, _ in MEASURES]
-METHOD_NAMES = {"trace": "CLS trace", "rollout": "rollout", "flow": "attention flow"}
-METHOD_TAU = {"trace": 0.1, "rollout": 0.01, "flow": 0.2}  # each method's scale: a readable structure on the default input
+METHOD_NAMES = {"trace": "CLS trace", "rollout": "rollout", "flow": "attention flow", "heads": "heads' own edges"}
+METHOD_TAU = {"trace": 0.1, "rollout": 0.01, "flow": 0.2, "heads": 0.3}  # each method's scale: a readable structure on the default input
+TOP_K_METHODS = ("trace", "heads")  # the methods that keep the k strongest edges of a token  # each method's scale: a readable structure on the default input
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 FLOW_HEIGHT = 520
@@ -72,7 +73,7 @@ class AttentionView(pn.viewable.Viewer):
     text_pair = param.String(default="", doc="Optional second segment.")
     tau = param.Number(default=0.1, bounds=(0.01, 1.0), step=0.01, doc="Edge threshold: the flow diagram draws only edges of at least this weight (each method keeps its own).")
     alpha = param.Number(default=0.5, bounds=(0.0, 1.0), step=0.05, doc="CLS trace: how much a token's influence in deeper layers adds to its node size, I_l = c_l + alpha * I_(l+1).")
-    method = param.Selector(default="trace", objects={label: key for key, label in METHOD_NAMES.items()}, doc="What the flow diagram traces from the root: the paper's CLS trace (edges of at least tau), attention rollout, or exact attention flow (max-flow).")
+    method = param.Selector(default="trace", objects={label: key for key, label in METHOD_NAMES.items()}, doc="What the flow diagram draws: the paper's CLS trace from the root (edges of at least tau), attention rollout, exact attention flow (max-flow), or the selected heads' own edges of at least tau from every token, whether or not they reach the root (BertViz's reading).")
     combine = param.Selector(default="union", objects=["union", "mean"], doc="CLS trace: an edge is kept if any selected head passes tau (union), or if the heads' mean does (mean).")
     layout = param.Selector(default="layered", objects=["layered", "radial"], doc="Flow diagram as rows (input at the bottom, deepest layer on top) or as the paper's token rings (input innermost).")
     measure = param.Selector(default=MEASURE_NAMES[0], objects={MEASURE_LABELS[m]: m for m in MEASURE_NAMES}, doc="What colours the layer x head grid.")
@@ -81,7 +82,7 @@ class AttentionView(pn.viewable.Viewer):
     head_mask = param.Array(default=None, doc="Selected heads, bool [layers, heads]; all when nothing is brushed.")
     root = param.Tuple(default=(-1, 0), length=2, doc="(level, token) the trace starts from; level -1 is the deepest.")
     units = param.Selector(default="word pieces", objects=["word pieces", "words"], doc="Draw every view over word pieces, or over whole words (pieces merged).")
-    top_k = param.Integer(default=3, bounds=(0, 20), doc="CLS trace: keep the k strongest edges of each token (0: every edge of at least tau).")
+    top_k = param.Integer(default=3, bounds=(0, 20), doc="CLS trace and heads' own edges: keep the k strongest edges of each token (0: every edge of at least tau).")
     records = param.Parameter(default=None, precedence=-1, doc="One record of the input per model, in model order.")
     notice = param.String(default="", precedence=-1)
 
@@ -214,23 +215,28 @@ class AttentionView(pn.viewable.Viewer):
             if self.method in RESIDUAL_TRACES:
                 traces[name] = RESIDUAL_TRACES[self.method](record.attention, self.head_mask, tau=self.tau, root=self._root())
             else:
-                traces[name] = trace_cls_flow(record.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine, top_k=self.top_k or None)
+                traces[name] = self._cls_trace(record, top_k=self.top_k or None)
         self._traced = (self.shown, state, traces)
         return traces
+
+    def _cls_trace(self, record: AttentionRecord, top_k: int | None) -> AttentionTrace:
+        """The CLS trace of ``record`` (from every token for the heads' own edges) for the current settings."""
+        return trace_cls_flow(record.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine, top_k=top_k, every_token=self.method == "heads")
 
     def _flow_title(self, shown: tuple[str, ...], labels: np.ndarray) -> str:
         """Models, method, where the trace starts, the distinct edges drawn (split in the legend), and what top-k hides."""
         level, token = self._root()
         models = " vs ".join(self.titles[name] for name in shown)
-        title = f"{models}: {METHOD_NAMES[self.method]} from {self.shown[0].tokens[token]} ({level_name(level)}), {labels.size} edges"
+        start = "of every token" if self.method == "heads" else f"from {self.shown[0].tokens[token]} ({level_name(level)})"
+        title = f"{models}: {METHOD_NAMES[self.method]} {start}, {labels.size} edges"
         hidden = self._hidden_by_top_k(shown) - labels.size
         return f"{title}; {hidden} weaker hidden (top {self.top_k} per token)" if hidden > 0 else title
 
     def _hidden_by_top_k(self, shown: tuple[str, ...]) -> int:
         """Distinct edges of at least tau the CLS trace would draw without top-k (0 for other methods)."""
-        if self.method != "trace" or not self.top_k:
+        if self.method not in TOP_K_METHODS or not self.top_k:
             return 0
-        full = [trace_cls_flow(r.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine) for name, r in zip(self.names, self.shown, strict=True) if name in shown]
+        full = [self._cls_trace(r, top_k=None) for name, r in zip(self.names, self.shown, strict=True) if name in shown]
         return int(np.unique(np.concatenate([t.edge_ids() for t in full])).size)
 
     def _flow_message(self, traces: dict[str, AttentionTrace]) -> str:
@@ -238,8 +244,8 @@ class AttentionView(pn.viewable.Viewer):
         if any(t.n_edges for t in traces.values()):
             return ""
         level, token = self._root()
-        if not self.head_mask[level - 1].any():
-            return f"No edge: the trace starts at {self.shown[0].tokens[token]} in layer {level}, and no selected head is in layer {level}. Select a head of layer {level}."
+        if self.method != "heads" and not self.head_mask[level - 1].any():
+            return f"No edge: the trace starts at {self.shown[0].tokens[token]} in layer {level}, and no selected head is in layer {level}. Select a head of layer {level}, or draw the heads' own edges."
         return f"No edge of weight {self.tau:.2f} or more leaves {self.shown[0].tokens[token]}: lower tau."
 
     def _flow_frames(self, shown: tuple[str, ...]) -> tuple[dict, str]:
@@ -404,7 +410,7 @@ class AttentionView(pn.viewable.Viewer):
         return {
             "text": {"type": pn.widgets.TextAreaInput, "name": "Sentence", "height": 90, "max_length": 100_000},
             "text_pair": {"type": pn.widgets.TextInput, "name": "Second segment (optional)"},
-            "method": {"type": pn.widgets.RadioButtonGroup, "name": "Flow method"},
+            "method": {"type": pn.widgets.Select, "name": "Flow method"},
             "tau": {"type": pn.widgets.FloatSlider, "name": "tau (edge threshold)"},
             "top_k": {"type": pn.widgets.IntSlider, "name": "strongest edges per token (CLS trace; 0 = all)"},
             "alpha": {"type": pn.widgets.FloatSlider, "name": "alpha (deeper influence)"},

@@ -223,5 +223,5 @@ def flow_diagram(
         reach = levels + 2.2
         axes = dict(xaxis=None, yaxis=None, xlim=(-reach, reach), ylim=(-reach, reach), data_aspect=1)
         layers = segments * points * message * labels * rings
-    size = dict(responsive=True, min_width=520) if responsive else dict(width=width)
+    size = dict(responsive=True, min_width=380) if responsive else dict(width=width)  # two side by side fit 1280 px
     return layers.opts(hv.opts.Overlay(height=height, toolbar="right", show_legend=False, hooks=[field_legend(Segment, "legend", "edges")], **size, **axes))

@@ -494,3 +494,17 @@ def test_flow_trace_empty_mask_is_empty() -> None:
 
     trace = flow_trace(np.full((2, 2, 3, 3), 1 / 3), np.zeros((2, 2), bool))
     assert trace.n_edges == 0 and not trace.influence.any()
+
+
+def test_every_token_draws_the_selected_heads_own_edges() -> None:
+    rng = np.random.default_rng(3)
+    A = rng.dirichlet(np.full(8, 0.3), size=(3, 2, 8))
+    mask = np.zeros((3, 2), dtype=bool)
+    mask[0, 1] = True  # a first-layer head: nothing reaches it from [CLS] of the deepest layer
+    assert trace_cls_flow(A, mask, tau=0.2).n_edges == 0
+    own = trace_cls_flow(A, mask, tau=0.2, every_token=True)
+    expected = set(zip(*np.nonzero(A[0, 1] >= 0.2), strict=True))
+    assert set(own.edge_layer.tolist()) == {0} and set(zip(own.edge_query.tolist(), own.edge_key.tolist(), strict=True)) == expected
+    everything = trace_cls_flow(A, None, tau=0.2, every_token=True, top_k=2)
+    per_query = np.bincount(everything.edge_layer * 8 + everything.edge_query, minlength=3 * 8)
+    assert per_query.max() <= 2 and everything.n_edges == int(np.minimum((A.max(axis=1) >= 0.2).sum(axis=-1), 2).sum())

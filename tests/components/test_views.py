@@ -482,3 +482,15 @@ def test_pair_examples_say_the_default_fine_tune_never_learned_their_task() -> N
     labels = [example_label(e) for e in load_examples()]
     assert all(label.startswith("sentiment: ") and "not a task" not in label for label in labels[:7])
     assert all("(not a task the default fine-tune learned)" in label for label in labels if not label.startswith("sentiment"))
+
+
+def test_the_heads_own_edges_are_drawn_whether_or_not_they_reach_the_root(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT, top_k=0)
+    view.method = "heads"
+    view.tau = 0.05
+    view.select_heads([(0, 1)])  # a first-layer head: the CLS trace cannot reach it from the deepest layer
+    edges = data(view.flows[MERGED], "edges")
+    expected = {(q, k) for record in view.records for q, k in zip(*np.nonzero(record.attention[0, 1] >= 0.05), strict=True)}
+    assert set(edges["layer"]) == {0} and set(zip(edges["query"], edges["key"], strict=True)) == expected
+    assert "heads' own edges of every token" in view.flows[MERGED].figure.title.text
+    assert data(view.flows[MERGED], "message")["text"][0] == ""
