@@ -53,7 +53,8 @@ with a weight of at least **tau** in a selected head (width = weight). **Colours
 models, turquoise only by the pre-trained model, purple only by the fine-tuned one (the legend counts each).
 **Node size** is the token's influence `I_l(w) = c_l(w) + alpha * I_(l+1)(w)`, where `c_l(w)` counts the
 edges reaching it; grey dots were not reached. Rollout and attention flow draw each edge's share of the root's
-relevance or flow instead. Hover an edge or a token for its words, heads and weights.
+relevance or flow instead; *heads' own edges* draws every edge of the selected heads, whether or not it reaches
+the root. Hover an edge or a token for its words, heads and weights.
 
 **Sentence view**: each word shaded by its influence on the input (or by the root's attention), per model,
 with the fine-tuned model's prediction. **Matrices**: the attention of the selected head (or the mean of the
