@@ -10,6 +10,7 @@ from typing import Any
 import holoviews as hv
 import pandas as pd
 import panel as pn
+import param
 
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.components import AttentionView, CompareView, SingleView
@@ -125,9 +126,15 @@ def _waiting(message: str) -> tuple[pn.pane.Markdown, pn.indicators.Progress]:
 def _corpus_card(view: AttentionView, corpus: pd.DataFrame) -> pn.Card:
     """The corpus run's sentences (most changed by fine-tuning first); choosing one shows it in every view."""
     browser = CorpusBrowser(corpus)
-    browser.param.watch(lambda event: view.param.update(text_pair=event.new[1], text=event.new[0]), "chosen")
     title = f"Corpus: {len(corpus)} held-out sentences, sortable and filterable; click one to show it"
-    return pn.Card(browser, title=title, collapsed=True, sizing_mode="stretch_width")
+    card = pn.Card(browser, title=title, collapsed=True, sizing_mode="stretch_width")
+
+    def show(event: param.parameterized.Event) -> None:
+        view.param.update(text_pair=event.new[1], text=event.new[0])
+        card.collapsed = True  # the views, below the card, come back into sight
+
+    browser.param.watch(show, "chosen")
+    return card
 
 
 def create_app(pair: ModelPair | None = None, text: str | None = None, head_map: HeadEmbedding | None = None, corpus: pd.DataFrame | None = None) -> pn.template.BootstrapTemplate:

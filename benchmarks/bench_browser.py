@@ -97,7 +97,7 @@ window.bench = (() => {
     return {title: view.model.title.text, shown, painted: performance.now()};
   }
   // "...: CLS trace from [CLS] (layer 6), 97 edges; 435 weaker hidden (top 3 per token)", the part after ";" optional
-  const counts = (text, count) => new RegExp(`, ${count} edges(;.*)?$`).test(String(text));
+  const counts = (text, count) => new RegExp(`, ${count} edges( [(][0-9]+ of [0-9]+ heads[)])?(;.*)?$`).test(String(text));
   let pending = null;
   // wait for a brush to show `count` edges: from the pointerup ending the drag until painted
   function arm(count) {

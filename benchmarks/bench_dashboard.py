@@ -66,7 +66,7 @@ PASSAGE = (
 )
 # "pre-trained vs fine-tuned: CLS trace from [CLS] (layer 6), 97 edges; 435 weaker hidden (top 3 per token)":
 # the distinct (layer, query, key) edges of both traces, then what top-k hides (if any)
-FLOW_TITLE = re.compile(r"pre-trained vs fine-tuned: .*, (\d+) edges(?:; .*)?")
+FLOW_TITLE = re.compile(r"pre-trained vs fine-tuned: .*, (\d+) edges(?: \(\d+ of \d+ heads\))?(?:; .*)?")
 MERGED = (PRETRAINED, FINETUNED)  # the key of the merged flow diagram in ``view.flows``
 PROTOCOL = Protocol()
 

@@ -21,7 +21,7 @@ from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_clim, matrix_frames
-from attnflows_panel.plots.bound import Layer
+from attnflows_panel.plots.bound import Layer, renderer
 from attnflows_panel.plots.flow_diagram import flow_diagram, flow_frames, flow_layers
 from attnflows_panel.plots.head_embedding import HIGHLIGHT_LAYERS, head_embedding, highlight_frames
 from attnflows_panel.plots.head_grid import OUTLINE_LAYERS, grid_outline, grid_outline_frames, head_grid, heads_at
@@ -231,6 +231,8 @@ class AttentionView(pn.viewable.Viewer):
         start = "of every token" if self.method == "heads" else f"from {self.shown[0].tokens[token]} ({level_name(level)})"
         title = f"{models}: {METHOD_NAMES[self.method]} {start}, {labels.size} edges"
         hidden = self._hidden_by_top_k(shown) - labels.size
+        heads = int(self.head_mask.sum())
+        title += "" if heads == self.head_mask.size else f" ({heads} of {self.head_mask.size} heads)"
         return f"{title}; {hidden} weaker hidden (top {self.top_k} per token)" if hidden > 0 else title
 
     def _hidden_by_top_k(self, shown: tuple[str, ...]) -> int:
@@ -283,6 +285,9 @@ class AttentionView(pn.viewable.Viewer):
                 shown = f"attention of {record.tokens[token]} (layer {level}, {heads.size} heads)"
             else:
                 row, shown = traces[name].influence[0], f"influence on the input ({METHOD_NAMES[self.method]} from {record.tokens[token]}, {level_name(level)})"
+                lowest = int(traces[name].edge_layer.min()) if traces[name].n_edges else level
+                if lowest > 0:  # influence[0] is then only alpha times the deeper influence
+                    shown += f"; no edge reaches the input: the trace stops at {level_name(lowest)}"
             values[name] = np.bincount(index, weights=row, minlength=len(words))
             captions[name] = f"{self.titles[name]}: {shown}"
             if record.predicted_label is not None:
@@ -329,7 +334,7 @@ class AttentionView(pn.viewable.Viewer):
             frames, title = self._flow_frames(shown)
             height = FLOW_HEIGHT if self.layout == "layered" else 640
             # the layered diagram takes the page's width; the rings keep their aspect
-            element = flow_diagram(self.shown[0].tokens, {n: self._traces()[n] for n in shown}, layout=self.layout, frames=frames, width=height, height=height, responsive=self.layout == "layered")
+            element = flow_diagram(self.shown[0].tokens, {n: self._traces()[n] for n in shown}, layout=self.layout, frames=frames, width=height + 220, height=height, responsive=self.layout == "layered")  # rings plus the legend
             live.draw(element.opts(title=title), flow_layers(), frames)
             live.on_tap(self._on_tap)
             panes.append(live.pane)
@@ -359,6 +364,8 @@ class AttentionView(pn.viewable.Viewer):
         with self._push_lock:
             self.ablation.object = ""  # a result for other heads
             self.grid.write(grid_outline_frames(self._outlined()))
+            if self.head_mask.all() and self.grid.figure is not None:  # "Clear selection": the grid's own brush goes too
+                renderer(self.grid.figure, Layer(Rect)).data_source.selected.indices = []
             if self.head_map is not None:
                 self.map.write(highlight_frames(self.head_map.points, self._outlined()))
             if self.records is None:

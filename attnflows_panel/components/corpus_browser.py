@@ -11,7 +11,7 @@ from bokeh.models.widgets.tables import NumberFormatter
 
 PAGE_SIZE = 20
 TEXT_COLUMNS = ("text", "text_pair")
-TITLES = {"sentence_id": "#", "text_pair": "text pair", "prediction_changed": "changed", "difference": "difference (bits)", "n_tokens": "tokens"}
+TITLES = {"sentence_id": "#", "text_pair": "text pair", "prediction_changed": "changed", "difference": "model difference (mean JS over heads, bits)", "n_tokens": "tokens"}
 
 
 class CorpusBrowser(pn.viewable.Viewer):

@@ -50,6 +50,7 @@ class LiveFigure:
             return
         for name, frame in frames.items():
             self.sources[name].data = columns(frame)
+            self.sources[name].selected.indices = []  # a selection made on the old rows (a tap on a node) means nothing now
         if title is not None and self.figure.title is not None:
             self.figure.title.text = title
         if clim is not None:

@@ -71,7 +71,8 @@ def _edge_columns(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -
     token_array = np.asarray(tokens, dtype=object)
     columns["query_token"], columns["key_token"] = token_array[columns["query"]], token_array[columns["key"]]
     counts = edge_counts(labels)
-    columns["legend"] = np.array([f"{LEGEND_NAMES[label]} ({counts[label]})" for label in LABEL_ORDER], dtype=object)[rank[order]] if len(labels) else labels
+    names = LEGEND_NAMES if len(traces) > 1 else dict.fromkeys(LEGEND_NAMES, "traced")  # one model: no "only"
+    columns["legend"] = np.array([f"{names[label]} ({counts[label]})" for label in LABEL_ORDER], dtype=object)[rank[order]] if len(labels) else labels
     return columns
 
 
@@ -93,11 +94,20 @@ def _node_columns(tokens: Sequence[str], traces: Mapping[str, AttentionTrace]) -
     for name in (PRETRAINED, FINETUNED):
         trace = traces.get(name)
         columns[f"influence_{name}"] = trace.influence.ravel() if trace is not None else np.full(levels * n, np.nan)
-        reached[name] = trace.reached.ravel() if trace is not None else np.zeros(levels * n, dtype=bool)
+        reached[name] = _touched(trace).ravel() if trace is not None else np.zeros(levels * n, dtype=bool)
     pre, fine = reached[PRETRAINED], reached[FINETUNED]
     columns["label"] = np.where(pre & fine, SHARED, np.where(pre, PRETRAINED, np.where(fine, FINETUNED, ""))).astype(object)
     columns["influence"] = np.nan_to_num(np.fmax(columns["influence_pretrained"], columns["influence_finetuned"]))
     return columns
+
+
+def _touched(trace: AttentionTrace) -> np.ndarray:
+    """``[L + 1, n]``: nodes the trace reached or that a kept edge touches (a flow edge may leave a node
+    whose own incoming edges are each below tau)."""
+    touched = trace.reached.copy()
+    touched[trace.edge_layer, trace.edge_key] = True
+    touched[trace.edge_layer + 1, trace.edge_query] = True
+    return touched
 
 
 def _colors(labels: np.ndarray) -> np.ndarray:
