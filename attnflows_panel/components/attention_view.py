@@ -62,6 +62,11 @@ selected heads), query rows against key columns.
 """
 
 
+def short_name(model_id: str) -> str:
+    """The last part of a hub name or path, for titles."""
+    return model_id.rstrip("/").rsplit("/", 1)[-1] or model_id
+
+
 def level_name(level: int) -> str:
     """``"input"`` for level 0, ``"layer l"`` above it (layers numbered from 1)."""
     return "input" if level == 0 else f"layer {level}"
@@ -459,8 +464,17 @@ class AttentionView(pn.viewable.Viewer):
         reset.on_click(self.reset_root)
         return pn.Column(analyze, pn.Row(clear, reset, sizing_mode="stretch_width"), sizing_mode="stretch_width")
 
+    def models_line(self) -> str:
+        """Which models the views show (escaped Markdown): name, size, and the classes of a classification head."""
+        parts = []
+        for name, lm in self.models.items():
+            labels = f", classifies {' / '.join(lm.labels)}" if lm.has_classifier and lm.labels else ""
+            parts.append(f"**{html.escape(self.titles[name])}**: {html.escape(short_name(lm.model_id))} ({lm.n_layers} layers × {lm.n_heads} heads{html.escape(labels)})")
+        return " · ".join(parts)
+
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(
+            pn.pane.Markdown(self.models_line(), sizing_mode="stretch_width", margin=(0, 10)),
             self.notice_pane,
             pn.Card(pn.pane.Markdown(HOW_TO_READ, sizing_mode="stretch_width"), title="How to read these views", collapsed=False, sizing_mode="stretch_width"),
             pn.Row(pn.Column(self.grid.pane, self._ablate_button, self.ablation, width=460), self.map.pane),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.analysis.flows import PRETRAINED
-from attnflows_panel.components.attention_view import AttentionView
+from attnflows_panel.components.attention_view import AttentionView, short_name
 from attnflows_panel.models.loading import LoadedModel
 
 
@@ -14,7 +14,3 @@ class SingleView(AttentionView):
     def __init__(self, model: LoadedModel, text: str | None = None, *, head_map: HeadEmbedding | None = None, title: str | None = None, **params: object) -> None:
         super().__init__({PRETRAINED: model}, model, text, head_map, {PRETRAINED: title or short_name(model.model_id)}, **params)
 
-
-def short_name(model_id: str) -> str:
-    """The last part of a hub name or path, for titles."""
-    return model_id.rstrip("/").rsplit("/", 1)[-1] or model_id

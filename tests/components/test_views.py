@@ -495,3 +495,8 @@ def test_the_heads_own_edges_are_drawn_whether_or_not_they_reach_the_root(tiny_p
     assert set(edges["layer"]) == {0} and set(zip(edges["query"], edges["key"], strict=True)) == expected
     assert "heads' own edges of every token" in view.flows[MERGED].figure.title.text
     assert data(view.flows[MERGED], "message")["text"][0] == ""
+
+
+def test_the_page_names_its_models(tiny_pair) -> None:
+    line = CompareView(tiny_pair, TEXT).models_line()
+    assert line.startswith("**pre-trained**: tiny-bert") and "2 layers × 4 heads" in line and "classifies negative / positive" in line
