@@ -284,3 +284,25 @@ def test_side_by_side_fits_a_1280_pixel_window(page, serve_page, real_pair, arti
     page.screenshot(path=str(artifacts / "compare-side-by-side-1280.png"))
     assert console_errors(msgs) == []
 
+
+
+def test_no_stale_result_title_or_numbering(page, serve_page, real_pair, plot_point) -> None:
+    """The ablation result goes when the selection changes, empty text leaves no old titles, the grid counts heads from 1."""
+    view, msgs = serve_view(serve_page, page, real_pair, controls=True)
+    page.set_viewport_size({"width": 1600, "height": 1800})
+    page.mouse.move(0, 0)
+    page.mouse.move(*plot_point(page, "model difference", 3, 6), steps=4)  # the cell of layer 6, head 3, as the grid numbers them
+    tip = page.locator(".bk-tooltip-content").first
+    tip.wait_for(timeout=10_000)
+    shown = dict(line.split(":\t") for line in tip.inner_text().split("\n"))
+    assert (shown["layer"], shown["head"]) == ("6", "3")
+    page.get_by_text("Switch selected heads off").click()
+    page.wait_for_selector("text=With 72 heads off", timeout=30_000)
+    drag(page, plot_point(page, "model difference", 2.6, 6.4), plot_point(page, "model difference", 3.4, 5.6))  # layer 6, head 3
+    wait_until(lambda: view.selected_heads() == [(5, 2)], page, timeout=10_000)
+    wait_until(lambda: page.get_by_text("With 72 heads off").count() == 0, page, timeout=10_000)
+    wait_until(lambda: plots_titled(page, "pre-trained: layer 6, head 3") != [], page, timeout=10_000)
+    type_text(page, "")
+    page.wait_for_selector("text=Type a sentence", timeout=20_000)
+    wait_until(lambda: plots_titled(page, "pre-trained vs fine-tuned") == [] and plots_titled(page, "model difference") == [], page, timeout=10_000)
+    assert console_errors(msgs) == []
