@@ -56,7 +56,7 @@ edges reaching it; grey dots were not reached. Rollout and attention flow draw e
 relevance or flow instead; *heads' own edges* draws every edge of the selected heads, whether or not it reaches
 the root. Hover an edge or a token for its words, heads and weights.
 
-**Sentence view**: each word shaded by its influence on the input (or by the root's attention), per model,
+**Sentence view** (always whole words): each word shaded by its influence on the input (or by the root's attention), per model,
 with the fine-tuned model's prediction. **Matrices**: the attention of the selected head (or the mean of the
 selected heads), query rows against key columns.
 """
@@ -276,7 +276,8 @@ class AttentionView(pn.viewable.Viewer):
         record, heads = self.shown[index], np.argwhere(self.head_mask)
         label = f"mean of {len(heads)} heads" if len(heads) > 1 else f"layer {heads[0][0] + 1}, head {heads[0][1] + 1}"
         matrix = record.attention[heads[:, 0], heads[:, 1]].mean(axis=0)
-        return attention_matrix(matrix, record.tokens, title=f"{self.titles[self.names[index]]}: {label}", size=340)
+        size = int(np.clip(6 * record.n_tokens, 340, 560))  # long inputs get room for more token labels
+        return attention_matrix(matrix, record.tokens, title=f"{self.titles[self.names[index]]}: {label}", size=size)
 
     def _sentence_parts(self) -> tuple[list[str], dict[str, np.ndarray], dict[str, str]]:
         words, index = merge_tokens(self.shown[0].tokens, self.shown[0].word_ids)
