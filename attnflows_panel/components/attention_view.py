@@ -22,7 +22,7 @@ from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_clim, matrix_frames
 from attnflows_panel.plots.bound import Layer, renderer
-from attnflows_panel.plots.flow_diagram import flow_diagram, flow_frames, flow_layers
+from attnflows_panel.plots.flow_diagram import TRACE_ENCODING, flow_diagram, flow_frames, flow_layers
 from attnflows_panel.plots.head_embedding import HIGHLIGHT_LAYERS, head_embedding, highlight_frames
 from attnflows_panel.plots.head_grid import OUTLINE_LAYERS, grid_outline, grid_outline_frames, head_grid, heads_at
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
@@ -36,7 +36,11 @@ MEASURE_LABELS = {
 MEASURE_NAMES = [name for name, _ in MEASURES]
 METHOD_NAMES = {"trace": "CLS trace", "rollout": "rollout", "flow": "attention flow", "heads": "heads' own edges"}
 METHOD_TAU = {"trace": 0.1, "rollout": 0.01, "flow": 0.2, "heads": 0.3}  # each method's scale: a readable structure on the default input
-TOP_K_METHODS = ("trace", "heads")  # the methods that keep the k strongest edges of a token  # each method's scale: a readable structure on the default input
+TOP_K_METHODS = ("trace", "heads")
+METHOD_ENCODING = {  # what node size and edge width mean, written under the flow diagram (the CLS trace's by default)
+    "rollout": "node size: the root's rollout relevance · edge width: the relevance the edge carries · black: the root",
+    "flow": "node size: the most attention flow from the root · edge width: the flow the edge can carry · black: the root",
+}  # the methods that keep the k strongest edges of a token  # each method's scale: a readable structure on the default input
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 FLOW_HEIGHT = 520
@@ -340,7 +344,10 @@ class AttentionView(pn.viewable.Viewer):
             frames, title = self._flow_frames(shown)
             height = FLOW_HEIGHT if self.layout == "layered" else 640
             # the layered diagram takes the page's width; the rings keep their aspect
-            element = flow_diagram(self.shown[0].tokens, {n: self._traces()[n] for n in shown}, layout=self.layout, frames=frames, width=height + 220, height=height, responsive=self.layout == "layered")  # rings plus the legend
+            element = flow_diagram(
+                self.shown[0].tokens, {n: self._traces()[n] for n in shown}, layout=self.layout, frames=frames, width=height + 220, height=height,  # rings plus the legend
+                responsive=self.layout == "layered", encoding=METHOD_ENCODING.get(self.method, TRACE_ENCODING),
+            )
             live.draw(element.opts(title=title), flow_layers(), frames)
             live.on_tap(self._on_tap)
             panes.append(live.pane)
@@ -387,7 +394,7 @@ class AttentionView(pn.viewable.Viewer):
         with self._push_lock:
             for shown, live in self.flows.items():
                 frames, title = self._flow_frames(shown)
-                live.write({k: v for k, v in frames.items() if k in ("edges", "nodes", "message")}, title=title)
+                live.write(frames, title=title, caption=METHOD_ENCODING.get(self.method, TRACE_ENCODING))
             self._write_sentence()
 
     def _write_sentence(self, *_: object) -> None:

@@ -44,8 +44,8 @@ class LiveFigure:
         """Call ``callback(x, y)`` with the data coordinates of a click on the plot."""
         self.figure.on_event(Tap, lambda event: callback(event.x, event.y))
 
-    def write(self, frames: Mapping[str, Frame], *, title: str | None = None, clim: tuple[float, float] | None = None) -> None:
-        """Replace the data of the bound sources in ``frames``, and the title and colour limits when given."""
+    def write(self, frames: Mapping[str, Frame], *, title: str | None = None, clim: tuple[float, float] | None = None, caption: str | None = None) -> None:
+        """Replace the data of the bound sources in ``frames``, and the title, colour limits and caption when given."""
         if self.figure is None:
             return
         for name, frame in frames.items():
@@ -53,6 +53,8 @@ class LiveFigure:
             self.sources[name].selected.indices = []  # a selection made on the old rows (a tap on a node) means nothing now
         if title is not None and self.figure.title is not None:
             self.figure.title.text = title
+        if caption is not None:
+            self.figure.select_one({"name": "caption"}).text = caption
         if clim is not None:
             for source in frames:
                 mapper = getattr(self._glyph(source), "color_mapper", None)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from bokeh.core.property.vectorization import Field
 from bokeh.model import Model
-from bokeh.models import ColumnDataSource, Glyph, GlyphRenderer, Legend, LegendItem, Plot
+from bokeh.models import ColumnDataSource, Glyph, GlyphRenderer, Legend, LegendItem, Plot, Title
 
 GLYPH_STATES = ("glyph", "selection_glyph", "nonselection_glyph", "hover_glyph", "muted_glyph")
 Frame = Mapping[str, object]  # column name -> values (a DataFrame or a dict of sequences)
@@ -90,5 +90,14 @@ def field_legend(glyph: type[Glyph], column: str, title: str, nth: int = 0) -> C
         drawn = renderer(figure, Layer(glyph, nth=nth))
         legend = Legend(items=[LegendItem(label=Field(column), renderers=[drawn])], title=title, background_fill_alpha=0.8, label_text_font_size="9pt", title_text_font_size="9pt")
         figure.add_layout(legend, "right")
+
+    return hook
+
+
+def caption(text: str) -> Callable[[object, object], None]:
+    """A HoloViews hook writing ``text`` under the plot, in small grey italics (what sizes and widths encode)."""
+
+    def hook(plot: object, _: object) -> None:
+        plot.state.add_layout(Title(text=text, text_font_size="9pt", text_font_style="italic", text_color="#555555", name="caption"), "below")
 
     return hook

@@ -13,12 +13,13 @@ from bokeh.models import CustomJSHover, HoverTool, Scatter, Segment, Text
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, AttentionTrace
 from attnflows_panel.plots import FINETUNED_COLOR, MODEL_TITLES, PRETRAINED_COLOR, SHARED_COLOR
-from attnflows_panel.plots.bound import Layer, field_legend
+from attnflows_panel.plots.bound import Layer, caption, field_legend
 
 ROOT_COLOR = "#303030"
 LABEL_COLORS = {SHARED: SHARED_COLOR, PRETRAINED: PRETRAINED_COLOR, FINETUNED: FINETUNED_COLOR}
 UNREACHED_COLOR = "#d9d9d9"
 EDGE_COLUMNS = ["layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned", "legend"]
+TRACE_ENCODING = "node size: influence I = c + alpha · I(layer above), c = edges arriving · edge width: attention weight · black: the root · grey dot: not reached"
 NOT_DRAWN = -1.0  # a model's weight for an edge it does not draw (Bokeh shows NaN as "NaN" before any formatter runs)
 LABEL_ORDER = (SHARED, PRETRAINED, FINETUNED)  # legend order; model-only edges drawn over shared ones
 LEGEND_NAMES = {SHARED: "shared", PRETRAINED: "pre-trained only", FINETUNED: "fine-tuned only"}
@@ -194,12 +195,14 @@ def flow_diagram(
     message: str = "",
     frames: Mapping[str, pd.DataFrame] | None = None,
     responsive: bool = False,
+    encoding: str = TRACE_ENCODING,
 ) -> hv.Overlay:
     """Tokens at every level (input at the bottom, or the innermost ring), edges sized by weight.
 
     Edge and node colour: pre-trained only turquoise, fine-tuned only purple, shared grey; a legend gives
     the count of each. ``frames`` are this input's :func:`flow_frames`, when already computed; a
-    ``responsive`` diagram takes the width of its container instead of ``width``.
+    ``responsive`` diagram takes the width of its container instead of ``width``; ``encoding`` is written under
+    the plot (what node sizes and edge widths mean).
     """
     frames = frames if frames is not None else flow_frames(tokens, traces, layout, message)
     edges, nodes = frames["edges"], frames["nodes"]
@@ -234,4 +237,4 @@ def flow_diagram(
         axes = dict(xaxis=None, yaxis=None, xlim=(-reach, reach), ylim=(-reach, reach), data_aspect=1)
         layers = segments * points * message * labels * rings
     size = dict(responsive=True, min_width=380) if responsive else dict(width=width)  # two side by side fit 1280 px
-    return layers.opts(hv.opts.Overlay(height=height, toolbar="right", show_legend=False, hooks=[field_legend(Segment, "legend", "edges")], **size, **axes))
+    return layers.opts(hv.opts.Overlay(height=height, toolbar="right", show_legend=False, hooks=[field_legend(Segment, "legend", "edges"), caption(encoding)], **size, **axes))

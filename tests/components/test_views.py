@@ -500,3 +500,11 @@ def test_the_heads_own_edges_are_drawn_whether_or_not_they_reach_the_root(tiny_p
 def test_the_page_names_its_models(tiny_pair) -> None:
     line = CompareView(tiny_pair, TEXT).models_line()
     assert line.startswith("**pre-trained**: tiny-bert") and "2 layers × 4 heads" in line and "classifies negative / positive" in line
+
+
+def test_the_flow_diagram_says_what_sizes_and_widths_encode(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    caption = lambda: view.flows[MERGED].figure.select_one({"name": "caption"}).text  # noqa: E731
+    assert caption().startswith("node size: influence I = c + alpha") and "edge width: attention weight" in caption()
+    view.method = "rollout"
+    assert caption().startswith("node size: the root's rollout relevance")
