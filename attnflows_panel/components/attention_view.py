@@ -67,8 +67,11 @@ selected heads), query rows against key columns.
 
 
 def short_name(model_id: str) -> str:
-    """The last part of a hub name or path, for titles."""
-    return model_id.rstrip("/").rsplit("/", 1)[-1] or model_id
+    """The last part of a hub name or path, for titles (with its parent when the last part is a generic "model")."""
+    parts = [p for p in model_id.replace("\\", "/").split("/") if p]
+    if len(parts) > 1 and parts[-1].lower() in ("model", "models", "checkpoint", "final"):
+        return "/".join(parts[-2:])
+    return parts[-1] if parts else model_id
 
 
 def level_name(level: int) -> str:
@@ -294,10 +297,9 @@ class AttentionView(pn.viewable.Viewer):
                 row = record.attention[level - 1, heads, token].mean(axis=0) if heads.size else np.zeros(record.n_tokens)
                 shown = f"attention of {record.tokens[token]} (layer {level}, {heads.size} heads)"
             else:
-                row, shown = traces[name].influence[0], f"influence on the input ({METHOD_NAMES[self.method]} from {record.tokens[token]}, {level_name(level)})"
                 lowest = int(traces[name].edge_layer.min()) if traces[name].n_edges else level
-                if lowest > 0:  # influence[0] is then only alpha times the deeper influence
-                    shown += f"; no edge reaches the input: the trace stops at {level_name(lowest)}"
+                stops = f"; no edge reaches the input: stops at {level_name(lowest)}" if lowest > 0 else ""  # then only alpha-weighted deeper influence
+                row, shown = traces[name].influence[0], f"influence on the input ({METHOD_NAMES[self.method]} from {record.tokens[token]}, {level_name(level)}{stops})"
             values[name] = np.bincount(index, weights=row, minlength=len(words))
             captions[name] = f"{self.titles[name]}: {shown}"
             if record.predicted_label is not None:

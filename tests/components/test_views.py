@@ -508,3 +508,12 @@ def test_the_flow_diagram_says_what_sizes_and_widths_encode(tiny_pair) -> None:
     assert caption().startswith("node size: influence I = c + alpha") and "edge width: attention weight" in caption()
     view.method = "rollout"
     assert caption().startswith("node size: the root's rollout relevance")
+
+
+def test_the_sentence_view_says_when_no_edge_reaches_the_input(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    view.select_heads([(1, 0)])  # the deepest layer only: the trace stops at layer 1
+    caption = str(data(view.sentence, "texts")["text"][0])
+    assert caption.endswith("; no edge reaches the input: stops at layer 1)")
+    view.select_heads([])
+    assert "no edge reaches" not in str(data(view.sentence, "texts")["text"][0])
