@@ -98,7 +98,7 @@ def test_a_brush_down_to_one_edge_leaves_no_glyph_reading_a_missing_column(page,
     wait_until(lambda: view.selected_heads() == [(last, head)] and flow_edges(view) == 1, page, timeout=10_000)
     # the title is written after the glyphs and sources: once the page shows it, it has applied their changes
     title = view.flows[MERGED].figure.title.text
-    assert title.endswith(", 1 edges")
+    assert title.endswith(", 1 edges (1 of 72 heads)")
     wait_until(lambda: plots_titled(page, title) != [], page, timeout=10_000)
     page.wait_for_timeout(200)  # console messages reach Python asynchronously
     assert [m.text for m in msgs if "nonexistent field" in m.text] == []
@@ -238,7 +238,7 @@ def test_edge_hover_shows_one_tooltip_with_the_words(page, serve_page, real_pair
 def test_the_grid_colour_bar_follows_the_measure(page, serve_page, real_pair) -> None:
     view, msgs = serve_view(serve_page, page, real_pair, controls=True)
     assert plots_titled(page, "model difference")[0]["colorbars"] == ["JS (bits)"]
-    page.locator("select").first.select_option(label="attention to [CLS]")
+    page.locator("select", has=page.locator("option", has_text="attention to [CLS]")).select_option(label="attention to [CLS]")
     wait_until(lambda: view.measure == "attn_cls", page, timeout=10_000)
     wait_until(lambda: plots_titled(page, "attention to [CLS]") != [], page, timeout=10_000)
     assert plots_titled(page, "attention to [CLS]")[0]["colorbars"] == ["attention to [CLS]"]
