@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import threading
 
+import holoviews as hv
 import numpy as np
 import panel as pn
 import param
@@ -340,8 +341,8 @@ class AttentionView(pn.viewable.Viewer):
         if self.records is None:
             self._flow_row.objects = []
             return
-        panes = []
-        for shown in self._flow_layouts():
+        panes, layouts = [], self._flow_layouts()
+        for shown in layouts:
             live = self.flows[shown] = LiveFigure(sizing_mode="stretch_width")
             frames, title = self._flow_frames(shown)
             height = FLOW_HEIGHT if self.layout == "layered" else 640
@@ -350,7 +351,8 @@ class AttentionView(pn.viewable.Viewer):
                 self.shown[0].tokens, {n: self._traces()[n] for n in shown}, layout=self.layout, frames=frames, width=height + 220, height=height,  # rings plus the legend
                 responsive=self.layout == "layered", encoding=METHOD_ENCODING.get(self.method, TRACE_ENCODING),
             )
-            live.draw(element.opts(title=title), flow_layers(), frames)
+            title_size = "9pt" if len(layouts) > 1 else "12pt"  # two diagrams side by side: half the width for each title
+            live.draw(element.opts(hv.opts.Overlay(title=title, fontsize={"title": title_size})), flow_layers(), frames)
             live.on_tap(self._on_tap)
             panes.append(live.pane)
         self._flow_row.objects = panes
