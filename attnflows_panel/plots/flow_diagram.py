@@ -180,9 +180,12 @@ def _edge_tips(models: Sequence[str]) -> list[tuple[str, str]]:
     return tips
 
 
-def _hover(tips: list[tuple[str, str]], formatters: dict[str, str]) -> HoverTool:
-    """A hover showing the one item nearest the pointer (overlapping edges never stack tooltips); formatters as JS code."""
-    return HoverTool(tooltips=tips, formatters={field: CustomJSHover(code=code) for field, code in formatters.items()}, limit=1)
+def _hover(tips: list[tuple[str, str]], formatters: dict[str, str], attachment: str) -> HoverTool:
+    """A hover showing the one item nearest the pointer (overlapping edges never stack tooltips); formatters as JS code.
+
+    Edges and tokens each have one; ``attachment`` puts their tooltips on different sides, so both stay readable.
+    """
+    return HoverTool(tooltips=tips, formatters={field: CustomJSHover(code=code) for field, code in formatters.items()}, limit=1, attachment=attachment)
 
 
 def flow_diagram(
@@ -210,11 +213,11 @@ def flow_diagram(
     levels = int(nodes["level"].max()) + 1
     models = [m for m in (PRETRAINED, FINETUNED) if m in traces]
     segment_dims = [c for c in edges.columns if c not in ("x0", "y0", "x1", "y1")]
-    edge_hover = _hover(_edge_tips(models), {f"@{{weight_{m}}}": WEIGHT_OR_NOT_DRAWN for m in models} | {"@{layer}": LAYER_FROM_ONE})
+    edge_hover = _hover(_edge_tips(models), {f"@{{weight_{m}}}": WEIGHT_OR_NOT_DRAWN for m in models} | {"@{layer}": LAYER_FROM_ONE}, "below")
     segments = hv.Segments(edges, ["x0", "y0", "x1", "y1"], segment_dims, label="edges").opts(color="color", line_width="width", alpha=0.75, tools=[edge_hover])
     node_tips = [("token", "@{token} (@{index})"), ("level", "@{level_name}")]
     node_tips += [(f"influence, {MODEL_TITLES[m]}", f"@{{influence_{m}}}{{custom}}") for m in models]
-    node_hover = _hover(node_tips, {f"@{{influence_{m}}}": INFLUENCE_OR_NONE for m in models})
+    node_hover = _hover(node_tips, {f"@{{influence_{m}}}": INFLUENCE_OR_NONE for m in models}, "above")
     points = hv.Points(nodes, ["x", "y"], [c for c in nodes.columns if c not in ("x", "y")], label="tokens").opts(
         color="color", size="size", line_color="white", tools=[node_hover, "tap"]
     )
