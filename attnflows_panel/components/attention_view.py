@@ -61,7 +61,8 @@ edges reaching it; grey dots were not reached. Rollout and attention flow draw e
 relevance or flow instead; *heads' own edges* draws every edge of the selected heads, whether or not it reaches
 the root. Hover an edge or a token for its words, heads and weights.
 
-**Sentence view** (always whole words): each word shaded by its influence on the input (or by the root's attention), per model,
+**Sentence view** (always whole words): each word shaded by its influence on the input (or by the root's attention), per model
+(darker = more, scaled to that model's largest word; hover a word for its value),
 with the fine-tuned model's prediction. **Matrices**: the attention of the selected head (or the mean of the
 selected heads), query rows against key columns.
 """
