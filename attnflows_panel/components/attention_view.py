@@ -39,8 +39,8 @@ METHOD_NAMES = {"trace": "CLS trace", "rollout": "rollout", "flow": "attention f
 METHOD_TAU = {"trace": 0.1, "rollout": 0.01, "flow": 0.2, "heads": 0.3}  # each method's scale: a readable structure on the default input
 TOP_K_METHODS = ("trace", "heads")
 METHOD_ENCODING = {  # what node size and edge width mean, written under the flow diagram (the CLS trace's by default)
-    "rollout": "node size: the root's rollout relevance · edge width: the relevance the edge carries · black: the root",
-    "flow": "node size: the most attention flow from the root · edge width: the flow the edge can carry · black: the root",
+    "rollout": "node size: the root's rollout relevance · edge width: the relevance the edge carries · node colour as the edges' · black: root",
+    "flow": "node size: the most attention flow from the root · edge width: the flow the edge can carry · node colour as the edges' · black: root",
 }  # the methods that keep the k strongest edges of a token  # each method's scale: a readable structure on the default input
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
@@ -301,7 +301,8 @@ class AttentionView(pn.viewable.Viewer):
             else:
                 lowest = int(traces[name].edge_layer.min()) if traces[name].n_edges else level
                 stops = f"; no edge reaches the input: stops at {level_name(lowest)}" if lowest > 0 else ""  # then only alpha-weighted deeper influence
-                row, shown = traces[name].influence[0], f"influence on the input ({METHOD_NAMES[self.method]} from {record.tokens[token]}, {level_name(level)}{stops})"
+                start = "of every token" if self.method == "heads" else f"from {record.tokens[token]}, {level_name(level)}"
+                row, shown = traces[name].influence[0], f"influence on the input ({METHOD_NAMES[self.method]} {start}{stops})"
             values[name] = np.bincount(index, weights=row, minlength=len(words))
             captions[name] = f"{self.titles[name]}: {shown}"
             if record.predicted_label is not None:
@@ -352,8 +353,8 @@ class AttentionView(pn.viewable.Viewer):
                 self.shown[0].tokens, {n: self._traces()[n] for n in shown}, layout=self.layout, frames=frames, width=height + 220, height=height,  # rings plus the legend
                 responsive=self.layout == "layered", encoding=METHOD_ENCODING.get(self.method, TRACE_ENCODING),
             )
-            title_size = "9pt" if len(layouts) > 1 else "12pt"  # two diagrams side by side: half the width for each title
-            live.draw(element.opts(hv.opts.Overlay(title=title, fontsize={"title": title_size})), flow_layers(), frames)
+            small = {"fontsize": {"title": "9pt"}} if len(layouts) > 1 else {}  # side by side: half the width for each title
+            live.draw(element.opts(hv.opts.Overlay(title=title, **small)), flow_layers(), frames)
             live.on_tap(self._on_tap)
             panes.append(live.pane)
         self._flow_row.objects = panes
@@ -430,7 +431,7 @@ class AttentionView(pn.viewable.Viewer):
         before = f"{html.escape(result.original_label)} ({result.original_probabilities.max():.0%})"
         after = f"{html.escape(result.predicted_label)} ({result.probabilities.max():.0%})"
         change = "**changes**" if result.prediction_changed else "stays"
-        self.ablation.object = f"With {len(heads)} heads off, the prediction of {html.escape(self.titles[name])} {change}: {before} → {after}."
+        self.ablation.object = f"With {len(heads)} head{'' if len(heads) == 1 else 's'} off, the prediction of {html.escape(self.titles[name])} {change}: {before} → {after}."
 
     def _widgets(self) -> dict[str, dict[str, object]]:
         return {
@@ -438,7 +439,7 @@ class AttentionView(pn.viewable.Viewer):
             "text_pair": {"type": pn.widgets.TextInput, "name": "Second segment (optional)"},
             "method": {"type": pn.widgets.Select, "name": "Flow method"},
             "tau": {"type": pn.widgets.FloatSlider, "name": "tau (edge threshold)"},
-            "top_k": {"type": pn.widgets.IntSlider, "name": "strongest edges per token (CLS trace; 0 = all)"},
+            "top_k": {"type": pn.widgets.IntSlider, "name": "strongest edges per token (0 = all)"},
             "alpha": {"type": pn.widgets.FloatSlider, "name": "alpha (deeper influence)"},
             "combine": {"type": pn.widgets.RadioButtonGroup, "name": "Heads"},
             "layout": {"type": pn.widgets.RadioButtonGroup, "name": "Layout"},

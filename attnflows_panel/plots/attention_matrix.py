@@ -73,6 +73,7 @@ def attention_matrix(
         hover_formatters={"$x": names, "$y": names},
         xlabel="key",
         ylabel="query",
+        active_tools=["pan"],  # the wheel scrolls the page, not the matrix
     )
     if rasterize if rasterize is not None else n > RASTERIZE_ABOVE:
         from holoviews.operation.datashader import rasterize as ds_rasterize

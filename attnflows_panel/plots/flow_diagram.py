@@ -19,7 +19,7 @@ ROOT_COLOR = "#303030"
 LABEL_COLORS = {SHARED: SHARED_COLOR, PRETRAINED: PRETRAINED_COLOR, FINETUNED: FINETUNED_COLOR}
 UNREACHED_COLOR = "#d9d9d9"
 EDGE_COLUMNS = ["layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned", "legend"]
-TRACE_ENCODING = "node size: influence I = c + alpha · I(layer above), c = edges arriving · edge width: attention weight · black: the root · grey dot: not reached"
+TRACE_ENCODING = "node size: influence (I = c + alpha · I above; c: edges arriving) · edge width: weight · node colour as the edges' · black: root · pale dot: not reached"
 NOT_DRAWN = -1.0  # a model's weight for an edge it does not draw (Bokeh shows NaN as "NaN" before any formatter runs)
 LABEL_ORDER = (SHARED, PRETRAINED, FINETUNED)  # legend order; model-only edges drawn over shared ones
 LEGEND_NAMES = {SHARED: "shared", PRETRAINED: "pre-trained only", FINETUNED: "fine-tuned only"}
@@ -240,4 +240,5 @@ def flow_diagram(
         axes = dict(xaxis=None, yaxis=None, xlim=(-reach, reach), ylim=(-reach, reach), data_aspect=1)
         layers = segments * points * message * labels * rings
     size = dict(responsive=True, min_width=380) if responsive else dict(width=width)  # two side by side fit 1280 px
-    return layers.opts(hv.opts.Overlay(height=height, toolbar="right", show_legend=False, hooks=[field_legend(Segment, "legend", "edges"), caption(encoding)], **size, **axes))
+    # active tools: pan only, so that the wheel scrolls the page rather than zooming the diagram
+    return layers.opts(hv.opts.Overlay(height=height, toolbar="right", active_tools=["pan"], show_legend=False, hooks=[field_legend(Segment, "legend", "edges"), caption(encoding)], **size, **axes))

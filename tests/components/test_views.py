@@ -505,7 +505,7 @@ def test_the_page_names_its_models(tiny_pair) -> None:
 def test_the_flow_diagram_says_what_sizes_and_widths_encode(tiny_pair) -> None:
     view = CompareView(tiny_pair, TEXT)
     caption = lambda: view.flows[MERGED].figure.select_one({"name": "caption"}).text  # noqa: E731
-    assert caption().startswith("node size: influence I = c + alpha") and "edge width: attention weight" in caption()
+    assert caption().startswith("node size: influence (I = c + alpha") and "edge width: weight" in caption() and "pale dot: not reached" in caption()
     view.method = "rollout"
     assert caption().startswith("node size: the root's rollout relevance")
 
@@ -517,3 +517,12 @@ def test_the_sentence_view_says_when_no_edge_reaches_the_input(tiny_pair) -> Non
     assert caption.endswith("; no edge reaches the input: stops at layer 1)")
     view.select_heads([])
     assert "no edge reaches" not in str(data(view.sentence, "texts")["text"][0])
+
+
+def test_the_mouse_wheel_scrolls_the_page_not_the_plots(tiny_pair) -> None:
+    from bokeh.models import WheelZoomTool
+
+    view = CompareView(tiny_pair, TEXT)
+    for live in [view.flows[MERGED], *view.matrices.values()]:
+        assert not isinstance(live.figure.toolbar.active_scroll, WheelZoomTool)
+        assert any(isinstance(tool, WheelZoomTool) for tool in live.figure.tools)  # still there, one click away
