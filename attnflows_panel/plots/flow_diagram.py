@@ -232,7 +232,7 @@ def flow_diagram(
         outer = nodes[nodes["level"] == levels - 1]
         angle = np.pi / 2 - 2 * np.pi * outer["index"].to_numpy() / n
         labels = hv.Labels(outer.assign(x=(levels + 0.9) * np.cos(angle), y=(levels + 0.9) * np.sin(angle)), ["x", "y"], "token").opts(text_font_size="9pt", text_color=ROOT_COLOR)
-        between = np.pi / 2 + np.pi / n  # each ring's name sits between the last token and the first
+        between = np.pi / 2 - 2 * np.pi * (n // 2 + 0.5) / n  # each ring's name sits between two tokens at the bottom, away from the root's spokes
         radius = 1.0 + np.arange(levels)
         names = pd.DataFrame({"x": radius * np.cos(between), "y": radius * np.sin(between), "text": ["input", *(f"layer {i}" for i in range(1, levels))]})
         rings = hv.Labels(names, ["x", "y"], "text").opts(text_font_size="8pt", text_color="#888888", text_align="right")
