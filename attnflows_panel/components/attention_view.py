@@ -112,7 +112,7 @@ class AttentionView(pn.viewable.Viewer):
         self._ablate_button = pn.widgets.Button(label="Switch selected heads off", color="primary")
         self._ablate_button.on_click(self._ablate)
         self.head_map = head_map
-        self._traced: tuple[object, tuple, dict[str, AttentionTrace]] | None = None  # records, settings, and their traces
+        self._traced: tuple[object, tuple, dict[bool, dict[str, AttentionTrace]]] | None = None  # records, settings, their traces (with / without top-k)
         self._words: tuple[object, tuple[AttentionRecord, ...]] | None = None  # records and their word-level merge
         self._method_tau = dict(METHOD_TAU)
         self.grid, self.map, self.sentence = LiveFigure(), LiveFigure(), LiveFigure(sizing_mode="stretch_width")
@@ -220,19 +220,21 @@ class AttentionView(pn.viewable.Viewer):
             self._words = (self.records, tuple(word_level(r) for r in self.records))
         return self._words[1]
 
-    def _traces(self) -> dict[str, AttentionTrace]:
-        """Each model's trace for the current state; the flow diagram and the sentence view share one computation."""
+    def _traces(self, *, without_top_k: bool = False) -> dict[str, AttentionTrace]:
+        """Each model's trace for the current state (or the CLS trace without top-k), computed once per state:
+        the flow diagrams, their titles and the sentence view share it."""
         state = (self.head_mask.tobytes(), self.tau, self.alpha, self.method, self.combine, self.root, self.top_k)
-        if self._traced is not None and self._traced[0] is self.shown and self._traced[1] == state:
-            return self._traced[2]
-        traces = {}
-        for name, record in zip(self.names, self.shown, strict=True):
-            if self.method in RESIDUAL_TRACES:
-                traces[name] = RESIDUAL_TRACES[self.method](record.attention, self.head_mask, tau=self.tau, root=self._root())
-            else:
-                traces[name] = self._cls_trace(record, top_k=self.top_k or None)
-        self._traced = (self.shown, state, traces)
-        return traces
+        if self._traced is None or self._traced[0] is not self.shown or self._traced[1] != state:
+            self._traced = (self.shown, state, {})
+        cache = self._traced[2]
+        if without_top_k not in cache:
+            cache[without_top_k] = {name: self._trace(record, without_top_k) for name, record in zip(self.names, self.shown, strict=True)}
+        return cache[without_top_k]
+
+    def _trace(self, record: AttentionRecord, without_top_k: bool) -> AttentionTrace:
+        if self.method in RESIDUAL_TRACES:
+            return RESIDUAL_TRACES[self.method](record.attention, self.head_mask, tau=self.tau, root=self._root())
+        return self._cls_trace(record, top_k=None if without_top_k else self.top_k or None)
 
     def _cls_trace(self, record: AttentionRecord, top_k: int | None) -> AttentionTrace:
         """The CLS trace of ``record`` (from every token for the heads' own edges) for the current settings."""
@@ -253,8 +255,8 @@ class AttentionView(pn.viewable.Viewer):
         """Distinct edges of at least tau the CLS trace would draw without top-k (0 for other methods)."""
         if self.method not in TOP_K_METHODS or not self.top_k:
             return 0
-        full = [self._cls_trace(r, top_k=None) for name, r in zip(self.names, self.shown, strict=True) if name in shown]
-        return int(np.unique(np.concatenate([t.edge_ids() for t in full])).size)
+        full = self._traces(without_top_k=True)
+        return int(np.unique(np.concatenate([full[name].edge_ids() for name in shown])).size)
 
     def _flow_message(self, traces: dict[str, AttentionTrace]) -> str:
         """Why nothing is drawn, when no trace keeps an edge."""
