@@ -17,6 +17,7 @@ from attnflows_panel.analysis.heads import MEASURES, head_measures
 from attnflows_panel.analysis.words import word_level
 from attnflows_panel.components.live_figure import LiveFigure
 from attnflows_panel.components.records import cached_records
+from attnflows_panel.components.submit_keys import SubmitKeys
 from attnflows_panel.errors import AttnflowsError
 from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.models.loading import LoadedModel
@@ -472,13 +473,18 @@ class AttentionView(pn.viewable.Viewer):
 
     def _buttons(self, text: pn.widgets.TextAreaInput, text_pair: pn.widgets.TextInput) -> pn.Column:
         """Analyze (the text as typed, without leaving the box), Clear selection, Reset root."""
-        analyze = pn.widgets.Button(label="Analyze", color="primary", sizing_mode="stretch_width", description="Run both boxes' text through the model(s); leaving the box does too.")
-        analyze.on_click(lambda _: self.param.update(text=text.value_input, text_pair=text_pair.value_input or ""))
+        analyze = pn.widgets.Button(label="Analyze (Ctrl+Enter)", color="primary", sizing_mode="stretch_width", description="Run both boxes' text through the model(s); Ctrl+Enter in a box and leaving the box do too.")
+        def submit(_: object) -> None:
+            self.param.update(text=text.value_input, text_pair=text_pair.value_input or "")
+
+        analyze.on_click(submit)
+        keys = SubmitKeys()
+        keys.param.watch(submit, "presses")
         clear = pn.widgets.Button(label="Clear selection", description="Select every head again (the grid and head map brushes).")
         clear.on_click(lambda _: self.select_heads([]))
         reset = pn.widgets.Button(label="Reset root", description="Trace from [CLS] of the deepest layer again (a click on a token re-roots the flow there).")
         reset.on_click(self.reset_root)
-        return pn.Column(analyze, pn.Row(clear, reset, sizing_mode="stretch_width"), sizing_mode="stretch_width")
+        return pn.Column(analyze, pn.Row(clear, reset, sizing_mode="stretch_width"), keys, sizing_mode="stretch_width")
 
     def models_line(self) -> str:
         """Which models the views show (escaped Markdown): name, size, and the classes of a classification head."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import panel as pn
 import pytest
-from conftest import PLOT_STATE_JS
+from conftest import BOKEH_IDLE_JS, PLOT_STATE_JS, PLOT_VIEWS_JS
 from panel.tests.util import wait_until
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, trace_cls_flow
@@ -305,4 +306,78 @@ def test_no_stale_result_title_or_numbering(page, serve_page, real_pair, plot_po
     type_text(page, "")
     page.wait_for_selector("text=Type a sentence", timeout=20_000)
     wait_until(lambda: plots_titled(page, "pre-trained vs fine-tuned") == [] and plots_titled(page, "model difference") == [], page, timeout=10_000)
+    assert console_errors(msgs) == []
+
+
+LEGEND_JS = """(title) => {""" + PLOT_VIEWS_JS + """
+  for (const view of plotViews())
+    if (view.model.title.text.startsWith(title)) {
+      const item = view.model.right.find((r) => r.items !== undefined).items[0];
+      return Array.from(new Set(item.renderers[0].data_source.data[item.label.field]));
+    }
+  return null;
+}"""
+
+
+def edge_count(title: str) -> int:
+    return int(re.search(r"(\d+) edges", title).group(1))
+
+
+def legend_counts(page, title: str) -> dict[str, int]:
+    """The legend entries of the plot titled ``title``, as shown ("shared (12)"), read into {name: count}."""
+    entries = page.evaluate(LEGEND_JS, title)
+    return {m.group(1): int(m.group(2)) for m in (re.fullmatch(r"(.+) \((\d+)\)", entry) for entry in entries)}
+
+
+def test_one_edge_count_in_title_legend_side_by_side_and_download(page, serve_page, real_pair, plot_point, tmp_path: Path) -> None:
+    """The merged title counts distinct edges, the legend splits them, side by side and the downloaded report agree."""
+    view, msgs = serve_view(serve_page, page, real_pair, controls=True)
+    page.set_viewport_size({"width": 1600, "height": 1800})
+    drag(page, plot_point(page, "model difference", 0.6, 6.4), plot_point(page, "model difference", 12.4, 4.6))  # layers 5-6, every head
+    wait_until(lambda: len(view.selected_heads()) == 24, page, timeout=10_000)
+    wait_until(lambda: "(24 of 72 heads)" in view.flows[MERGED].figure.title.text, page, timeout=10_000)
+    merged = view.flows[MERGED].figure.title.text
+    wait_until(lambda: plots_titled(page, merged) != [], page, timeout=10_000)
+    total = edge_count(plots_titled(page, merged)[0]["title"])
+    split = legend_counts(page, merged)
+    assert set(split) <= {"shared", "pre-trained only", "fine-tuned only"} and sum(split.values()) == total
+    assert split.get("pre-trained only", 0) + split.get("fine-tuned only", 0) > 0  # the models differ here: the split is not trivial
+
+    page.get_by_text("side by side", exact=True).click()
+    wait_until(lambda: len(plots_titled(page, "pre-trained: CLS trace") + plots_titled(page, "fine-tuned: CLS trace")) == 2, page, timeout=30_000)
+    assert edge_count(plots_titled(page, "pre-trained: CLS trace")[0]["title"]) == split.get("shared", 0) + split.get("pre-trained only", 0)
+    assert edge_count(plots_titled(page, "fine-tuned: CLS trace")[0]["title"]) == split.get("shared", 0) + split.get("fine-tuned only", 0)
+
+    with page.expect_download() as download:
+        page.get_by_text("Download this input as an HTML report").click()
+    report = tmp_path / "report.html"
+    download.value.save_as(report)
+    page.goto(report.as_uri())
+    page.wait_for_function(BOKEH_IDLE_JS, timeout=60_000)
+    exported = plots_titled(page, "pre-trained vs fine-tuned")
+    assert len(exported) == 1 and edge_count(exported[0]["title"]) == total
+    assert legend_counts(page, "pre-trained vs fine-tuned") == split
+    assert console_errors(msgs) == []
+
+
+def test_grid_model_is_off_while_the_grid_shows_the_model_difference(page, serve_page, real_pair) -> None:
+    view, msgs = serve_view(serve_page, page, real_pair, controls=True)
+    grid_model = page.locator(".bk-btn-group").filter(has=page.get_by_text("fine-tuned", exact=True)).filter(has_not=page.get_by_text("merged", exact=True))
+    assert grid_model.locator("button").first.is_disabled()
+    page.locator("select", has=page.locator("option", has_text="attention to [CLS]")).select_option(label="attention to [CLS]")
+    wait_until(lambda: view.measure == "attn_cls", page, timeout=10_000)
+    wait_until(lambda: not grid_model.locator("button").first.is_disabled(), page, timeout=10_000)
+    grid_model.get_by_text("pre-trained", exact=True).click()
+    wait_until(lambda: view.grid_model == PRETRAINED, page, timeout=10_000)
+    wait_until(lambda: plots_titled(page, "attention to [CLS]") != [] and "pre-trained" in plots_titled(page, "attention to [CLS]")[0]["title"], page, timeout=10_000)
+    assert console_errors(msgs) == []
+
+
+def test_ctrl_enter_in_the_box_analyzes_the_typed_text(page, serve_page, real_pair) -> None:
+    view, msgs = serve_view(serve_page, page, real_pair, controls=True)
+    box = page.locator("textarea").first
+    box.fill(SHORT)
+    box.press("Control+Enter")  # focus stays in the box: no blur
+    wait_until(lambda: view.records[0].text == SHORT, page, timeout=20_000)
+    assert box.input_value() == SHORT
     assert console_errors(msgs) == []

@@ -16,6 +16,7 @@ from attnflows_panel.app import create_app, create_single_app
 from attnflows_panel.components import CompareView, SingleView
 from attnflows_panel.components.attention_view import DIFFERENCE
 from attnflows_panel.components.records import cached_records
+from attnflows_panel.components.submit_keys import SubmitKeys
 from attnflows_panel.plots.flow_diagram import flow_edges
 from attnflows_panel.errors import AttnflowsError
 
@@ -448,8 +449,11 @@ def test_controls_analyze_clear_selection_reset_root_and_download(tiny_pair) -> 
     buttons = {b.label: b for b in controls.select(pn.widgets.Button)}
     text = next(w for w in controls.select(pn.widgets.TextAreaInput))
     text.value_input = "the car was good"  # typed, not yet committed by leaving the box
-    buttons["Analyze"].clicks += 1
+    buttons["Analyze (Ctrl+Enter)"].clicks += 1
     assert view.records[0].text == "the car was good"
+    text.value_input = "the car was bad"
+    next(iter(controls.select(SubmitKeys))).presses += 1  # Ctrl+Enter in the box, as the page reports it
+    assert view.records[0].text == "the car was bad"
     view.param.update(root=(1, 2))
     view.select_heads([(1, 0)])
     buttons["Clear selection"].clicks += 1
