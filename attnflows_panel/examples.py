@@ -1,4 +1,4 @@
-"""The curated example inputs in ``data/examples.jsonl`` (sentences and sentence pairs, with sources)."""
+"""The curated example inputs in ``attnflows_panel/data/examples.jsonl`` (sentences and sentence pairs, with sources)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-EXAMPLES_FILE = Path(__file__).resolve().parent.parent / "data" / "examples.jsonl"
+EXAMPLES_FILE = Path(__file__).resolve().parent / "data" / "examples.jsonl"  # package data: wheels carry it
 
 
 @dataclass(frozen=True)
