@@ -25,7 +25,7 @@ prepare: install
 	$(VENV)/bin/attnflows prepare
 
 serve: prepare
-	$(VENV)/bin/panel serve apps/compare.py apps/single.py
+	$(VENV)/bin/attnflows serve
 
 # On failure, name the failed tests once more on the last line (a CI log may keep only its tail).
 test: install browser

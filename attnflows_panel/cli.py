@@ -83,11 +83,12 @@ def _models_for(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
     from attnflows_panel.models import default_pretrained_path, load_encoder
     from attnflows_panel.models.finetune import default_finetuned
 
+    trust = args.trust_remote_code
     if args.model:
-        return {"model": load_encoder(args.model, args.device)}
-    pretrained = load_encoder(args.pretrained or default_pretrained_path(), args.device)
+        return {"model": load_encoder(args.model, args.device, trust_remote_code=trust)}
+    pretrained = load_encoder(args.pretrained or default_pretrained_path(), args.device, trust_remote_code=trust)
     finetuned_path = args.finetuned or default_finetuned(progress=progress).path
-    return {"pretrained": pretrained, "finetuned": load_encoder(finetuned_path, args.device)}
+    return {"pretrained": pretrained, "finetuned": load_encoder(finetuned_path, args.device, trust_remote_code=trust)}
 
 
 def _default_run_dir(corpus_path: Path | None) -> Path:
@@ -188,6 +189,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+TRUST_HELP = "run the Python code a model folder or hub repository ships (off by default: such models are refused)"
+
+
+def _port(value: str) -> int:
+    number = _whole_number_or_text(value)
+    if not isinstance(number, int) or not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value!r}")
+    return number
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from attnflows_panel.serve import serve
+
+    serve(args.address, args.port, extra_origins=args.allow_websocket_origin, show=args.show)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnflows", description="Analyse and compare attention in Transformer encoders.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -215,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch-size", type=_positive_int, default=32, help="largest forward batch (default 32)")
     ex.add_argument("--device", default="cpu", help="torch device (default cpu)")
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
+    ex.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     ex.set_defaults(func=cmd_extract)
 
     info = sub.add_parser("info", help="show models, cache and stored runs", description="Show the default models, cached fine-tuned checkpoints and stored runs, or one run's manifest.")
@@ -243,7 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--top-k", type=_whole_number_or_text, default=3, metavar="K", help="CLS trace: keep the K strongest edges of each token, 0 to 20; 0 keeps every edge of at least tau (default 3, as in the app)")
     exp.add_argument("--device", default="cpu", help="torch device (default cpu)")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
+    exp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     exp.set_defaults(func=cmd_export, model=None)
+
+    srv = sub.add_parser("serve", help="serve the dashboards (loopback only unless asked)", description="Serve the comparison dashboard (/compare) and the one-model dashboard (/single). Listens on 127.0.0.1 unless --address says otherwise; browsers are accepted only from the served address.")
+    srv.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    srv.add_argument("--port", type=_port, default=5006, help="default 5006")
+    srv.add_argument("--allow-websocket-origin", action="append", default=[], metavar="HOST[:PORT]", help="another host name browsers may reach the server by (repeatable)")
+    srv.add_argument("--show", action="store_true", help="open a browser tab")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -11,7 +11,7 @@ import pytest
 from attnflows_panel.cli import main
 
 
-@pytest.mark.parametrize("command", [[], ["finetune"], ["extract"], ["info"], ["prepare"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["finetune"], ["extract"], ["info"], ["prepare"], ["demo"], ["serve"]])
 def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

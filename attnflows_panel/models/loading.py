@@ -106,10 +106,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: list[str] | None = None) -> LoadedModel:
+def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: list[str] | None = None, *, trust_remote_code: bool = False) -> LoadedModel:
     """Load an encoder by hub name or local directory, with a classification head if it has one.
 
     With ``labels``, a new classification head for those classes is put on top (for fine-tuning).
+    A model folder's own Python code runs only with ``trust_remote_code=True``; otherwise such a model is refused.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -127,6 +128,7 @@ def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: l
         source = name
 
     def pretrained(loader: Any, **kwargs: Any) -> Any:
+        kwargs["trust_remote_code"] = trust_remote_code  # never left to transformers, which would ask on stdin
         if path.exists() or os.environ.get("HF_HUB_OFFLINE"):
             return loader.from_pretrained(source, **kwargs)
         try:

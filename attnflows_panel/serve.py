@@ -1,0 +1,36 @@
+"""``attnflows serve``: both dashboards from the installed package, on loopback unless asked otherwise."""
+
+from __future__ import annotations
+
+import ipaddress
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``localhost`` and addresses of this machine only (127.0.0.0/8, ::1)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def websocket_origins(address: str, port: int, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The ``host:port`` pairs a browser may open sessions from: loopback names, the served address and ``extra``."""
+    hosts = list(LOOPBACK_NAMES) if is_loopback(address) else [address]
+    origins = [f"{host}:{port}" for host in hosts] + [origin if ":" in origin else f"{origin}:{port}" for origin in extra]
+    return list(dict.fromkeys(origins))
+
+
+def serve(address: str, port: int, *, extra_origins: list[str] | tuple[str, ...] = (), show: bool = False) -> None:
+    """Serve /compare and /single on ``address:port`` until interrupted; says where it listens."""
+    import panel as pn
+
+    from attnflows_panel.app import create_app, create_single_app
+
+    origins = websocket_origins(address, port, extra_origins)
+    where = "this machine only" if is_loopback(address) else "the network: anyone who can reach this address gets a session"
+    print(f"attnflows: serving http://{address}:{port}/compare and http://{address}:{port}/single ({where}); Ctrl+C stops", flush=True)
+    pn.serve({"compare": create_app, "single": create_single_app}, address=address, port=port, websocket_origin=origins, show=show, verbose=False, title="attnflows")
