@@ -461,7 +461,7 @@ def test_controls_analyze_clear_selection_reset_root_and_download(tiny_pair) -> 
     assert view.head_mask.all() and view.root == (-1, 0)
     download = next(w for w in controls.select(pn.widgets.FileDownload))
     page = download.callback().getvalue()
-    assert "the car was good" in page and "<html" in page.lower()
+    assert "the car was bad" in page and "<html" in page.lower()
     view.text = ""
     assert download.disabled
     helps = {w.value for w in controls.select(pn.widgets.TooltipIcon)} | {getattr(w, "description", None) for w in controls.select(pn.widgets.Widget)}
