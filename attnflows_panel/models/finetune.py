@@ -15,7 +15,7 @@ import numpy as np
 from attnflows_panel.corpus import Corpus, read_corpus, sentiment_corpus, split_corpus
 from attnflows_panel.errors import InputError
 from attnflows_panel.models.loading import LoadedModel, default_pretrained_path, load_encoder
-from attnflows_panel.paths import atomic_dir, home, sha256_file, sha256_json
+from attnflows_panel.paths import atomic_dir, home, remove_stale_temporaries, sha256_file, sha256_json
 
 FORMAT_VERSION = 1
 METRICS_FILE = "metrics.json"
@@ -35,6 +35,7 @@ class FinetuneConfig:
     learning_rate: float = 1e-4
     max_length: int = 128
     seed: int = 0
+    data_encoding: str = "utf-8"  # of ``data``; part of the key only when it is not the default
 
     def validate(self) -> None:
         """Raise ``InputError`` naming the first bad value."""
@@ -71,7 +72,7 @@ def _base_fingerprint(base: str) -> str:
 
 def _load_data(config: FinetuneConfig) -> tuple[Corpus, str]:
     if config.data:
-        corpus = read_corpus(config.data, require_labels=True)
+        corpus = read_corpus(config.data, require_labels=True, encoding=config.data_encoding)
         task = re.sub(r"[^A-Za-z0-9]+", "-", Path(config.data).stem).strip("-").lower() or "data"
     else:
         corpus, task = sentiment_corpus(), "sentiment"
@@ -109,11 +110,14 @@ def finetune(config: FinetuneConfig | None = None, force: bool = False, progress
 
     config = config or FinetuneConfig()
     config.validate()
+    remove_stale_temporaries(home() / "models")  # checkpoints half written by a killed fine-tune
     corpus, task = _load_data(config)
     base = _base_source(config)
     base_fingerprint = _base_fingerprint(base)
     # identity by content, not by path: another checkout, venv or copy of the same weights and data reuses the checkpoint
     settings = asdict(config) | {"base": None, "data": None}
+    if config.data_encoding == "utf-8":
+        del settings["data_encoding"]  # the keys of checkpoints made before it existed
     key = sha256_json({"config": settings, "base": base_fingerprint, "data": corpus.sha256, "format": FORMAT_VERSION})
     target = checkpoint_dir(config, task, key)
     if not force and (metrics := _valid_checkpoint(target, key)) is not None:
