@@ -170,3 +170,15 @@ def test_the_labels_found_are_reported(tmp_path: Path) -> None:
     ]
     assert corpus.label_counts() == {"???": 1, "negative": 1, "positive": 2}
     assert Corpus(texts=["x"]).label_counts() == {}
+
+
+def test_finetune_data_is_read_in_its_encoding(tmp_path: Path) -> None:
+    from attnflows_panel.models.finetune import FinetuneConfig, _load_data
+
+    path = tmp_path / "fr.csv"
+    path.write_bytes("text,label\ncaf\xe9 bon,pos\nmauvais,neg\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"^fr.csv line 2 is not valid utf-8: byte 0xe9 at byte offset 14; "):
+        _load_data(FinetuneConfig(data=str(path)))
+    with pytest.warns(LabelSummary, match="'neg' 1, 'pos' 1"):
+        corpus, task = _load_data(FinetuneConfig(data=str(path), data_encoding="latin-1"))
+    assert corpus.texts[0] == "caf\xe9 bon" and task == "fr"
