@@ -104,11 +104,31 @@ def cmd_extract(args: argparse.Namespace) -> int:
     corpus = read_corpus(args.corpus) if args.corpus else heldout_sentiment_corpus()
     if args.limit:
         corpus = corpus.subset(range(min(args.limit, len(corpus))))
+    _check_corpus(corpus, args.corpus.name if args.corpus else "the default corpus")
     output = Path(args.output) if args.output else _default_run_dir(args.corpus)
     models = _models_for(args, progress=not args.quiet)
     store = extract_corpus(models, corpus, output, shard_size=args.shard_size, max_batch=args.batch_size, progress=not args.quiet)
     print(f"{output}: {store.describe()}")
     return 0
+
+
+def _check_corpus(corpus: Any, name: str) -> None:
+    """Refuse a corpus with a text that is not text, before any model loads or run directory is made."""
+    from attnflows_panel.extract import check_text
+
+    for i, text in enumerate(corpus.texts):
+        check_text(text, f"{name}, sentence {i + 1}")
+        if corpus.text_pairs is not None:
+            check_text(corpus.text_pairs[i], f"{name}, second segment of sentence {i + 1}")
+
+
+def _check_input(args: argparse.Namespace, purpose: str) -> None:
+    """Refuse ``--text`` / ``--text-pair`` that are empty or not text, before any model loads."""
+    from attnflows_panel.extract import check_text
+
+    check_text(args.text, "--text", f"give the sentence to {purpose}")
+    if args.text_pair is not None:
+        check_text(args.text_pair, "--text-pair", "leave it out for a single sentence")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -152,6 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from attnflows_panel.extract import extract_pair
     from attnflows_panel.models import default_pair
 
+    _check_input(args, "compare")
     pair = default_pair(progress=not args.quiet)
     records = extract_pair(pair, args.text, args.text_pair)
     tokens = records[0].tokens
@@ -173,10 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from attnflows_panel.extract import extract_pair
     from attnflows_panel.models import ModelPair
 
-    if not args.text.strip():
-        raise InputError("--text is empty: give the sentence to export")
-    if args.text_pair is not None and not args.text_pair.strip():
-        raise InputError("--text-pair is empty: leave it out for a single sentence")
+    _check_input(args, "export")
     target = output_path(args.output)
     validate_tau(args.tau)
     validate_alpha(args.alpha)

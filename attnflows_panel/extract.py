@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,23 +90,34 @@ def _as_loaded(model: Any, tokenizer: Any, model_id: str | None) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=str(name))
 
 
-def _check_text(value: Any, what: str) -> str:
+def _invisible(char: str) -> bool:
+    """Whitespace, a control character (NUL included) or a format character (zero-width space, joiners, BOM)."""
+    return char.isspace() or unicodedata.category(char) in ("Cc", "Cf")
+
+
+def check_text(value: Any, what: str, hint: str = "") -> str:
+    """``value`` if it is Unicode text with a visible character, else an ``InputError`` naming ``what`` (and ``hint`` when empty)."""
     if not isinstance(value, str):
         raise InputError(f"{what} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise InputError(f"{what} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what} has an invalid character at position {exc.start} (a lone surrogate, U+{ord(value[exc.start]):04X})") from None
+    if all(map(_invisible, value)):
+        raise InputError(f"{what} is empty{': ' + hint if hint else ''}")
     return value
 
 
 def encode(lm: LoadedModel, text: str, text_pair: str | None = None, warn: bool = True) -> Encoding:
     """Tokenize one input, truncating to the model's maximum with a warning that counts dropped tokens."""
-    text = _check_text(text, "text")
+    text = check_text(text, "text")
     if text_pair is not None:
-        text_pair = _check_text(text_pair, "second segment")
+        text_pair = check_text(text_pair, "second segment")
     tok = lm.tokenizer
     limit = lm.max_tokens
-    full = tok(text, text_pair, truncation=False, verbose=False)
-    enc = tok(text, text_pair, truncation=True, max_length=limit, verbose=False)
+    # user text is text: a typed "[CLS]" or "<mask>" is split into word pieces, never made a special token
+    full = tok(text, text_pair, truncation=False, verbose=False, split_special_tokens=True)
+    enc = tok(text, text_pair, truncation=True, max_length=limit, verbose=False, split_special_tokens=True)
     n_truncated = len(full["input_ids"]) - len(enc["input_ids"])
     if n_truncated and warn:
         warnings.warn(
@@ -148,12 +160,21 @@ def _batches(lengths: Sequence[int], per_token_pair_bytes: int, max_batch: int) 
     return batches
 
 
+def _pad_id(lm: LoadedModel) -> int:
+    """The id batches are padded with: the pad token, else another special token of the vocabulary (padding is masked and cut off)."""
+    tok = lm.tokenizer
+    for token_id in (tok.pad_token_id, tok.sep_token_id, tok.eos_token_id, tok.unk_token_id, tok.cls_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ModelError(f"the tokenizer of {lm.model_id} has no pad token nor any other special token to pad a batch with")
+
+
 def padded_inputs(lm: LoadedModel, encodings: Sequence[Encoding]) -> dict[str, Any]:
     """Right-padded input tensors for ``encodings`` on the model's device, filtered for its forward."""
     import torch
 
     width = max(len(e.input_ids) for e in encodings)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = _pad_id(lm)
     ids = torch.full((len(encodings), width), pad, dtype=torch.long)
     mask = torch.zeros((len(encodings), width), dtype=torch.long)
     types = torch.zeros((len(encodings), width), dtype=torch.long)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,12 +107,48 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _load_cause(exc: BaseException) -> str:
+    """One line naming why a model's files did not load (torch words its refusals as paragraphs)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        inner = exc.__cause__ or exc.__context__
+        detail = f" ({_first_line(inner)})" if inner is not None else ""
+        return f"weights_only refused the pickle checkpoint{detail}; convert it to safetensors"
+    from safetensors import SafetensorError
+
+    if isinstance(exc, SafetensorError):
+        return f"model.safetensors is truncated or not a safetensors file ({_first_line(exc)})"
+    if "ignore_mismatched_sizes" in str(exc):
+        return "its weights do not have the shapes its config.json gives"
+    return _first_line(exc)
+
+
+def _check_vocabulary(tokenizer: Any, model: Any, name: str) -> None:
+    """Refuse a tokenizer with no vocabulary of its own or with ids the model cannot embed."""
+    size, rows = len(tokenizer), model.get_input_embeddings().num_embeddings
+    if size <= len(tokenizer.all_special_tokens):
+        raise ModelError(f"model {name!r} has no tokenizer vocabulary (no tokenizer.json or vocab file in its folder)")
+    if size > rows:
+        raise ModelError(f"the tokenizer of model {name!r} has {size} tokens but the model embeds only {rows}")
+
+
+def _check_weights(model: Any, name: str) -> None:
+    """Refuse a model without layers or with NaN/infinite weights, before it draws or stores anything."""
+    import torch
+
+    if not getattr(model.config, "num_hidden_layers", 1):
+        raise ModelError(f"model {name!r} has no layers (num_hidden_layers is 0 in its config.json)")
+    for param_name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ModelError(f"model {name!r} has NaN or infinite weights in {param_name}; its checkpoint is broken")
+
+
 def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: list[str] | None = None, *, trust_remote_code: bool = False) -> LoadedModel:
     """Load an encoder by hub name or local directory, with a classification head if it has one.
 
     With ``labels``, a new classification head for those classes is put on top (for fine-tuning).
     A model folder's own Python code runs only with ``trust_remote_code=True``; otherwise such a model is refused.
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     name = str(name_or_path).strip()
@@ -149,13 +186,19 @@ def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: l
                 "label2id": {label: i for i, label in enumerate(labels)},
             }
         model = pretrained(loader, attn_implementation="eager", **head)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
+        raise ModelError(f"cannot load model {name!r}: {_load_cause(exc)}") from exc
+    try:
         tokenizer = pretrained(AutoTokenizer)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
+        tokenizer("attnflows")  # a broken vocabulary fails only when used
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exception for a broken vocabulary
+        raise ModelError(f"cannot load the tokenizer of model {name!r}: {_first_line(exc)}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model {name!r} has no fast tokenizer; attnflows needs one to map tokens to words")
     if getattr(model.config, "is_encoder_decoder", False):
         raise ModelError(f"model {name!r} is an encoder-decoder; attnflows analyses encoders")
+    _check_weights(model, name)
+    _check_vocabulary(tokenizer, model, name)
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as exc:
