@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import html
 import threading
+import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import holoviews as hv
@@ -15,6 +18,7 @@ import param
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.components import AttentionView, CompareView, SingleView
 from attnflows_panel.components.corpus_browser import CorpusBrowser
+from attnflows_panel.components.model_work import on_server, run_model_work
 from attnflows_panel.components.url_state import share_state
 from attnflows_panel.examples import Example, load_examples
 from attnflows_panel.models.loading import LoadedModel
@@ -29,6 +33,8 @@ _PREPARED: Prepared | None = None
 _DEFAULT_SINGLE: LoadedModel | None = None
 _STAGE = ""  # what the shared preparation is doing, shown by every waiting page
 _WARMED = threading.Event()
+_MODELS: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()  # loaded by sessions of /single
+LOAD_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnflows-load")  # preparing and loading models, one at a time
 
 
 def shared_default() -> Prepared:
@@ -67,34 +73,24 @@ def _examples_menu(view: AttentionView) -> pn.widgets.Select:
 
 
 def _in_background(work: Callable[[], Any], done: Callable[[Any], None], failed: Callable[[Exception], None], status: pn.pane.Markdown | None = None) -> None:
-    """Run ``work`` off the event loop, then call ``done`` (or ``failed``) on it; ``status`` shows the shared stage."""
-    result: dict[str, Any] = {}
+    """Run ``work`` on the loading thread, then call ``done`` (or ``failed``) on the page; ``status`` shows the shared stage."""
+    if status is not None:
 
-    def run() -> None:
-        try:
-            result["value"] = work()
-        except Exception as exc:  # noqa: BLE001 - reported on the page; the server keeps running
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    def poll() -> None:
-        if thread.is_alive():
-            if status is not None and _STAGE:
+        def show_stage() -> None:
+            if _STAGE:
                 status.object = html.escape(_STAGE)
-            return
-        callback.stop()
-        if "value" in result:
-            done(result["value"])
-        else:
-            failed(result["error"])
 
-    callback = pn.state.add_periodic_callback(poll, period=400)
+        poll = pn.state.add_periodic_callback(show_stage, period=400)
+        done, failed = _stopping(poll, done), _stopping(poll, failed)
+    run_model_work(work, done, failed, executor=LOAD_THREAD)
 
 
-def _served() -> bool:
-    return pn.state.curdoc is not None and pn.state.curdoc.session_context is not None
+def _stopping(poll: Any, callback: Callable[[Any], None]) -> Callable[[Any], None]:
+    def stop_then(outcome: Any) -> None:
+        poll.stop()
+        callback(outcome)
+
+    return stop_then
 
 
 def _warm_rasterizer_once() -> None:
@@ -108,7 +104,7 @@ def _warm_rasterizer_once() -> None:
 
 
 def _page(title: str) -> tuple[pn.template.BootstrapTemplate, pn.Column, pn.Column]:
-    if _served():
+    if on_server():
         _warm_rasterizer_once()
     hv.extension("bokeh", logo=False)
     pn.extension("tabulator", notifications=False, loading_indicator=True)
@@ -143,17 +139,16 @@ def create_app(pair: ModelPair | None = None, text: str | None = None, head_map:
 
     def build(pair: ModelPair, head_map: HeadEmbedding | None, corpus: pd.DataFrame | None = None) -> None:
         view = CompareView(pair, text, head_map=head_map)
-        if _served():
+        if on_server():
             share_state(view, pn.state.location)
         sidebar[:] = [_examples_menu(view), view.controls()]
         main[:] = [view] if corpus is None else [_corpus_card(view, corpus), view]
 
-    if pair is not None:
+    if not on_server():
+        if pair is None:
+            prepared = shared_default()
+            pair, head_map, corpus = prepared.pair, prepared.head_map, prepared.corpus
         build(pair, head_map, corpus)
-        return template
-    if not _served():
-        prepared = shared_default()
-        build(prepared.pair, prepared.head_map, prepared.corpus)
         return template
     status, progress = _waiting("Preparing the default models (the first run fine-tunes them; this takes a few minutes)…")
     main[:] = [status, progress]
@@ -161,15 +156,32 @@ def create_app(pair: ModelPair | None = None, text: str | None = None, head_map:
     def failed(exc: Exception) -> None:
         main[:] = [pn.pane.Alert(f"Could not prepare the models: {html.escape(str(exc))}", alert_type="danger")]
 
-    _in_background(shared_default, lambda prepared: build(prepared.pair, prepared.head_map, prepared.corpus), failed, status)
+    if pair is not None:
+        pn.state.onload(lambda: build(pair, head_map, corpus))
+    else:  # built once a browser has connected: a plain GET costs a template, not a view
+        pn.state.onload(lambda: _in_background(shared_default, lambda prepared: build(prepared.pair, prepared.head_map, prepared.corpus), failed, status))
     return template
 
 
+def _model_key(name: str) -> str:
+    """A local folder by its resolved path (so two spellings share one model), a hub name as typed."""
+    try:
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.exists() else name
+    except (OSError, ValueError):
+        return name
+
+
 def _load(name: str) -> LoadedModel:
+    """The model ``name`` names, shared read-only by every session using it and released when none does."""
     from attnflows_panel.models import load_encoder
 
     with _LOCK:
-        return load_encoder(name)
+        loaded = _MODELS.get(_model_key(name))
+        if loaded is None:
+            loaded = load_encoder(name)
+            _MODELS[_model_key(name)] = loaded
+        return loaded
 
 
 def _default_single() -> tuple[LoadedModel, HeadEmbedding | None]:
@@ -214,7 +226,7 @@ def create_single_app(model: LoadedModel | None = None, text: str | None = None,
 
     def build(loaded: LoadedModel, heads: HeadEmbedding | None, title: str | None = None) -> None:
         view = SingleView(loaded, current["view"].text if current else text, head_map=heads, title=title)
-        if _served() and not current:  # the link opens the first model's view; a model loaded later starts afresh
+        if on_server() and not current:  # the link opens the first model's view; a model loaded later starts afresh
             share_state(view, pn.state.location)
         current["view"] = view
         sidebar[:] = [loader, _examples_menu(view), view.controls()]
@@ -240,12 +252,12 @@ def create_single_app(model: LoadedModel | None = None, text: str | None = None,
         _in_background(lambda: _load(name), done, failed)
 
     load_button.on_click(load)
-    if model is not None:
-        build(model, head_map)
-        return template
-    if not _served():
-        loaded, heads = _default_single()
-        build(loaded, _model_heads(heads, "pretrained"), DEFAULT_MODEL_TITLE)
+    if not on_server():
+        if model is None:
+            loaded, heads = _default_single()
+            build(loaded, _model_heads(heads, "pretrained"), DEFAULT_MODEL_TITLE)
+        else:
+            build(model, head_map)
         return template
     status, progress = _waiting("Loading the default model…")
     main[:] = [status, progress]
@@ -254,5 +266,8 @@ def create_single_app(model: LoadedModel | None = None, text: str | None = None,
     def failed(exc: Exception) -> None:
         main[:] = [pn.pane.Alert(f"Could not load the default model: {html.escape(str(exc))}", alert_type="danger")]
 
-    _in_background(_default_single, lambda result: build(result[0], _model_heads(result[1], "pretrained"), DEFAULT_MODEL_TITLE), failed)
+    if model is not None:
+        pn.state.onload(lambda: build(model, head_map))
+    else:  # built once a browser has connected
+        pn.state.onload(lambda: _in_background(_default_single, lambda result: build(result[0], _model_heads(result[1], "pretrained"), DEFAULT_MODEL_TITLE), failed))
     return template

@@ -101,7 +101,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from attnflows_panel.corpus import heldout_sentiment_corpus, read_corpus
     from attnflows_panel.store import extract_corpus
 
-    corpus = read_corpus(args.corpus) if args.corpus else heldout_sentiment_corpus()
+    corpus = read_corpus(args.corpus, encoding=args.encoding) if args.corpus else heldout_sentiment_corpus()
     if args.limit:
         corpus = corpus.subset(range(min(args.limit, len(corpus))))
     _check_corpus(corpus, args.corpus.name if args.corpus else "the default corpus")
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("extract", help="extract attention and head statistics for a corpus", description="Run a corpus through the model pair (or one model) and store attention and per-head statistics in a run directory. A stopped run resumes where it stopped.")
     ex.add_argument("corpus", nargs="?", type=Path, help="CSV/JSONL ('text' or 'text_a'+'text_b') or a text file with one sentence a line (default: held-out split of the bundled sentiment corpus)")
+    ex.add_argument("--encoding", default="utf-8", help="the corpus file's text encoding (default utf-8; e.g. latin-1)")
     ex.add_argument("--output", "-o", type=Path, help="run directory (default: $ATTNFLOWS_HOME/runs/<corpus name>)")
     ex.add_argument("--pretrained", help="pre-trained model, hub name or path (default: bundled BERT)")
     ex.add_argument("--finetuned", help="fine-tuned model, hub name or path (default: the bundled BERT fine-tuned on sentiment, made if missing)")

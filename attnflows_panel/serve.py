@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import ipaddress
+from collections.abc import Callable
+from typing import Any
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 
@@ -24,6 +27,25 @@ def websocket_origins(address: str, port: int, extra: list[str] | tuple[str, ...
     return list(dict.fromkeys(origins))
 
 
+def served_host(host: str, origins: list[str]) -> bool:
+    """True when a request's Host header names one of ``origins`` (a missing port is port 80)."""
+    return (host if ":" in host.rsplit("]", 1)[-1] else f"{host}:80").lower() in origins
+
+
+def host_checked(factory: Callable[[], Any], origins: list[str]) -> Callable[[], Any]:
+    """``factory``'s page for requests addressed to ``origins``; a one-line refusal for any other Host (DNS rebinding)."""
+
+    def page() -> Any:
+        import panel as pn
+
+        host = str(pn.state.headers.get("Host", ""))
+        if not served_host(host, origins):
+            return pn.pane.Markdown(f"attnflows does not serve the address {html.escape(host)!s}: open it as {html.escape(origins[0])}.")
+        return factory()
+
+    return page
+
+
 def serve(address: str, port: int, *, extra_origins: list[str] | tuple[str, ...] = (), show: bool = False) -> None:
     """Serve /compare and /single on ``address:port`` until interrupted; says where it listens."""
     import panel as pn
@@ -33,4 +55,5 @@ def serve(address: str, port: int, *, extra_origins: list[str] | tuple[str, ...]
     origins = websocket_origins(address, port, extra_origins)
     where = "this machine only" if is_loopback(address) else "the network: anyone who can reach this address gets a session"
     print(f"attnflows: serving http://{address}:{port}/compare and http://{address}:{port}/single ({where}); Ctrl+C stops", flush=True)
-    pn.serve({"compare": create_app, "single": create_single_app}, address=address, port=port, websocket_origin=origins, show=show, verbose=False, title="attnflows")
+    pages = {"compare": host_checked(create_app, origins), "single": host_checked(create_single_app, origins)}
+    pn.serve(pages, address=address, port=port, websocket_origin=origins, show=show, verbose=False, title="attnflows")

@@ -226,6 +226,8 @@ def plot_point():
 
 
 BOKEH_IDLE_JS = "() => window.Bokeh !== undefined && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle"
+# no spinner left on the page: the models have run and the figures take the mouse again
+SETTLED_JS = "() => window.Bokeh !== undefined && Bokeh.documents.every((d) => d.is_idle && [...d.all_models].every((m) => !(m.css_classes || []).includes('pn-loading')))"
 
 
 @pytest.fixture

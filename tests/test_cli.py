@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from attnflows_panel.cli import main
+from attnflows_panel.store import RunStore
 
 
 @pytest.mark.parametrize("command", [[], ["finetune"], ["extract"], ["info"], ["prepare"], ["demo"], ["serve"]])
@@ -109,3 +110,12 @@ def test_export_with_top_k(value: str, setting: str, tiny_dir: Path, tiny_classi
 def test_info_on_a_foreign_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(tmp_path)]) == 2
     assert "not an attnflows run directory" in capsys.readouterr().err
+
+
+def test_extract_reads_a_corpus_in_the_encoding_asked_for(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "fr.txt"
+    corpus.write_bytes("un film na\u00efve\n".encode("latin-1"))
+    assert main(["extract", str(corpus), "--model", str(tiny_dir), "-o", str(tmp_path / "refused"), "--quiet"]) == 2
+    assert "fr.txt line 1 is not valid utf-8" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert main(["extract", str(corpus), "--model", str(tiny_dir), "-o", str(tmp_path / "run"), "--encoding", "latin-1", "--quiet"]) == 0
+    assert RunStore.open(tmp_path / "run").sentences()["text"].tolist() == ["un film na\u00efve"]

@@ -16,7 +16,7 @@ from conftest import free_port
 
 from attnflows_panel.errors import ModelError
 from attnflows_panel.models import load_encoder
-from attnflows_panel.serve import is_loopback, websocket_origins
+from attnflows_panel.serve import host_checked, is_loopback, served_host, websocket_origins
 
 CUSTOM_CODE = """
 from pathlib import Path
@@ -104,3 +104,22 @@ def test_serve_answers_on_loopback_and_nowhere_else() -> None:
 def test_serve_refuses_a_bad_port(port: str) -> None:
     done = subprocess.run([sys.executable, "-m", "attnflows_panel.cli", "serve", "--port", port], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "expected a port from 1 to 65535" in done.stderr
+
+
+def test_only_the_served_host_names_are_answered() -> None:
+    origins = websocket_origins("127.0.0.1", 5006)
+    assert served_host("localhost:5006", origins) and served_host("127.0.0.1:5006", origins)
+    assert not served_host("evil.example:5006", origins) and not served_host("localhost:5007", origins) and not served_host("", origins)
+    assert served_host("lab", websocket_origins("10.1.2.3", 80, ["lab"]))
+
+
+@pytest.mark.parametrize("host, built", [("evil.example:5006", False), ("localhost:5006", True), ("", False)])
+def test_a_page_is_built_only_for_a_served_host(monkeypatch: pytest.MonkeyPatch, host: str, built: bool) -> None:
+    """A DNS-rebound request (any other Host) costs a one-line refusal, never a view."""
+    import panel as pn
+
+    monkeypatch.setattr(type(pn.state), "headers", property(lambda _: {"Host": host}))
+    calls: list[int] = []
+    page = host_checked(lambda: calls.append(1) or pn.pane.Markdown("the app"), websocket_origins("127.0.0.1", 5006))()
+    assert calls == ([1] if built else [])
+    assert built or page.object.startswith(f"attnflows does not serve the address {host}: open it as localhost:5006")

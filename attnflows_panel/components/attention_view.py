@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import threading
+from functools import partial
 
 import holoviews as hv
 import numpy as np
@@ -11,11 +12,13 @@ import panel as pn
 import param
 from bokeh.models import Rect, Scatter
 
+from attnflows_panel.analysis.ablation import AblationResult, ablate_heads
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.analysis.flows import AttentionTrace, flow_trace, rollout_trace, trace_cls_flow
 from attnflows_panel.analysis.heads import MEASURES, head_measures
 from attnflows_panel.analysis.words import word_level
 from attnflows_panel.components.live_figure import LiveFigure
+from attnflows_panel.components.model_work import run_model_work
 from attnflows_panel.components.records import cached_records
 from attnflows_panel.components.submit_keys import SubmitKeys
 from attnflows_panel.errors import AttnflowsError
@@ -101,6 +104,7 @@ class AttentionView(pn.viewable.Viewer):
     top_k = param.Integer(default=3, bounds=(0, 20), doc="CLS trace and heads' own edges: keep the k strongest edges of each token (0: every edge of at least tau).")
     records = param.Parameter(default=None, precedence=-1, doc="One record of the input per model, in model order.")
     notice = param.String(default="", precedence=-1)
+    busy = param.Boolean(default=False, precedence=-1, doc="True while the models run on a new input (a spinner covers the figures).")
 
     def __init__(self, models: dict[str, LoadedModel], source: ModelPair | LoadedModel, text: str | None, head_map: HeadEmbedding | None, titles: dict[str, str], **params: object) -> None:
         super().__init__(**params)
@@ -116,11 +120,16 @@ class AttentionView(pn.viewable.Viewer):
         self._traced: tuple[object, tuple, dict[bool, dict[str, AttentionTrace]]] | None = None  # records, settings, their traces (with / without top-k)
         self._words: tuple[object, tuple[AttentionRecord, ...]] | None = None  # records and their word-level merge
         self._method_tau = dict(METHOD_TAU)
+        self._wanted: tuple[str, str | None] | None = None  # the input whose records are on their way
         self.grid, self.map, self.sentence = LiveFigure(), LiveFigure(), LiveFigure(sizing_mode="stretch_width")
         self.flows: dict[tuple[str, ...], LiveFigure] = {}
         self.matrices = {name: LiveFigure() for name in self.names}
         self._flow_row = pn.Row(sizing_mode="stretch_width")
         self._matrix_box = pn.FlexBox(*(m.pane for m in self.matrices.values()), sizing_mode="stretch_width")
+        self._figure_box = pn.Column(  # one spinner over it while the models run (a figure's own would stay on the next figure)
+            pn.Row(pn.Column(self.grid.pane, self._ablate_button, self.ablation, width=460), self.map.pane),
+            self.sentence.pane, self._flow_row, self._matrix_box, sizing_mode="stretch_width",
+        )
         # a notebook may run a brush's callback on a comm thread while a cell calls select_heads
         self._push_lock = threading.RLock()
         if text is not None:
@@ -150,17 +159,37 @@ class AttentionView(pn.viewable.Viewer):
     def _update_records(self, *_: object) -> None:
         text, pair_text = self.text, self.text_pair.strip() or None
         if not text.strip():
+            self._wanted = None
+            self._set_busy(False)
             self.param.update(records=None, notice="Type a sentence to see how the models attend to it.")
             return
-        try:
-            records = cached_records(self._source, text, pair_text)
-        except AttnflowsError as exc:
-            self.param.update(records=None, notice=str(exc))
+        self._wanted = request = (text, pair_text)
+        self._set_busy(True)
+        run_model_work(lambda: cached_records(self._source, text, pair_text), partial(self._show_records, request), partial(self._records_failed, request))
+
+    def _show_records(self, request: tuple[str, str | None], records: tuple[AttentionRecord, ...]) -> None:
+        """Show the records of ``request`` unless a newer input was asked for meanwhile."""
+        if request != self._wanted:
             return
         notice = ""
         if records[0].n_truncated:
             notice = f"The input was longer than the model allows: the last {records[0].n_truncated} tokens were dropped."
         self.param.update(records=records, root=(-1, 0), notice=notice)
+        self._set_busy(False)
+
+    def _records_failed(self, request: tuple[str, str | None], exc: Exception) -> None:
+        if request != self._wanted:
+            return
+        if not isinstance(exc, AttnflowsError):
+            self._set_busy(False)
+            raise exc
+        self.param.update(records=None, notice=str(exc))
+        self._set_busy(False)
+
+    def _set_busy(self, busy: bool) -> None:
+        """A spinner over the figures while the models run."""
+        self.param.update(busy=busy)
+        self._figure_box.loading = busy
 
     def _on_units(self, *_: object) -> None:
         """Word pieces or words: token positions change, so the trace starts again at [CLS]."""
@@ -420,8 +449,6 @@ class AttentionView(pn.viewable.Viewer):
         )
 
     def _ablate(self, _: object = None) -> None:
-        from attnflows_panel.analysis.ablation import ablate_heads
-
         if self.records is None:
             return
         name = self.names[-1]
@@ -429,12 +456,27 @@ class AttentionView(pn.viewable.Viewer):
         if not lm.has_classifier:
             self.ablation.object = f"{html.escape(self.titles[name])} has no classification head, so there is no prediction to ablate."
             return
-        heads = self.selected_heads()
-        result = ablate_heads(lm, self.text, self.text_pair.strip() or None, heads)
-        before = f"{html.escape(result.original_label)} ({result.original_probabilities.max():.0%})"
-        after = f"{html.escape(result.predicted_label)} ({result.probabilities.max():.0%})"
-        change = "**changes**" if result.prediction_changed else "stays"
-        self.ablation.object = f"With {len(heads)} head{'' if len(heads) == 1 else 's'} off, the prediction of {html.escape(self.titles[name])} {change}: {before} → {after}."
+        heads, request = self.selected_heads(), (self.text, self.text_pair.strip() or None)
+        self._ablate_button.disabled = True
+        self.ablation.object = f"Running {html.escape(self.titles[name])} with {len(heads)} head{'' if len(heads) == 1 else 's'} off…"
+
+        def done(result: AblationResult) -> None:
+            self._ablate_button.disabled = False
+            if (heads, request) != (self.selected_heads(), (self.text, self.text_pair.strip() or None)):
+                self.ablation.object = ""  # the selection or the input changed meanwhile
+                return
+            before = f"{html.escape(result.original_label)} ({result.original_probabilities.max():.0%})"
+            after = f"{html.escape(result.predicted_label)} ({result.probabilities.max():.0%})"
+            change = "**changes**" if result.prediction_changed else "stays"
+            self.ablation.object = f"With {len(heads)} head{'' if len(heads) == 1 else 's'} off, the prediction of {html.escape(self.titles[name])} {change}: {before} → {after}."
+
+        def failed(exc: Exception) -> None:
+            self._ablate_button.disabled = False
+            if not isinstance(exc, AttnflowsError):
+                raise exc
+            self.ablation.object = html.escape(str(exc))
+
+        run_model_work(lambda: ablate_heads(lm, *request, heads), done, failed)
 
     def _widgets(self) -> dict[str, dict[str, object]]:
         return {
@@ -499,9 +541,6 @@ class AttentionView(pn.viewable.Viewer):
             pn.pane.Markdown(self.models_line(), sizing_mode="stretch_width", margin=(0, 10)),
             self.notice_pane,
             pn.Card(pn.pane.Markdown(HOW_TO_READ, sizing_mode="stretch_width"), title="How to read these views", collapsed=False, sizing_mode="stretch_width"),
-            pn.Row(pn.Column(self.grid.pane, self._ablate_button, self.ablation, width=460), self.map.pane),
-            self.sentence.pane,
-            self._flow_row,
-            self._matrix_box,
+            self._figure_box,
             sizing_mode="stretch_width",
         )

@@ -98,25 +98,41 @@ def apply_query(view: AttentionView, query: Mapping[str, list[str]]) -> list[str
             view.select_heads(parse_heads(query["heads"][-1], view.n_layers, view.n_heads))
         except ValueError:
             ignored.append("heads")
-    if "root" in query:
-        try:
-            level, token = (int(part) for part in query["root"][-1].split("."))
-            if view.shown is None or not (1 <= level <= view.n_layers and 0 <= token < view.shown[0].n_tokens):
-                raise ValueError(level)
-            view.root = (level, token)
-        except ValueError:
-            ignored.append("root")
     return ignored
+
+
+def apply_root(view: AttentionView, query: Mapping[str, list[str]]) -> list[str]:
+    """Set ``view``'s root from ``query`` once its records are shown; returns ``["root"]`` if the value was ignored."""
+    if "root" not in query:
+        return []
+    try:
+        level, token = (int(part) for part in query["root"][-1].split("."))
+        if view.shown is None or not (1 <= level <= view.n_layers and 0 <= token < view.shown[0].n_tokens):
+            raise ValueError(level)
+    except ValueError:
+        return ["root"]
+    view.root = (level, token)
+    return []
 
 
 def share_state(view: AttentionView, location: param.Parameterized) -> None:
     """Open ``view`` at the state in ``location``'s query, then keep the query following the view."""
-    ignored = apply_query(view, parse_qs(location.search.lstrip("?")))
-    if ignored:
-        view.notice = f"Ignored from the link (not valid here): {', '.join(ignored)}."
+    query = parse_qs(location.search.lstrip("?"))
+    ignored = apply_query(view, query)
 
     def follow(*_: object) -> None:
         location.search = "?" + urlencode(query_state(view), quote_via=quote, safe=".,")
 
-    view.param.watch(follow, list(STATE))
-    follow()
+    def settle(*_: object) -> None:
+        """Once the link's input is shown (the models run off the page's loop): its root, the notice, then the URL follows."""
+        if view.busy:
+            return
+        view.param.unwatch(waiting)
+        skipped = ignored + apply_root(view, query)
+        if skipped:
+            view.notice = f"Ignored from the link (not valid here): {', '.join(skipped)}."
+        view.param.watch(follow, list(STATE))
+        follow()
+
+    waiting = view.param.watch(settle, ["busy"])
+    settle()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import panel as pn
 import pytest
-from conftest import BOKEH_IDLE_JS, PLOT_STATE_JS, PLOT_VIEWS_JS
+from conftest import BOKEH_IDLE_JS, PLOT_STATE_JS, PLOT_VIEWS_JS, SETTLED_JS
 from panel.tests.util import wait_until
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, trace_cls_flow
@@ -47,7 +47,8 @@ def serve_view(serve_page, page, pair, text: str = TEXT, controls: bool = False,
         return pn.Row(views[-1].controls(), views[-1]) if controls else views[-1]
 
     msgs = serve_page(page, app)
-    wait_until(lambda: MERGED in views[0].flows or (PRETRAINED,) in views[0].flows, page, timeout=30_000)
+    wait_until(lambda: views and views[0].records is not None and not views[0].busy, page, timeout=60_000)
+    page.wait_for_function(SETTLED_JS, timeout=30_000)
     return views[0], msgs
 
 

@@ -8,7 +8,7 @@ import param
 import pytest
 
 from attnflows_panel.components import CompareView
-from attnflows_panel.components.url_state import apply_query, parse_heads, query_state, share_state
+from attnflows_panel.components.url_state import apply_query, apply_root, parse_heads, query_state, share_state
 
 TEXT = "the movie was good, but the car was bad"
 
@@ -32,7 +32,7 @@ def test_a_link_reopens_the_same_view(tiny_pair) -> None:
     query = parse_qs(location.search.lstrip("?"))
     assert query["heads"] == ["1.4,2.3"] and query["root"] == ["2.1"] and query["method"] == ["rollout"] and query["tau"] == ["0.02"]
     again = CompareView(tiny_pair, "")
-    assert apply_query(again, query) == []
+    assert apply_query(again, query) == [] and apply_root(again, query) == []
     assert (again.text, again.method, again.tau, again.units, again.root) == (TEXT, "rollout", 0.02, "words", (2, 1))
     assert again.selected_heads() == view.selected_heads()
     assert query_state(again) == query_state(view)
