@@ -266,6 +266,8 @@ def validate_top_k(top_k: Any) -> int:
 
 def output_path(path: str | os.PathLike) -> Path:
     """``path`` checked for writing: not a directory, and in a directory that exists."""
+    if "\0" in str(path):
+        raise InputError(f"cannot write the dashboard to {str(path)!r}: a path cannot contain a NUL character")
     target = Path(path).expanduser()
     if target.is_dir():
         raise InputError(f"cannot write the dashboard to {target}: it is a directory; name an .html file")

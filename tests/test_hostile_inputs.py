@@ -220,6 +220,7 @@ def test_batch_without_any_special_token_is_a_model_error(no_pad) -> None:
         ("pair", {"top_k": "3"}, "top k must be a whole number from 0 to 20 (0: every edge of at least tau), got '3'"),
         ("pair", {"path": "missing/report.html"}, "cannot write the dashboard to {tmp}/missing/report.html: directory {tmp}/missing does not exist"),
         ("pair", {"path": ""}, "cannot write the dashboard to {tmp}: it is a directory; name an .html file"),
+        ("pair", {"path": "re\0port.html"}, "cannot write the dashboard to '{tmp}/re\\x00port.html': a path cannot contain a NUL character"),
     ],
 )
 def test_hostile_export_is_a_one_line_input_error_and_writes_nothing(given: str, options: dict, message: str, tiny_pair, tmp_path: Path) -> None:
