@@ -176,11 +176,11 @@ def _load(name: str) -> LoadedModel:
     """The model ``name`` names, shared read-only by every session using it and released when none does."""
     from attnflows_panel.models import load_encoder
 
+    key = _model_key(name)
     with _LOCK:
-        loaded = _MODELS.get(_model_key(name))
+        loaded = _MODELS.get(key)
         if loaded is None:
-            loaded = load_encoder(name)
-            _MODELS[_model_key(name)] = loaded
+            loaded = _MODELS[key] = load_encoder(name)
         return loaded
 
 

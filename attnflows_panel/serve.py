@@ -40,7 +40,7 @@ def host_checked(factory: Callable[[], Any], origins: list[str]) -> Callable[[],
 
         host = str(pn.state.headers.get("Host", ""))
         if not served_host(host, origins):
-            return pn.pane.Markdown(f"attnflows does not serve the address {html.escape(host)!s}: open it as {html.escape(origins[0])}.")
+            return pn.pane.Markdown(f"attnflows does not serve the address {html.escape(host)}: open it as {html.escape(origins[0])}.")
         return factory()
 
     return page

@@ -156,8 +156,12 @@ class AttentionView(pn.viewable.Viewer):
         return ["measure"]
 
     # ------------------------------------------------------------------ state
+    def _request(self) -> tuple[str, str | None]:
+        """The input the views are asked to show: the text and the second segment (None when blank)."""
+        return self.text, self.text_pair.strip() or None
+
     def _update_records(self, *_: object) -> None:
-        text, pair_text = self.text, self.text_pair.strip() or None
+        text, pair_text = self._request()
         if not text.strip():
             self._wanted = None
             self._set_busy(False)
@@ -456,13 +460,13 @@ class AttentionView(pn.viewable.Viewer):
         if not lm.has_classifier:
             self.ablation.object = f"{html.escape(self.titles[name])} has no classification head, so there is no prediction to ablate."
             return
-        heads, request = self.selected_heads(), (self.text, self.text_pair.strip() or None)
+        heads, request = self.selected_heads(), self._request()
         self._ablate_button.disabled = True
         self.ablation.object = f"Running {html.escape(self.titles[name])} with {len(heads)} head{'' if len(heads) == 1 else 's'} off…"
 
         def done(result: AblationResult) -> None:
             self._ablate_button.disabled = False
-            if (heads, request) != (self.selected_heads(), (self.text, self.text_pair.strip() or None)):
+            if (heads, request) != (self.selected_heads(), self._request()):
                 self.ablation.object = ""  # the selection or the input changed meanwhile
                 return
             before = f"{html.escape(result.original_label)} ({result.original_probabilities.max():.0%})"
