@@ -104,22 +104,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
     corpus = read_corpus(args.corpus, encoding=args.encoding) if args.corpus else heldout_sentiment_corpus()
     if args.limit:
         corpus = corpus.subset(range(min(args.limit, len(corpus))))
-    _check_corpus(corpus, args.corpus.name if args.corpus else "the default corpus")
+    corpus.check_texts(args.corpus.name if args.corpus else "the default corpus")  # before any model loads
     output = Path(args.output) if args.output else _default_run_dir(args.corpus)
     models = _models_for(args, progress=not args.quiet)
     store = extract_corpus(models, corpus, output, shard_size=args.shard_size, max_batch=args.batch_size, progress=not args.quiet)
     print(f"{output}: {store.describe()}")
     return 0
-
-
-def _check_corpus(corpus: Any, name: str) -> None:
-    """Refuse a corpus with a text that is not text, before any model loads or run directory is made."""
-    from attnflows_panel.extract import check_text
-
-    for i, text in enumerate(corpus.texts):
-        check_text(text, f"{name}, sentence {i + 1}")
-        if corpus.text_pairs is not None:
-            check_text(corpus.text_pairs[i], f"{name}, second segment of sentence {i + 1}")
 
 
 def _check_input(args: argparse.Namespace, purpose: str) -> None:

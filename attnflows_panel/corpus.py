@@ -45,6 +45,16 @@ class Corpus:
         counts = Counter(self.labels or [])
         return {name: counts[name] for name in [*self.label_names, *sorted(set(counts) - set(self.label_names))]}
 
+    def check_texts(self, name: str = "") -> None:
+        """An ``InputError`` naming the first row whose text (or second segment) is not text with a visible character."""
+        from attnflows_panel.extract import check_text
+
+        name = name or self.source or "the corpus"
+        for i, text in enumerate(self.texts):
+            check_text(text, f"{name}, sentence {i + 1}")
+            if self.text_pairs is not None:
+                check_text(self.text_pairs[i], f"{name}, second segment of sentence {i + 1}")
+
     def subset(self, index: np.ndarray | list[int], source: str | None = None) -> Corpus:
         """The rows at ``index``, in that order."""
         idx = [int(i) for i in index]

@@ -6,7 +6,7 @@ import unicodedata
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -169,7 +169,14 @@ def _pad_id(lm: LoadedModel) -> int:
     raise ModelError(f"the tokenizer of {lm.model_id} has no pad token nor any other special token to pad a batch with")
 
 
-def padded_inputs(lm: LoadedModel, encodings: Sequence[Encoding]) -> dict[str, Any]:
+class TokenIds(Protocol):
+    """Token ids of one input (an ``Encoding``, or a training batch's row)."""
+
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray | None
+
+
+def padded_inputs(lm: LoadedModel, encodings: Sequence[TokenIds]) -> dict[str, Any]:
     """Right-padded input tensors for ``encodings`` on the model's device, filtered for its forward."""
     import torch
 

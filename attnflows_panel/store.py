@@ -295,6 +295,7 @@ def extract_corpus(
         raise InputError(f"shard_size and max_batch must be at least 1, got {shard_size} and {max_batch}")
     if len(corpus) == 0:
         raise InputError("the corpus has no sentences")
+    corpus.check_texts()  # before the run directory is made
     loaded = list(models.values())
     for other in loaded[1:]:
         validate_pair(loaded[0], other)

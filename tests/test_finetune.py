@@ -32,6 +32,20 @@ def test_finetune_writes_checkpoint_and_metrics(tiny_dir: Path, sentiment_csv: P
     assert lm.model.config._attn_implementation == "eager"
 
 
+def test_a_tokenizer_without_a_pad_token_fine_tunes_with_another_special_token(tiny_dir: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = shutil.copytree(tiny_dir, tmp_path / "no-pad")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(base)
+    assert load_encoder(base).tokenizer.pad_token_id is None
+    result = ft.finetune(config(base, sentiment_csv), progress=False)
+    assert result.metrics["n_train"] == 64 and 0.0 <= result.metrics["heldout_accuracy"] <= 1.0
+
+
 def test_finetune_is_reused_then_reproducible(tiny_dir: Path, sentiment_csv: Path) -> None:
     first = ft.finetune(config(tiny_dir, sentiment_csv, seed=3), progress=False)
     again = ft.finetune(config(tiny_dir, sentiment_csv, seed=3), progress=False)

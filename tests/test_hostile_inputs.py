@@ -63,6 +63,15 @@ def _truncated_safetensors(folder: Path) -> None:
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
 
 
+def _truncated_pickle(folder: Path) -> None:
+    import torch
+
+    torch.save(_state_dict(folder), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+
+
 def _mismatched_shapes(folder: Path) -> None:
     import torch
 
@@ -98,6 +107,7 @@ def _too_many_tokens(folder: Path) -> None:
 HOSTILE_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
     "pickle with __reduce__": (_pickle_checkpoint, r"weights_only refused the pickle checkpoint \(.*getcwd.*\); convert it to safetensors$"),
     "random pickle bytes": (_random_pickle, r"weights_only refused the pickle checkpoint \(.+\); convert it to safetensors$"),
+    "truncated pytorch_model.bin": (_truncated_pickle, r"its pytorch_model\.bin is truncated or not a torch checkpoint \(.+\)$"),
     "truncated safetensors": (_truncated_safetensors, r"model\.safetensors is truncated or not a safetensors file \(.+\)$"),
     "random safetensors": (lambda f: (f / "model.safetensors").write_bytes(np.random.default_rng(1).bytes(5000)), r"model\.safetensors is truncated or not a safetensors file"),
     "empty safetensors": (lambda f: (f / "model.safetensors").write_bytes(b""), r"model\.safetensors is truncated or not a safetensors file"),

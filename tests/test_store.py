@@ -30,6 +30,13 @@ def models(tiny_pair):
     return {"pretrained": tiny_pair.pretrained, "finetuned": tiny_pair.finetuned}
 
 
+def test_a_corpus_with_a_row_that_is_not_text_is_refused_before_the_run_directory_is_made(models, tmp_path: Path) -> None:
+    corpus = Corpus(texts=["the car was good", "\u200b\u200b"], source="bad.csv")
+    with pytest.raises(InputError, match=r"^bad\.csv, sentence 2 "):
+        extract_corpus(models, corpus, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_contents(models, tmp_path: Path) -> None:
     corpus = make_corpus()
     store = extract_corpus(models, corpus, tmp_path / "run", shard_size=8, max_batch=4, progress=False)

@@ -41,11 +41,11 @@ MEASURE_LABELS = {
 MEASURE_NAMES = [name for name, _ in MEASURES]
 METHOD_NAMES = {"trace": "CLS trace", "rollout": "rollout", "flow": "attention flow", "heads": "heads' own edges"}
 METHOD_TAU = {"trace": 0.1, "rollout": 0.01, "flow": 0.2, "heads": 0.3}  # each method's scale: a readable structure on the default input
-TOP_K_METHODS = ("trace", "heads")
+TOP_K_METHODS = ("trace", "heads")  # the methods that keep the k strongest edges of a token
 METHOD_ENCODING = {  # what node size and edge width mean, written under the flow diagram (the CLS trace's by default)
     "rollout": "node size: the root's rollout relevance · edge width: the relevance the edge carries · node colour as the edges' · black: root",
     "flow": "node size: the most attention flow from the root · edge width: the flow the edge can carry · node colour as the edges' · black: root",
-}  # the methods that keep the k strongest edges of a token  # each method's scale: a readable structure on the default input
+}
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 FLOW_HEIGHT = 520

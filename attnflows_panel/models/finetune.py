@@ -8,7 +8,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -190,10 +190,19 @@ def finetune(config: FinetuneConfig | None = None, force: bool = False, progress
 
 
 def _batch_inputs(lm: LoadedModel, corpus: Corpus, idx: np.ndarray, max_length: int) -> dict[str, Any]:
+    from attnflows_panel.extract import padded_inputs
+
     texts = [corpus.texts[i] for i in idx]
     pairs = None if corpus.text_pairs is None else [corpus.text_pairs[i] for i in idx]
-    enc = lm.tokenizer(texts, pairs, padding=True, truncation=True, max_length=min(max_length, lm.max_tokens), return_tensors="pt")
-    return {k: v.to(lm.device) for k, v in lm.forward_kwargs(dict(enc)).items()}
+    enc = lm.tokenizer(texts, pairs, truncation=True, max_length=min(max_length, lm.max_tokens), verbose=False)
+    types = enc.get("token_type_ids")
+    rows = [_Row(np.asarray(ids), None if types is None else np.asarray(types[i])) for i, ids in enumerate(enc["input_ids"])]
+    return padded_inputs(lm, rows)  # padded as extraction pads: with another special token when there is no pad token
+
+
+class _Row(NamedTuple):
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray | None
 
 
 def evaluate_accuracy(lm: LoadedModel, corpus: Corpus, label_index: dict[str, int], max_length: int = 128, batch_size: int = 64) -> float:

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import os
 import pickle
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,9 +118,17 @@ def _load_cause(exc: BaseException) -> str:
 
     if isinstance(exc, SafetensorError):
         return f"model.safetensors is truncated or not a safetensors file ({_first_line(exc)})"
+    if isinstance(exc, (OSError, RuntimeError)) and _raised_by_torch_load(exc):
+        return f"its pytorch_model.bin is truncated or not a torch checkpoint ({_first_line(exc)})"
     if "ignore_mismatched_sizes" in str(exc):
         return "its weights do not have the shapes its config.json gives"
     return _first_line(exc)
+
+
+def _raised_by_torch_load(exc: BaseException) -> bool:
+    """True when ``exc`` was raised while torch read a checkpoint file (its zip reader words a truncated file as errno 22)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(Path(frame.filename).match("torch/serialization.py") for frame in frames)
 
 
 def _check_vocabulary(tokenizer: Any, model: Any, name: str) -> None:

@@ -1,0 +1,350 @@
+"""Load test of ``attnflows serve``: many browser sessions typing and brushing at once, and memory over 200 sessions.
+
+    .venv/bin/python benchmarks/bench_sessions.py [--sessions 25] [--minutes 3] [--open-close 200] [--quick]
+
+Starts ``attnflows serve`` on a free loopback port (the user's prepared cache), drives Debian's headless
+chromium with Playwright (async: one browser, a context per session) and reads the server's resident
+memory from ``/proc``. Phases, in one run:
+
+1. warm-up: one session per app types and brushes once (models load, records fill the cache);
+2. baseline: one session alone does a few updates of each kind: its p50 is the baseline of the ratios;
+3. memory: ``--open-close`` sessions (both apps in turn, four at a time) each open, brush once and close,
+   then plain HTTP GETs that never connect a browser; resident memory before and after;
+4. load: ``--sessions`` sessions at once (one in five on /single) type inputs (the bundled examples, each
+   made new to the models by a numbered suffix, so every input runs them) and brush the head grid for ``--minutes``.
+
+An update is timed in the page, from the key press or pointerup until the flow diagram's edges (or its
+title) have changed, no spinner is left and two frames have passed. Errors are counted: console errors
+and page errors, updates or pages that never arrive (120 s), and error lines in the server's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from playwright.async_api import Browser, Page, async_playwright
+
+try:
+    import attnflows_panel  # noqa: F401
+except ImportError:  # run from a checkout without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attnflows_panel.examples import load_examples
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1600, "height": 1200}
+GRID = {"compare": "model difference", "single": "entropy"}  # the start of each app's head grid title
+TIMEOUT_MS = 120_000
+CLEANUP_S = 40  # Bokeh discards a closed session within 15 s unused + a 17 s check interval
+SERVER_ERROR = re.compile(r"\b(ERROR|Traceback|Exception)\b")
+
+# Installed in every page. `arm()` notes the flow diagram (its view, title and edge source) before an action;
+# `settled()` resolves with the milliseconds since once the diagram has changed, no spinner is left and two frames passed.
+PAGE_JS = """
+window.loadtest = (() => {
+  function* walk(view, seen) {
+    if (view == null || seen.has(view)) return;
+    seen.add(view);
+    yield view;
+    if (typeof view.children === "function") for (const child of view.children()) yield* walk(child, seen);
+  }
+  function* plots() {
+    if (window.Bokeh == null) return;
+    const seen = new Set();
+    for (const root of Object.values(Bokeh.index))
+      for (const view of walk(root, seen))
+        if (view.frame != null && view.model.title != null && view.model.title.text != null) yield view;
+  }
+  const edges = (view) => view.model.renderers.find((r) => r.data_source != null && r.data_source.name === "edges");
+  const flow = () => { for (const view of plots()) if (edges(view) != null) return view; return null; };
+  function grid(prefix) { for (const view of plots()) if (String(view.model.title.text).startsWith(prefix)) return view; return null; }
+  function point(prefix, x, y) {
+    const view = grid(prefix), canvas = view.canvas_view.el.getBoundingClientRect();
+    return [canvas.x + view.frame.x_scale.compute(x), canvas.y + view.frame.y_scale.compute(y)];
+  }
+  const idle = () => window.Bokeh != null && Bokeh.documents.length > 0 &&
+    Bokeh.documents.every((d) => d.is_idle && [...d.all_models].every((m) => !(m.css_classes || []).includes("pn-loading")));
+  const frame = () => new Promise((resolve) => requestAnimationFrame(resolve));
+  let armed = null;
+  function arm() {
+    const view = flow(), source = edges(view).data_source, state = {view, title: view.model.title.text, data: source.data, changed: false, start: performance.now()};
+    const mark = () => { state.changed = true; };
+    for (const signal of [source.properties.data.change, source.streaming, source.patching]) signal.connect(mark);
+    state.stop = () => { for (const signal of [source.properties.data.change, source.streaming, source.patching]) signal.disconnect(mark); };
+    armed = state;
+  }
+  function changed(state) {
+    const view = flow();
+    return state.changed || view !== state.view || view.model.title.text !== state.title || edges(view).data_source.data !== state.data;
+  }
+  async function settled(timeout) {
+    const state = armed;
+    try {
+      while (!(changed(state) && idle())) {
+        if (performance.now() - state.start > timeout) throw new Error("no update within " + timeout + " ms");
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      await frame(); await frame();
+      return performance.now() - state.start;
+    } finally { state.stop(); }
+  }
+  const ready = () => flow() != null && idle();
+  return {point, arm, settled, ready, start: () => { armed.start = performance.now(); }};
+})();
+"""
+
+
+@dataclass
+class Results:
+    """Update times (ms) by kind and phase, page-open times and errors."""
+
+    times: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, phase: str, kind: str, ms: float) -> None:
+        self.times[phase, kind].append(ms)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """The resident memory of process ``pid`` in MB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def start_server(port: int, log: Path) -> subprocess.Popen:
+    """``attnflows serve`` on ``port`` (this venv's interpreter, so /proc shows the server itself), once it answers."""
+    command = [sys.executable, "-c", "from attnflows_panel.cli import main; main()", "serve", "--port", str(port)]
+    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"attnflows serve exited with {server.returncode}: see {log}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/compare", timeout=30).read()
+            return server
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"attnflows serve did not answer within 120 s: see {log}")
+
+
+class Session:
+    """One browser context on one app: opens it, types inputs and brushes the grid, timing each update."""
+
+    def __init__(self, browser: Browser, url: str, app: str, results: Results, rng: random.Random) -> None:
+        self.browser, self.url, self.app, self.results, self.rng = browser, url, app, results, rng
+        self.cells = 0
+
+    async def __aenter__(self) -> Session:
+        self.context = await self.browser.new_context(viewport=VIEWPORT)
+        await self.context.add_init_script(PAGE_JS)
+        self.page: Page = await self.context.new_page()
+        self.page.on("console", lambda m: m.type == "error" and self.results.errors.append(f"{self.app}: console error: {m.text[:200]}"))
+        self.page.on("pageerror", lambda e: self.results.errors.append(f"{self.app}: page error: {str(e)[:200]}"))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.context.close()
+
+    async def open(self, phase: str) -> bool:
+        start = time.monotonic()
+        try:
+            await self.page.goto(f"{self.url}/{self.app}", timeout=TIMEOUT_MS)
+            await self.page.wait_for_function("() => window.loadtest.ready()", timeout=TIMEOUT_MS, polling=50)
+        except Exception as error:  # a page that never draws is the error this test looks for
+            self.results.errors.append(f"{self.app}: page did not draw: {str(error).splitlines()[0][:200]}")
+            return False
+        self.results.add(phase, "open page", (time.monotonic() - start) * 1000)
+        return True
+
+    async def _timed(self, phase: str, kind: str, action) -> None:
+        await self.page.evaluate("window.loadtest.arm()")
+        try:
+            await action()
+            ms = await self.page.evaluate(f"window.loadtest.settled({TIMEOUT_MS})")
+        except Exception as error:
+            self.results.errors.append(f"{self.app}: {kind}: {str(error).splitlines()[0][:200]}")
+            return
+        self.results.add(phase, kind, ms)
+
+    async def type_text(self, phase: str, text: str) -> None:
+        box = self.page.locator("textarea").first
+
+        async def submit() -> None:
+            await box.fill(text)
+            await self.page.evaluate("window.loadtest.start()")  # timed from the key press, not the typing
+            await box.press("Control+Enter")
+
+        await self._timed(phase, "new input", submit)
+
+    async def brush(self, phase: str) -> None:
+        """Drag a box over a random block of cells, never the same number of cells as the last brush (so the title changes)."""
+        while True:
+            heads, layers = sorted(self.rng.sample(range(1, 13), 2)), sorted(self.rng.sample(range(1, 7), 2))
+            cells = (heads[1] - heads[0] + 1) * (layers[1] - layers[0] + 1)
+            if cells != self.cells:
+                break
+        self.cells = cells
+        prefix = GRID[self.app]
+        start = await self.page.evaluate("([p, x, y]) => window.loadtest.point(p, x, y)", [prefix, heads[0] - 0.4, layers[1] + 0.4])
+        end = await self.page.evaluate("([p, x, y]) => window.loadtest.point(p, x, y)", [prefix, heads[1] + 0.4, layers[0] - 0.4])
+
+        async def drag() -> None:
+            await self.page.mouse.move(*start)
+            await self.page.mouse.down()
+            await self.page.mouse.move(*end, steps=6)
+            await self.page.evaluate("window.loadtest.start()")  # timed from the pointerup
+            await self.page.mouse.up()
+
+        await self._timed(phase, "head brush", drag)
+
+
+async def busy_session(browser: Browser, url: str, app: str, phase: str, results: Results, texts: list[str], until: float, seed: int, steps: int = 0) -> None:
+    """Open ``app`` and alternate a new input and a brush until ``until`` (monotonic seconds), at least ``steps`` actions."""
+    rng = random.Random(seed)
+    async with Session(browser, url, app, results, rng) as session:
+        if not await session.open(phase):
+            return
+        step = 0
+        while step < steps or time.monotonic() < until:
+            if step % 2 == 0:
+                await session.type_text(phase, f"{texts[(seed + step // 2) % len(texts)]} ({seed}.{step})")  # new to the models
+            else:
+                await session.brush(phase)
+            step += 1
+            await asyncio.sleep(rng.uniform(0.5, 2.0))  # a user reads the picture before the next action
+
+
+async def open_and_close(browser: Browser, url: str, apps: list[str], results: Results, count: int, parallel: int) -> None:
+    """``count`` sessions, ``parallel`` at a time, each opening an app (in turn), brushing once and closing."""
+    queue = iter(range(count))
+
+    async def worker() -> None:
+        for i in queue:
+            async with Session(browser, url, apps[i % len(apps)], results, random.Random(i)) as session:
+                if await session.open("memory"):
+                    await session.brush("memory")
+            if (i + 1) % 25 == 0:
+                print(f"  {i + 1} of {count} sessions opened and closed", flush=True)
+
+    await asyncio.gather(*(worker() for _ in range(parallel)))
+
+
+def quantiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+async def settle(server: subprocess.Popen, label: str, memory: dict[str, float]) -> None:
+    """Wait until closed sessions are discarded, then note the server's resident memory."""
+    await asyncio.sleep(CLEANUP_S)
+    memory[label] = rss_mb(server.pid)
+    print(f"  server RSS {label}: {memory[label]:.0f} MB", flush=True)
+
+
+async def run(args: argparse.Namespace, server: subprocess.Popen, url: str) -> tuple[Results, dict[str, float]]:
+    texts = [example.text for example in load_examples()]
+    results, memory = Results(), {"idle": rss_mb(server.pid)}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS)
+        print("warm-up: one session per app", flush=True)
+        for app in GRID:
+            await busy_session(browser, url, app, "warm-up", results, texts, 0, 0, steps=2)
+        print("baseline: one session alone", flush=True)
+        await busy_session(browser, url, "compare", "alone", results, texts, time.monotonic() + args.alone, 1)
+        await settle(server, "before the sessions", memory)
+
+        print(f"memory: {args.open_close} sessions opened and closed, {args.gets} plain GETs", flush=True)
+        await open_and_close(browser, url, list(GRID), results, args.open_close, parallel=4)
+        for i in range(args.gets):
+            urllib.request.urlopen(f"{url}/{list(GRID)[i % 2]}", timeout=60).read()
+        await settle(server, f"after {args.open_close} sessions and {args.gets} GETs", memory)
+
+        print(f"load: {args.sessions} sessions at once for {args.minutes:g} min", flush=True)
+        until = time.monotonic() + args.minutes * 60
+        apps = ["single" if i % 5 == 4 else "compare" for i in range(args.sessions)]
+        memory["peak under load"] = 0.0
+
+        async def sample() -> None:
+            while time.monotonic() < until:
+                memory["peak under load"] = max(memory["peak under load"], rss_mb(server.pid))
+                await asyncio.sleep(2)
+
+        await asyncio.gather(sample(), *(busy_session(browser, url, app, "load", results, texts, until, 10 + i) for i, app in enumerate(apps)))
+        await settle(server, "after the load", memory)
+        await browser.close()
+    return results, memory
+
+
+def report(results: Results, memory: dict[str, float], log: Path, args: argparse.Namespace) -> int:
+    server_errors = [line for line in log.read_text(errors="replace").splitlines() if SERVER_ERROR.search(line)]
+    errors = results.errors + [f"server: {line[:200]}" for line in server_errors]
+    print("\n== update times (ms, in the page): phase, kind, n, p50, p95 ==")
+    for (phase, kind), values in sorted(results.times.items()):
+        p50, p95 = quantiles(values)
+        print(f"  {phase:10s} {kind:11s} {len(values):5d} {p50:9.0f} {p95:9.0f}")
+    print(f"\n== {args.sessions} sessions at once against one alone (name, under load, alone, ratio; p50) ==")
+    for kind in ("new input", "head brush"):
+        load, alone = results.times.get(("load", kind)), results.times.get(("alone", kind))
+        if load and alone:
+            ratio = statistics.median(load) / statistics.median(alone)
+            print(f"  {kind:11s} {statistics.median(load):9.0f} ms {statistics.median(alone):9.0f} ms {ratio:6.2f}x")
+    before = memory["before the sessions"]
+    print("\n== server resident memory (MB; name, MB, baseline, ratio, difference) ==")
+    for label, mb in memory.items():
+        print(f"  {label:40s} {mb:7.0f} {before:7.0f} {mb / before:6.3f}x {mb - before:+7.0f}")
+    print(f"\n== errors: {len(errors)} ==")
+    for error in errors[:40]:
+        print("  " + error)
+    return 1 if errors else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=25, help="sessions at once in the load phase")
+    parser.add_argument("--minutes", type=float, default=3.0, help="length of the load phase")
+    parser.add_argument("--open-close", type=int, default=200, help="sessions opened and closed in the memory phase")
+    parser.add_argument("--gets", type=int, default=30, help="plain HTTP GETs (no browser) in the memory phase")
+    parser.add_argument("--alone", type=float, default=40.0, help="seconds of the single-session baseline")
+    parser.add_argument("--quick", action="store_true", help="4 sessions for 30 s, 12 opened and closed")
+    args = parser.parse_args()
+    if args.quick:
+        args.sessions, args.minutes, args.open_close, args.gets, args.alone = 4, 0.5, 12, 6, 15.0
+    if shutil.which("chromium") is None:
+        raise SystemExit("Debian's chromium is needed: make browser")
+    subprocess.run([sys.executable, "-c", "from attnflows_panel.cli import main; main()", "prepare"], check=True)  # cached after the first time
+    port, log = free_port(), Path(os.environ.get("TMPDIR", "/tmp")) / f"attnflows-bench-sessions-{os.getpid()}.log"
+    server = start_server(port, log)
+    try:
+        results, memory = asyncio.run(run(args, server, f"http://127.0.0.1:{port}"))
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(30)
+    print(f"(server log: {log})")
+    return report(results, memory, log, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
