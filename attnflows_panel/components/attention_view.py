@@ -29,7 +29,7 @@ from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matr
 from attnflows_panel.plots.bound import Layer, renderer
 from attnflows_panel.plots.flow_diagram import TRACE_ENCODING, flow_diagram, flow_frames, flow_layers
 from attnflows_panel.plots.head_embedding import HIGHLIGHT_LAYERS, head_embedding, highlight_frames
-from attnflows_panel.plots.head_grid import OUTLINE_LAYERS, grid_outline, grid_outline_frames, head_grid, heads_at
+from attnflows_panel.plots.head_grid import GRID_LAYERS, grid_clim, grid_frames, grid_outline, grid_outline_frames, head_grid, heads_at
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
 
 DIFFERENCE = "model difference (JS, bits)"
@@ -122,6 +122,7 @@ class AttentionView(pn.viewable.Viewer):
         self._method_tau = dict(METHOD_TAU)
         self._wanted: tuple[str, str | None] | None = None  # the input whose records are on their way
         self.grid, self.map, self.sentence = LiveFigure(), LiveFigure(), LiveFigure(sizing_mode="stretch_width")
+        self._grid_measure: str | None = None  # the measure the grid's figure was drawn for
         self.flows: dict[tuple[str, ...], LiveFigure] = {}
         self.matrices = {name: LiveFigure() for name in self.names}
         self._flow_row = pn.Row(sizing_mode="stretch_width")
@@ -355,13 +356,19 @@ class AttentionView(pn.viewable.Viewer):
             self.ablation.object = ""
 
     def _draw_grid(self, *_: object) -> None:
+        """Draw the grid for a new measure; for a new input or grid model, write the cells into the same figure (its ranges never change)."""
         if self.records is None:
             self.grid.clear()
+            self._grid_measure = None
+            return
+        values, heads = self._grid_values(), self._outlined()
+        if self.grid.figure is not None and self._grid_measure == self.measure:
+            self.grid.write(grid_frames(values, heads), title=self._grid_title(), clim=grid_clim(values), same_rows=True)
             return
         difference = self.measure == DIFFERENCE
-        cells = head_grid(self._grid_values(), "JS (bits)" if difference else self._grid_label(), title=self._grid_title(), cmap="magma_r" if difference else "viridis", width=440, height=300)
-        heads = self._outlined()
-        self.grid.draw(cells * grid_outline(heads), OUTLINE_LAYERS, grid_outline_frames(heads))
+        cells = head_grid(values, "JS (bits)" if difference else self._grid_label(), title=self._grid_title(), cmap="magma_r" if difference else "viridis", width=440, height=300)
+        self.grid.draw(cells * grid_outline(heads), GRID_LAYERS, grid_frames(values, heads))
+        self._grid_measure = self.measure
         self.grid.on_select(Layer(Rect), lambda index, cells: self.select_heads(heads_at(cells, index) if index else []))
 
     def _draw_map(self, *_: object) -> None:

@@ -7,13 +7,13 @@ from collections.abc import Mapping, Sequence
 import holoviews as hv
 import numpy as np
 import pandas as pd
-from bokeh.models import Quad
+from bokeh.models import Quad, Rect
 
 from attnflows_panel.plots.bound import Layer
 
 
 def head_grid_frame(values: np.ndarray, measure: str) -> pd.DataFrame:
-    """Tidy ``[L, H]`` values: one row per head, layers and heads numbered from 1 as every view labels them."""
+    """Tidy ``[L, H]`` values: one row per head (the ``measure`` column), layers and heads numbered from 1 as every view labels them."""
     values = np.asarray(values, dtype=float)
     if values.ndim != 2:
         raise ValueError(f"head grid values must be [layers, heads], got shape {values.shape}")
@@ -21,15 +21,33 @@ def head_grid_frame(values: np.ndarray, measure: str) -> pd.DataFrame:
     return pd.DataFrame({"head": head.ravel() + 1, "layer": layer.ravel() + 1, measure: values.ravel()})
 
 
+GRID_LAYERS = {
+    "cells": Layer(Rect, {"x": "head", "y": "layer", "width": "width", "height": "height", "fill_color": "value"}),
+    "outline": Layer(Quad, {"left": "x0", "bottom": "y0", "right": "x1", "top": "y1"}),
+}
+
+
+def grid_frames(values: np.ndarray, heads: Sequence[tuple[int, int]]) -> dict[str, pd.DataFrame]:
+    """The cells of :func:`head_grid` and the outlines of ``heads``, in the columns of ``GRID_LAYERS``."""
+    cells = head_grid_frame(values, "value").assign(width=1.0, height=1.0)
+    return {"cells": cells, **grid_outline_frames(heads)}
+
+
+def grid_clim(values: np.ndarray) -> tuple[float, float]:
+    """The colour limits :func:`head_grid` gives ``values`` (their finite range)."""
+    finite = np.asarray(values, dtype=float)[np.isfinite(values)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+
+
 def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str = "viridis", symmetric: bool = False, width: int = 420, height: int = 300) -> hv.HeatMap:
     """One HeatMap cell per head (deepest layer on top), with tap and box select for brushing."""
-    frame = head_grid_frame(values, measure)
+    frame = head_grid_frame(values, "value")
     levels = frame["layer"].max()
     opts = dict(
         cmap=cmap,
         colorbar=True,
         tools=["hover", "tap", "box_select"],
-        hover_tooltips=[("layer", "@{layer}"), ("head", "@{head}"), (measure, f"@{{{measure}}}{{0.000}}")],
+        hover_tooltips=[("layer", "@{layer}"), ("head", "@{head}"), (measure, "@{value}{0.000}")],
         active_tools=["box_select"],
         xlabel="head",
         ylabel="layer",
@@ -44,12 +62,11 @@ def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str = 
         clabel=measure,
     )
     if symmetric:
-        bound = float(np.nanmax(np.abs(frame[measure]))) or 1.0
+        bound = float(np.nanmax(np.abs(frame["value"]))) or 1.0
         opts["clim"] = (-bound, bound)
-    return hv.HeatMap(frame, ["head", "layer"], [measure]).opts(**opts)
-
-
-OUTLINE_LAYERS = {"outline": Layer(Quad, {"left": "x0", "bottom": "y0", "right": "x1", "top": "y1"})}
+    else:
+        opts["clim"] = grid_clim(values)
+    return hv.HeatMap(frame, ["head", "layer"], [hv.Dimension("value", label=measure)]).opts(**opts)
 
 
 def grid_outline_frames(heads: Sequence[tuple[int, int]]) -> dict[str, pd.DataFrame]:

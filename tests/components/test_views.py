@@ -59,7 +59,7 @@ def test_compare_view_grid_shows_the_model_difference(tiny_pair) -> None:
     grid = cells(view)
     expected = head_js_divergence(pre.attention, fine.attention)
     at = [i for i in range(len(grid["head"])) if (grid["layer"][i], grid["head"][i]) == (1, 3)][0]  # layers and heads from 1
-    assert float(grid["zvalues"][at]) == pytest.approx(expected[0, 2])
+    assert float(grid["value"][at]) == pytest.approx(expected[0, 2])
     view.param.update(measure="entropy", grid_model=PRETRAINED)
     assert view.grid.figure.title.text == "entropy (nats) (pre-trained)"
 
@@ -149,8 +149,10 @@ def test_word_level_merges_pieces_in_every_view(tiny_pair) -> None:
 
 def fresh(view) -> CompareView:
     """A new view in ``view``'s state: what a first render of that state draws."""
-    other = CompareView(view.pair, view.text, tau=view.tau, alpha=view.alpha, method=view.method, combine=view.combine, layout=view.layout, mode=view.mode, shading=view.shading)
-    other.root = view.root
+    other = CompareView(
+        view.pair, view.text, tau=view.tau, alpha=view.alpha, method=view.method, combine=view.combine, layout=view.layout, mode=view.mode, shading=view.shading,
+    )
+    other.param.update(root=view.root, measure=view.measure, grid_model=view.grid_model)
     other.select_heads(view.selected_heads())
     return other
 
@@ -312,6 +314,28 @@ def test_a_head_map_brush_selects_those_heads_in_both_models(tiny_pair) -> None:
     assert view.selected_heads() == [(1, 1), (1, 3)]
     assert len(data(view.grid, "outline")["x0"]) == 2
     assert len(data(view.map, "highlight")["x"]) == 4  # both models' copies of the two heads
+
+
+def test_a_new_input_writes_the_grid_into_its_figure_as_a_fresh_render_draws_it(tiny_pair) -> None:
+    """The grid's ranges never change: a new input or grid model rewrites its cells, colour limits and title; a brush survives."""
+    from bokeh.models import ColorBar
+
+    view = CompareView(tiny_pair, TEXT)
+    figure = view.grid.figure
+    view.grid.sources["cells"].selected.indices = [0, 5]  # a box brush in the page
+    brushed = view.selected_heads()
+    for change in ({"text": "the car was bad"}, {"measure": "entropy"}, {"grid_model": PRETRAINED}, {"text": "good"}):
+        view.param.update(**change)
+        other = fresh(view)
+        same(data(view.grid, "cells"), data(other.grid, "cells"))
+        mapper, again = (live.figure.select_one({"type": ColorBar}).color_mapper for live in (view.grid, other.grid))
+        assert (mapper.low, mapper.high) == pytest.approx((again.low, again.high))
+        assert view.grid.figure.title.text == other.grid.figure.title.text
+        assert view.selected_heads() == brushed
+    assert view.grid.figure is not figure  # the measure changed once: a new colour bar title needs a new figure
+    kept = view.grid.figure
+    view.text = "the movie was good"
+    assert view.grid.figure is kept
 
 
 def test_a_grid_selection_in_the_page_selects_heads(tiny_pair) -> None:

@@ -19,7 +19,7 @@ def test_grid_has_one_cell_per_head_and_brush_tools() -> None:
     element = head_grid(values, "entropy")
     frame = element.dframe()
     assert len(frame) == 72
-    assert frame.set_index(["layer", "head"]).loc[(6, 12), "entropy"] == values[5, 11]  # layers and heads from 1
+    assert frame.set_index(["layer", "head"]).loc[(6, 12), "value"] == values[5, 11]  # layers and heads from 1
     figure = hv.render(element)
     assert any(isinstance(t, TapTool) for t in figure.tools) and any(isinstance(t, BoxSelectTool) for t in figure.tools)
 
