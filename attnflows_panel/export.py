@@ -47,7 +47,7 @@ NODE_FIELDS = ["x", "y", "level", "index", "token", "influence_pretrained", "inf
 PAGE_STYLE = {"font-family": "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif", "font-size": "14px", "color": "#222222"}
 
 # Runs in the browser on every change of the grid selection; mirrors trace_cls_flow(combine="union",
-# top_k=top_k or None) from [CLS] at the deepest level, flow_frames (edges grouped by label, heads from 1),
+# top_k=top_k or None) from the root token (``root``: [CLS], or a decoder's last token) at the deepest level, flow_frames (edges grouped by label, heads from 1),
 # the count of edges top-k hides (hidden_by_top_k) and the sentence shading.
 TRACE_JS = """
 const sel = new Uint8Array(L * H);
@@ -62,7 +62,7 @@ function trace(m, k) {
   const influence = [];
   for (let l = 0; l <= L; l++) { counts.push(new Float64Array(n)); influence.push(new Float64Array(n)); }
   const edges = new Map();
-  let frontier = [0];
+  let frontier = [root];
   for (let level = L; level >= 1; level--) {
     const layer = level - 1;
     if (!sel.subarray(layer * H, layer * H + H).some((s) => s) || frontier.length === 0) break;
@@ -97,7 +97,7 @@ function trace(m, k) {
   }
   for (let level = L - 1; level >= 0; level--)
     for (let w = 0; w < n; w++) influence[level][w] = counts[level][w] + alpha * influence[level + 1][w];
-  const reached = (level, w) => (level === L ? w === 0 : counts[level][w] > 0);
+  const reached = (level, w) => (level === L ? w === root : counts[level][w] > 0);
   return {edges, influence, reached};
 }
 
@@ -152,9 +152,9 @@ for (let level = 0; level <= L; level++) {
   }
 }
 for (let i = 0; i < N.x.length; i++) {
-  const root = N.level[i] === L && N.index[i] === 0;
-  N.size.push(root ? 16 : (N.label[i] !== "" ? 5 + 13 * Math.sqrt(N.influence[i] / peak) : 3));
-  N.color.push(root ? root_color : (N.label[i] !== "" ? colors[N.label[i]] : unreached_color));
+  const is_root = N.level[i] === L && N.index[i] === root;
+  N.size.push(is_root ? 16 : (N.label[i] !== "" ? 5 + 13 * Math.sqrt(N.influence[i] / peak) : 3));
+  N.color.push(is_root ? root_color : (N.label[i] !== "" ? colors[N.label[i]] : unreached_color));
 }
 nodes.data = N;
 
@@ -181,7 +181,7 @@ STATUS_JS = """
 function split(counts) { return label_order.map((label) => `${counts[label]} ${legend_names[label]}`).join(", "); }
 function total(counts) { return label_order.reduce((sum, label) => sum + counts[label], 0); }
 function hidden_text(hidden, k) { return hidden > 0 ? `; ${hidden} weaker hidden (top ${k} per token)` : ""; }
-function flow_title(counts, hidden, k) { return `pre-trained vs fine-tuned from [CLS]: ${total(counts)} edges (${split(counts)})${hidden_text(hidden, k)}`; }
+function flow_title(counts, hidden, k) { return `pre-trained vs fine-tuned from ${root_name}: ${total(counts)} edges (${split(counts)})${hidden_text(hidden, k)}`; }
 function status_html(counts, selected, heads, hidden, k) {
   const which = selected === heads ? `all ${heads} heads` : `${selected} of ${heads} heads selected`;
   return `<b>${total(counts)}</b> edges (${split(counts)})${hidden_text(hidden, k)}; ${which}`;
@@ -199,9 +199,9 @@ def _hidden_text(hidden: int, top_k: int | None) -> str:
     return f"; {hidden} weaker hidden (top {top_k} per token)" if hidden > 0 else ""
 
 
-def flow_title(counts: Mapping[str, int], hidden: int = 0, top_k: int | None = None) -> str:
+def flow_title(counts: Mapping[str, int], hidden: int = 0, top_k: int | None = None, root_name: str = "[CLS]") -> str:
     """The flow diagram's title from the edges per label and the ``hidden`` ones top-k drops (the browser writes the same through ``STATUS_JS``)."""
-    return f"pre-trained vs fine-tuned from [CLS]: {sum(counts.values())} edges ({_split(counts)}){_hidden_text(hidden, top_k)}"
+    return f"pre-trained vs fine-tuned from {root_name}: {sum(counts.values())} edges ({_split(counts)}){_hidden_text(hidden, top_k)}"
 
 
 def status_html(counts: Mapping[str, int], selected: int, heads: int, hidden: int = 0, top_k: int | None = None) -> str:
@@ -210,24 +210,24 @@ def status_html(counts: Mapping[str, int], selected: int, heads: int, hidden: in
     return f"<b>{sum(counts.values())}</b> edges ({_split(counts)}){_hidden_text(hidden, top_k)}; {which}"
 
 
-def hidden_by_top_k(attentions: Sequence[Any], mask: np.ndarray, tau: float, alpha: float, top_k: int | None, shown: int) -> int:
+def hidden_by_top_k(attentions: Sequence[Any], mask: np.ndarray, tau: float, alpha: float, top_k: int | None, shown: int, root: tuple[int, int] | None = None) -> int:
     """Distinct edges of at least ``tau`` the union traces of ``attentions`` draw without top-k, minus the ``shown`` ones (0 when top-k is off)."""
     if not top_k:
         return 0
-    full = [trace_cls_flow(attention, mask, tau=tau, alpha=alpha, combine="union").edge_ids() for attention in attentions]
+    full = [trace_cls_flow(attention, mask, tau=tau, alpha=alpha, combine="union", root=root).edge_ids() for attention in attentions]
     return int(np.unique(np.concatenate(full)).size) - shown
 
 
-def no_edge_messages(layers: int, tau: float) -> dict[str, str]:
+def no_edge_messages(layers: int, tau: float, root_name: str = "[CLS]") -> dict[str, str]:
     """Why no edge is drawn: no selected head in the deepest layer (``"layer"``), or no weight of ``tau`` or more (``"tau"``)."""
-    return {"layer": f"No edge reaches [CLS] from the selected heads: select a head of layer {layers}.", "tau": f"No edge of weight {tau:g} or more: lower tau."}
+    return {"layer": f"No edge reaches {root_name} from the selected heads: select a head of layer {layers}.", "tau": f"No edge of weight {tau:g} or more: lower tau."}
 
 
-def flow_message(traces: Mapping[str, AttentionTrace], mask: np.ndarray, tau: float) -> str:
+def flow_message(traces: Mapping[str, AttentionTrace], mask: np.ndarray, tau: float, root_name: str = "[CLS]") -> str:
     """The message across an empty flow diagram (the browser picks the same one), ``""`` when an edge is drawn."""
     if any(trace.n_edges for trace in traces.values()):
         return ""
-    return no_edge_messages(mask.shape[0], tau)["tau" if mask[-1].any() else "layer"]
+    return no_edge_messages(mask.shape[0], tau, root_name)["tau" if mask[-1].any() else "layer"]
 
 
 def sparse_attention(attention: Any, tau: float) -> dict[str, np.ndarray]:
@@ -353,26 +353,27 @@ def dashboard_layout(
     mask = validate_head_mask(head_mask, L, H)
     if not mask.any():
         mask = ~mask  # an empty selection means every head, as in the app
-    traces = {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
+    root, name_of_root = (L, pre.root_token), pre.root_name
+    traces = {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None, root=root) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
     js = head_js_divergence(pre.attention, fine.attention)
     words, word_index = merge_tokens(pre.tokens, pre.word_ids)
 
     grid_fig, grid, cells = _grid_figure(js, mask)
-    frames = flow_frames(pre.tokens, traces, "layered", flow_message(traces, mask, tau))
+    frames = flow_frames(pre.tokens, traces, "layered", flow_message(traces, mask, tau, name_of_root))
     counts = edge_counts(frames["edges"]["label"].to_numpy())
-    hidden = hidden_by_top_k([pre.attention, fine.attention], mask, tau, alpha, top_k, sum(counts.values()))
-    flow_fig, flow = _flow_figure(pre.tokens, traces, frames, flow_title(counts, hidden, top_k))
+    hidden = hidden_by_top_k([pre.attention, fine.attention], mask, tau, alpha, top_k, sum(counts.values()), root)
+    flow_fig, flow = _flow_figure(pre.tokens, traces, frames, flow_title(counts, hidden, top_k, name_of_root))
     sentence_fig, word_source = _sentence_figure(words, word_index, traces, fine)
     status = Div(text=status_html(counts, int(mask.sum()), L * H, hidden, top_k), name="edge_count", styles=PAGE_STYLE)
 
     callback = CustomJS(
         args=dict(
             grid=grid, edges=flow["edges"], nodes=flow["nodes"], message=flow["message"], words=word_source, title=flow_fig.title, status=status,
-            L=L, H=H, n=n, alpha=alpha, top_k=top_k, cell_layer=cells[:, 0], cell_head=cells[:, 1], tokens=list(pre.tokens),
+            L=L, H=H, n=n, root=pre.root_token, root_name=name_of_root, alpha=alpha, top_k=top_k, cell_layer=cells[:, 0], cell_head=cells[:, 1], tokens=list(pre.tokens),
             word_index=word_index.astype(np.int32), n_words=len(words),
             models={name: sparse_attention(r.attention, tau) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))},
             edge_fields=EDGE_FIELDS, node_fields=NODE_FIELDS, colors=LABEL_COLORS, root_color=ROOT_COLOR, unreached_color=UNREACHED_COLOR,
-            label_order=list(LABEL_ORDER), legend_names=LEGEND_NAMES, no_edge=no_edge_messages(L, tau),
+            label_order=list(LABEL_ORDER), legend_names=LEGEND_NAMES, no_edge=no_edge_messages(L, tau, name_of_root),
         ),
         code=STATUS_JS + TRACE_JS,
     )
@@ -471,6 +472,6 @@ def _header_html(pre: AttentionRecord, fine: AttentionRecord, tau: float, alpha:
     parts.append(f"<div><b>Models:</b> {models}</div>")
     truncated = f", the last {pre.n_truncated} dropped (model maximum)" if pre.n_truncated else ""
     kept = f"top k = {top_k} (strongest edges kept per token)" if top_k else "top k = 0 (every edge of at least tau)"
-    parts.append(f"<div><b>Settings:</b> CLS trace from [CLS] at the last layer, tau = {tau:g}, alpha = {alpha:g}, {kept}, heads combined by union; {pre.n_tokens} tokens{truncated}</div>")
+    parts.append(f"<div><b>Settings:</b> CLS trace from {e(pre.root_name)} at the last layer, tau = {tau:g}, alpha = {alpha:g}, {kept}, heads combined by union; {pre.n_tokens} tokens{truncated}</div>")
     parts.append("<div style='color: #555555'>Select heads in the grid (box select, or tap; shift adds); no selection means all heads. The flow diagram and the word shading follow.</div>")
     return "".join(parts)

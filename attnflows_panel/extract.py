@@ -14,6 +14,8 @@ from attnflows_panel.errors import InputError, ModelError, TruncationWarning
 from attnflows_panel.models.loading import LoadedModel
 
 if TYPE_CHECKING:
+    import torch
+
     from attnflows_panel.models.pair import ModelPair
 
 # Upper bound on the float32 attention one forward batch may hold (B * L * H * n * n * 4 bytes).
@@ -49,6 +51,18 @@ class AttentionRecord:
     logits: np.ndarray | None = None
     labels: tuple[str, ...] | None = None
     n_truncated: int = 0
+    causal: bool = False  # a decoder's: each token attends only to itself and the tokens before it
+    next_token: str | None = None  # a language model's prediction (``logits`` are then over its vocabulary)
+
+    @property
+    def root_token(self) -> int:
+        """Where a trace starts by default: ``[CLS]`` (token 0), or a decoder's last token (its next-token prediction)."""
+        return self.n_tokens - 1 if self.causal else 0
+
+    @property
+    def root_name(self) -> str:
+        """How titles name the default root: its token (``[CLS]``, ``<s>``), or a decoder's "last token"."""
+        return "the last token" if self.causal else self.tokens[0]
 
     @property
     def n_tokens(self) -> int:
@@ -78,7 +92,9 @@ class AttentionRecord:
         if self.logits is None:
             return None
         index = int(np.argmax(self.logits))
-        return self.labels[index] if self.labels else str(index)
+        if self.labels:
+            return self.labels[index]
+        return self.next_token if self.next_token is not None else str(index)
 
 
 def _as_loaded(model: Any, tokenizer: Any, model_id: str | None) -> LoadedModel:
@@ -194,7 +210,19 @@ def padded_inputs(lm: LoadedModel, encodings: Sequence[TokenIds]) -> dict[str, A
     inputs = {"input_ids": ids, "attention_mask": mask}
     if encodings[0].token_type_ids is not None:
         inputs["token_type_ids"] = types
+    if lm.is_language_model:
+        inputs["logits_to_keep"] = torch.unique(mask.sum(1) - 1)  # each row's last token only: never [batch, n, vocabulary]
     return {k: v.to(lm.device) for k, v in lm.forward_kwargs(inputs).items()}
+
+
+def prediction_logits(inputs: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
+    """``[batch, classes]``: a classifier's logits as they are, a language model's for the token after each row's last."""
+    import torch
+
+    if "logits_to_keep" not in inputs:
+        return logits
+    last = inputs["attention_mask"].sum(1) - 1
+    return logits[torch.arange(len(last), device=logits.device), torch.searchsorted(inputs["logits_to_keep"], last)]
 
 
 def forward_attention(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: int = 32) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -210,7 +238,7 @@ def forward_attention(lm: LoadedModel, encodings: Sequence[Encoding], max_batch:
         if not out.attentions:
             raise ModelError(f"{lm.model_id} returned no attentions; load it with attn_implementation='eager'")
         attention = torch.stack(out.attentions, dim=1).float().cpu().numpy()  # [B, L, H, n, n]
-        logits = out.logits.float().cpu().numpy() if getattr(out, "logits", None) is not None else None
+        logits = prediction_logits(inputs, out.logits).float().cpu().numpy() if getattr(out, "logits", None) is not None else None
         for row, i in enumerate(batch):
             n = len(encodings[i].input_ids)
             results[i] = (
@@ -224,6 +252,7 @@ def make_record(lm: LoadedModel, encoding: Encoding, text: str, text_pair: str |
     """Assemble a record from an encoding and the model's outputs for it."""
     tok = lm.tokenizer
     labels = tuple(lm.labels) if lm.labels else None
+    next_token = tok.convert_ids_to_tokens(int(np.argmax(logits))) if lm.is_language_model and logits is not None else None
     return AttentionRecord(
         text=text,
         text_pair=text_pair,
@@ -238,6 +267,8 @@ def make_record(lm: LoadedModel, encoding: Encoding, text: str, text_pair: str |
         logits=logits,
         labels=labels,
         n_truncated=encoding.n_truncated,
+        causal=lm.family.causal,
+        next_token=next_token,
     )
 
 

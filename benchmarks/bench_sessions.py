@@ -52,6 +52,8 @@ GRID = {"compare": "model difference", "single": "entropy"}  # the start of each
 TIMEOUT_MS = 120_000
 CLEANUP_S = 40  # Bokeh discards a closed session within 15 s unused + a 17 s check interval
 SERVER_ERROR = re.compile(r"\b(ERROR|Traceback|Exception)\b")
+# Tornado's words when a browser left while the server was still writing to it: the client's doing, counted apart.
+CLIENT_GONE = re.compile(r"WebSocketClosedError|StreamClosedError|Failed sending message as connection was closed")
 
 # Installed in every page. `arm()` notes the flow diagram (its view, title and edge source) before an action;
 # `settled()` resolves with the milliseconds since once the diagram has changed, no spinner is left and two frames passed.
@@ -134,6 +136,12 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(port: int, log: Path) -> subprocess.Popen:
     """``attnflows serve`` on ``port`` (this venv's interpreter, so /proc shows the server itself), once it answers."""
     command = [sys.executable, "-c", "from attnflows_panel.cli import main; main()", "serve", "--port", str(port)]
@@ -163,6 +171,7 @@ class Session:
         self.page: Page = await self.context.new_page()
         self.page.on("console", lambda m: m.type == "error" and self.results.errors.append(f"{self.app}: console error: {m.text[:200]}"))
         self.page.on("pageerror", lambda e: self.results.errors.append(f"{self.app}: page error: {str(e)[:200]}"))
+        self.page.on("requestfailed", lambda r: self.results.errors.append(f"{self.app}: request failed: {r.url[:120]} ({r.failure})"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -221,8 +230,10 @@ class Session:
         await self._timed(phase, "head brush", drag)
 
 
-async def busy_session(browser: Browser, url: str, app: str, phase: str, results: Results, texts: list[str], until: float, seed: int, steps: int = 0) -> None:
-    """Open ``app`` and alternate a new input and a brush until ``until`` (monotonic seconds), at least ``steps`` actions."""
+async def busy_session(browser: Browser, url: str, app: str, phase: str, results: Results, texts: list[str], until: float, seed: int, steps: int = 0, delay: float = 0.0, think: tuple[float, float] = (0.5, 2.0)) -> None:
+    """After ``delay`` s, open ``app`` and alternate a new input and a brush until ``until`` (monotonic seconds), at least ``steps`` actions,
+    pausing ``think`` (min, max) seconds after each."""
+    await asyncio.sleep(delay)
     rng = random.Random(seed)
     async with Session(browser, url, app, results, rng) as session:
         if not await session.open(phase):
@@ -234,7 +245,7 @@ async def busy_session(browser: Browser, url: str, app: str, phase: str, results
             else:
                 await session.brush(phase)
             step += 1
-            await asyncio.sleep(rng.uniform(0.5, 2.0))  # a user reads the picture before the next action
+            await asyncio.sleep(rng.uniform(*think))  # a user reads the picture before the next action
 
 
 async def open_and_close(browser: Browser, url: str, apps: list[str], results: Results, count: int, parallel: int) -> None:
@@ -250,6 +261,18 @@ async def open_and_close(browser: Browser, url: str, apps: list[str], results: R
                 print(f"  {i + 1} of {count} sessions opened and closed", flush=True)
 
     await asyncio.gather(*(worker() for _ in range(parallel)))
+
+
+def log_entries(lines: list[str]) -> tuple[list[str], int]:
+    """The server log's entries (a line with its traceback) split into the lines of those not about a browser that had left, and the count of those."""
+    entries: list[list[str]] = []
+    for line in lines:
+        if entries and (not line or line[:1].isspace() or line.startswith(("Traceback", "During handling", "The above exception", "future:", "tornado."))):
+            entries[-1].append(line)
+        else:
+            entries.append([line])
+    kept = [entry for entry in entries if not any(CLIENT_GONE.search(line) for line in entry)]
+    return [line for entry in kept for line in entry], len(entries) - len(kept)
 
 
 def quantiles(values: list[float]) -> tuple[float, float]:
@@ -286,20 +309,26 @@ async def run(args: argparse.Namespace, server: subprocess.Popen, url: str) -> t
         until = time.monotonic() + args.minutes * 60
         apps = ["single" if i % 5 == 4 else "compare" for i in range(args.sessions)]
         memory["peak under load"] = 0.0
+        cpu_start, wall_start = cpu_s(server.pid), time.monotonic()
 
         async def sample() -> None:
             while time.monotonic() < until:
                 memory["peak under load"] = max(memory["peak under load"], rss_mb(server.pid))
                 await asyncio.sleep(2)
 
-        await asyncio.gather(sample(), *(busy_session(browser, url, app, "load", results, texts, until, 10 + i) for i, app in enumerate(apps)))
+        ramp = args.ramp / max(1, args.sessions)  # users arrive one after another, not in the same second
+        think = (args.think / 2, args.think * 1.5)
+        await asyncio.gather(sample(), *(busy_session(browser, url, app, "load", results, texts, until, 10 + i, delay=i * ramp, think=think) for i, app in enumerate(apps)))
+        cpu, wall = cpu_s(server.pid) - cpu_start, time.monotonic() - wall_start
+        print(f"  server CPU under load: {cpu:.0f} s in {wall:.0f} s ({cpu / wall:.2f} cores of {os.cpu_count()}; the browsers had the rest)", flush=True)
         await settle(server, "after the load", memory)
         await browser.close()
     return results, memory
 
 
 def report(results: Results, memory: dict[str, float], log: Path, args: argparse.Namespace) -> int:
-    server_errors = [line for line in log.read_text(errors="replace").splitlines() if SERVER_ERROR.search(line)]
+    lines, gone = log_entries(log.read_text(errors="replace").splitlines())
+    server_errors = [line for line in lines if SERVER_ERROR.search(line)]
     errors = results.errors + [f"server: {line[:200]}" for line in server_errors]
     print("\n== update times (ms, in the page): phase, kind, n, p50, p95 ==")
     for (phase, kind), values in sorted(results.times.items()):
@@ -315,6 +344,7 @@ def report(results: Results, memory: dict[str, float], log: Path, args: argparse
     print("\n== server resident memory (MB; name, MB, baseline, ratio, difference) ==")
     for label, mb in memory.items():
         print(f"  {label:40s} {mb:7.0f} {before:7.0f} {mb / before:6.3f}x {mb - before:+7.0f}")
+    print(f"\n(server log: {gone} writes to a browser that had left, not counted as errors)")
     print(f"\n== errors: {len(errors)} ==")
     for error in errors[:40]:
         print("  " + error)
@@ -328,10 +358,12 @@ def main() -> int:
     parser.add_argument("--open-close", type=int, default=200, help="sessions opened and closed in the memory phase")
     parser.add_argument("--gets", type=int, default=30, help="plain HTTP GETs (no browser) in the memory phase")
     parser.add_argument("--alone", type=float, default=40.0, help="seconds of the single-session baseline")
+    parser.add_argument("--ramp", type=float, default=60.0, help="seconds over which the load phase's sessions arrive")
+    parser.add_argument("--think", type=float, default=6.0, help="mean seconds a loaded session's user reads the picture between actions")
     parser.add_argument("--quick", action="store_true", help="4 sessions for 30 s, 12 opened and closed")
     args = parser.parse_args()
     if args.quick:
-        args.sessions, args.minutes, args.open_close, args.gets, args.alone = 4, 0.5, 12, 6, 15.0
+        args.sessions, args.minutes, args.open_close, args.gets, args.alone, args.ramp = 4, 0.5, 12, 6, 15.0, 4.0
     if shutil.which("chromium") is None:
         raise SystemExit("Debian's chromium is needed: make browser")
     subprocess.run([sys.executable, "-c", "from attnflows_panel.cli import main; main()", "prepare"], check=True)  # cached after the first time

@@ -1,8 +1,8 @@
 """Switch attention heads off (or scale them) with forward hooks, and gradient-based head importance.
 
 transformers 5 dropped ``head_mask``, so a forward pre-hook on the module that consumes the
-concatenated per-head context (BERT/RoBERTa/ELECTRA ``attention.output.dense``, DistilBERT
-``attention.out_lin``, ALBERT's shared ``attention.dense``) scales each head's slice of its input.
+concatenated per-head context (the one the model's family names in ``models/families.py``: BERT's
+``attention.output.dense``, GPT-2's ``attn.c_proj``, LLaMA's ``self_attn.o_proj``, …) scales each head's slice of its input.
 Scaling head h's context by s is the same as scaling head h's value projection by s.
 Torch is imported inside the functions, so importing this module stays cheap.
 """
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from attnflows_panel.errors import InputError, ModelError
+from attnflows_panel.models.families import ContextSite, context_features
 from attnflows_panel.models.loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -25,14 +26,6 @@ if TYPE_CHECKING:
 
 # Michel et al.'s code adds this to the per-layer norm before dividing.
 NORM_EPS = 1e-20
-
-
-@dataclass(frozen=True)
-class _Site:
-    """A module whose input is the concatenated context of all heads, and the layers it serves in call order."""
-
-    module: Any
-    layers: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -59,45 +52,18 @@ class AblationResult:
         return self.original_label != self.predicted_label
 
 
-def _hook_sites(lm: LoadedModel) -> tuple[Any, list[_Site]]:
-    """The module running the layer loop and the per-layer context consumers of ``lm``'s encoder."""
-    base = lm.model.base_model
-    n_layers = lm.n_layers
-    encoder = getattr(base, "encoder", None)
-    transformer = getattr(base, "transformer", None)
-    layers = getattr(encoder, "layer", None)
-    if layers is not None and all(_has_path(layer, "attention.output.dense") for layer in layers):
-        sites = [_Site(layer.attention.output.dense, (i,)) for i, layer in enumerate(layers)]
-    elif getattr(transformer, "layer", None) is not None and all(_has_path(layer, "attention.out_lin") for layer in transformer.layer):
-        encoder = transformer
-        sites = [_Site(layer.attention.out_lin, (i,)) for i, layer in enumerate(transformer.layer)]
-    elif getattr(encoder, "albert_layer_groups", None) is not None:
-        inner = int(getattr(lm.config, "inner_group_num", 1))
-        if inner != 1:
-            raise ModelError(f"cannot mask the heads of {lm.model_id}: ALBERT with inner_group_num={inner} (only 1 is supported)")
-        groups = encoder.albert_layer_groups
-        # AlbertTransformer.forward runs layer i through group int(i / (n_layers / n_groups)).
-        served = [tuple(i for i in range(n_layers) if int(i / (n_layers / len(groups))) == g) for g in range(len(groups))]
-        sites = [_Site(group.albert_layers[0].attention.dense, layers) for group, layers in zip(groups, served, strict=True) if layers]
-    else:
-        raise ModelError(
-            f"cannot mask the heads of {lm.model_id} ({lm.config.model_type}): "
-            "attnflows knows the BERT, RoBERTa, ELECTRA, DistilBERT and ALBERT layouts"
-        )
-    if sum(len(s.layers) for s in sites) != n_layers:
-        raise ModelError(f"cannot mask the heads of {lm.model_id}: found {sum(len(s.layers) for s in sites)} attention layers, config says {n_layers}")
+def _hook_sites(lm: LoadedModel) -> list[ContextSite]:
+    """The per-layer context consumers of ``lm``, from its family's layout, checked against its config."""
+    try:
+        sites = lm.family.context_sites(lm.model.base_model, lm.n_layers, lm.config)
+    except ModelError as exc:
+        raise ModelError(f"cannot mask the heads of {lm.model_id}: {exc}") from None
+    if sum(len(s.layers) for s in sites) != lm.n_layers:
+        raise ModelError(f"cannot mask the heads of {lm.model_id}: found {sum(len(s.layers) for s in sites)} attention layers, config says {lm.n_layers}")
     for site in sites:
-        if site.module.in_features % lm.n_heads:
-            raise ModelError(f"cannot mask the heads of {lm.model_id}: {site.module.in_features} context features do not split into {lm.n_heads} heads")
-    return encoder, sites
-
-
-def _has_path(module: Any, path: str) -> bool:
-    for name in path.split("."):
-        module = getattr(module, name, None)
-        if module is None:
-            return False
-    return hasattr(module, "in_features")
+        if context_features(site.module) % lm.n_heads:
+            raise ModelError(f"cannot mask the heads of {lm.model_id}: {context_features(site.module)} context features do not split into {lm.n_heads} heads")
+    return sites
 
 
 def _mask_tensor(lm: LoadedModel, mask: Any) -> torch.Tensor:
@@ -131,7 +97,7 @@ def heads_masked(lm: LoadedModel, mask: Any) -> Iterator[None]:
     affected, so other threads can share the model; nested blocks multiply their masks.
     """
     scale = _mask_tensor(lm, mask)
-    encoder, sites = _hook_sites(lm)
+    sites = _hook_sites(lm)
     n_heads = lm.n_heads
     owner = threading.get_ident()
     calls = [0] * len(sites)
@@ -139,7 +105,7 @@ def heads_masked(lm: LoadedModel, mask: Any) -> Iterator[None]:
     def reset(_module: Any, _args: Any) -> None:
         calls[:] = [0] * len(sites)
 
-    def make_hook(index: int, site: _Site) -> Any:
+    def make_hook(index: int, site: ContextSite) -> Any:
         def hook(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             if threading.get_ident() != owner:
                 return None
@@ -161,7 +127,7 @@ def heads_masked(lm: LoadedModel, mask: Any) -> Iterator[None]:
 
         return hook
 
-    handles = [encoder.register_forward_pre_hook(reset)]
+    handles = [lm.model.base_model.register_forward_pre_hook(reset)]
     try:
         handles += [site.module.register_forward_pre_hook(make_hook(i, site)) for i, site in enumerate(sites)]
         yield
@@ -170,10 +136,14 @@ def heads_masked(lm: LoadedModel, mask: Any) -> Iterator[None]:
             handle.remove()
 
 
-def _require_classifier(lm: LoadedModel, what: str) -> tuple[str, ...]:
-    if not lm.has_classifier:
-        raise ModelError(f"{lm.model_id} has no classification head; {what} needs one (load a fine-tuned model)")
-    return tuple(lm.labels or ())
+def _output_names(lm: LoadedModel, what: str) -> tuple[str, ...]:
+    """What the model predicts: a classifier's classes, a language model's vocabulary (the next token)."""
+    if lm.has_classifier:
+        return tuple(lm.labels or ())
+    if lm.is_language_model:
+        tokens = lm.tokenizer.convert_ids_to_tokens(list(range(lm.model.get_output_embeddings().out_features)))
+        return tuple(f"[id {i}]" if token is None else token for i, token in enumerate(tokens))  # embedding rows past the vocabulary
+    raise ModelError(f"{lm.model_id} has no classification or language-model head; {what} needs one (load a fine-tuned model)")
 
 
 def _head_list(lm: LoadedModel, heads_off: Any) -> tuple[tuple[int, int], ...]:
@@ -195,18 +165,18 @@ def ablate_heads(lm: LoadedModel, text: str, text_pair: str | None = None, heads
     """The classifier's probabilities for one input with all heads and with ``heads_off`` removed."""
     import torch
 
-    from attnflows_panel.extract import encode, padded_inputs
+    from attnflows_panel.extract import encode, padded_inputs, prediction_logits
 
-    labels = _require_classifier(lm, "head ablation")
+    labels = _output_names(lm, "head ablation")
     heads = _head_list(lm, heads_off)
     mask = np.ones((lm.n_layers, lm.n_heads))
     for layer, head in heads:
         mask[layer, head] = 0.0
     inputs = padded_inputs(lm, [encode(lm, text, text_pair)])
     with torch.inference_mode():
-        original = lm.model(**inputs).logits[0]
+        original = prediction_logits(inputs, lm.model(**inputs).logits)[0]
         with heads_masked(lm, mask):
-            ablated = lm.model(**inputs).logits[0]
+            ablated = prediction_logits(inputs, lm.model(**inputs).logits)[0]
     return AblationResult(
         text=text,
         text_pair=text_pair,
@@ -234,9 +204,9 @@ def head_importance(
     """
     import torch
 
-    from attnflows_panel.extract import encode, padded_inputs
+    from attnflows_panel.extract import encode, padded_inputs, prediction_logits
 
-    names = _require_classifier(lm, "head importance")
+    names = _output_names(lm, "head importance")
     texts, targets, pairs = _importance_inputs(lm, names, texts, labels, text_pairs)
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -249,7 +219,7 @@ def head_importance(
         inputs = padded_inputs(lm, [encodings[i] for i in batch])
         xi = torch.ones((len(batch), lm.n_layers, lm.n_heads), dtype=dtype, device=lm.device, requires_grad=True)
         with torch.enable_grad(), heads_masked(lm, xi):
-            logits = lm.model(**inputs).logits
+            logits = prediction_logits(inputs, lm.model(**inputs).logits)
         target = torch.tensor([targets[i] for i in batch], device=lm.device)
         loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
         (grad,) = torch.autograd.grad(loss, xi)

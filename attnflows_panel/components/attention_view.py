@@ -33,6 +33,7 @@ from attnflows_panel.plots.head_grid import GRID_LAYERS, grid_clim, grid_frames,
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
 
 DIFFERENCE = "model difference (JS, bits)"
+DEFAULT_ROOT = (-1, -1)  # the deepest level, the model's default token
 MEASURE_LABELS = {
     "entropy": "entropy (nats)", "attn_cls": "attention to [CLS]", "attn_sep": "attention to [SEP]", "attn_punct": "attention to punctuation",
     "attn_self": "attention to itself", "attn_prev": "attention to the previous token", "attn_next": "attention to the next token",
@@ -56,7 +57,7 @@ Heads selected elsewhere (in the head map) are outlined in red. **Head map**: ev
 by how alike they attend over a corpus; a grey segment joins a head's pre-trained and fine-tuned copies.
 
 **Flow diagram**: each row is a level (*input* = the embeddings at the bottom, *layer l* = the output of
-layer l); each column is a token. The trace starts at the black **root** ([CLS] of the deepest layer; click a
+layer l); each column is a token. The trace starts at the black **root** ([CLS] of the deepest layer, a decoder's last token; click a
 token to start there) and walks down: an **edge** joins a token to a token of the level below that it attends to
 with a weight of at least **tau** in a selected head (width = weight). **Colours**: grey edges are drawn by both
 models, turquoise only by the pre-trained model, purple only by the fine-tuned one (the legend counts each).
@@ -99,7 +100,7 @@ class AttentionView(pn.viewable.Viewer):
     shading = param.Selector(default="influence", objects=["influence", "attention"], doc="Sentence view: each word's influence in the trace, or the attention the root token pays it.")
     map_color = param.Selector(default="layer", objects=["layer", "model"], doc="Colour the head map's points by their layer or by their model.")
     head_mask = param.Array(default=None, doc="Selected heads, bool [layers, heads]; all when nothing is brushed.")
-    root = param.Tuple(default=(-1, 0), length=2, doc="(level, token) the trace starts from; level -1 is the deepest.")
+    root = param.Tuple(default=DEFAULT_ROOT, length=2, doc="(level, token) the trace starts from; level -1 is the deepest, token -1 the model's default ([CLS], or a decoder's last token).")
     units = param.Selector(default="word pieces", objects=["word pieces", "words"], doc="Draw every view over word pieces, or over whole words (pieces merged).")
     top_k = param.Integer(default=3, bounds=(0, 20), doc="CLS trace and heads' own edges: keep the k strongest edges of each token (0: every edge of at least tau).")
     records = param.Parameter(default=None, precedence=-1, doc="One record of the input per model, in model order.")
@@ -179,7 +180,7 @@ class AttentionView(pn.viewable.Viewer):
         notice = ""
         if records[0].n_truncated:
             notice = f"The input was longer than the model allows: the last {records[0].n_truncated} tokens were dropped."
-        self.param.update(records=records, root=(-1, 0), notice=notice)
+        self.param.update(records=records, root=DEFAULT_ROOT, notice=notice)
         self._set_busy(False)
 
     def _records_failed(self, request: tuple[str, str | None], exc: Exception) -> None:
@@ -197,9 +198,9 @@ class AttentionView(pn.viewable.Viewer):
         self._figure_box.loading = busy
 
     def _on_units(self, *_: object) -> None:
-        """Word pieces or words: token positions change, so the trace starts again at [CLS]."""
+        """Word pieces or words: token positions change, so the trace starts again at the default root."""
         with pn.io.hold():
-            self.param.update(root=(-1, 0))
+            self.param.update(root=DEFAULT_ROOT)
             self._draw_all()
 
     def _on_method(self, event: param.parameterized.Event) -> None:
@@ -208,8 +209,8 @@ class AttentionView(pn.viewable.Viewer):
         self.tau = self._method_tau[event.new]
 
     def reset_root(self, *_: object) -> None:
-        """Start the trace at [CLS] of the deepest layer again."""
-        self.root = (-1, 0)
+        """Start the trace at the default root again ([CLS] of the deepest layer, or a decoder's last token)."""
+        self.root = DEFAULT_ROOT
 
     def _on_map_selection(self, index: list[int]) -> None:
         rows = self.head_map.points.iloc[index]
@@ -243,7 +244,7 @@ class AttentionView(pn.viewable.Viewer):
 
     def _root(self) -> tuple[int, int]:
         level, token = self.root
-        return (self.n_layers if level < 0 else level, token)
+        return (self.n_layers if level < 0 else level, self.shown[0].root_token if token < 0 else token)
 
     # ------------------------------------------------------------------ computed
     @property
@@ -464,8 +465,8 @@ class AttentionView(pn.viewable.Viewer):
             return
         name = self.names[-1]
         lm = self.models[name]
-        if not lm.has_classifier:
-            self.ablation.object = f"{html.escape(self.titles[name])} has no classification head, so there is no prediction to ablate."
+        if not (lm.has_classifier or lm.is_language_model):
+            self.ablation.object = f"{html.escape(self.titles[name])} has no classification or language-model head, so there is no prediction to ablate."
             return
         heads, request = self.selected_heads(), self._request()
         self._ablate_button.disabled = True
@@ -535,7 +536,7 @@ class AttentionView(pn.viewable.Viewer):
         keys.param.watch(submit, "presses")
         clear = pn.widgets.Button(label="Clear selection", description="Select every head again (the grid and head map brushes).")
         clear.on_click(lambda _: self.select_heads([]))
-        reset = pn.widgets.Button(label="Reset root", description="Trace from [CLS] of the deepest layer again (a click on a token re-roots the flow there).")
+        reset = pn.widgets.Button(label="Reset root", description="Trace from the deepest layer's [CLS] (a decoder's last token) again; a click on a token re-roots the flow there.")
         reset.on_click(self.reset_root)
         return pn.Column(analyze, pn.Row(clear, reset, sizing_mode="stretch_width"), keys, sizing_mode="stretch_width")
 

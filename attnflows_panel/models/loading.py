@@ -1,4 +1,4 @@
-"""Load any Hugging Face encoder (hub name or local path) with eager attention."""
+"""Load any Hugging Face encoder, or a decoder of a known family (hub name or local path), with eager attention."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnflows_panel.errors import ModelError
+from attnflows_panel.models.families import Family, family_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -54,8 +55,18 @@ class LoadedModel:
         return [str(id2label[i]) for i in range(len(id2label))]
 
     @property
+    def family(self) -> Family:
+        """What attnflows knows of this architecture (causal or not, where to hook heads)."""
+        return family_of(self.config)
+
+    @property
     def has_classifier(self) -> bool:
         return type(self.model).__name__.endswith("ForSequenceClassification")
+
+    @property
+    def is_language_model(self) -> bool:
+        """A decoder with its language-model head: its prediction is the next token."""
+        return type(self.model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
     @property
     def max_tokens(self) -> int:
@@ -152,13 +163,13 @@ def _check_weights(model: Any, name: str) -> None:
 
 
 def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: list[str] | None = None, *, trust_remote_code: bool = False) -> LoadedModel:
-    """Load an encoder by hub name or local directory, with a classification head if it has one.
+    """Load an encoder or a decoder of a known family by hub name or local directory, with a classification head if it has one.
 
     With ``labels``, a new classification head for those classes is put on top (for fine-tuning).
     A model folder's own Python code runs only with ``trust_remote_code=True``; otherwise such a model is refused.
     """
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     name = str(name_or_path).strip()
     if not name:
@@ -184,9 +195,16 @@ def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: l
 
     try:
         config = pretrained(AutoConfig)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ModelError(f"cannot load model {name!r}: {_load_cause(exc)}") from exc
+    try:
+        family = family_of(config)
+    except ModelError as exc:
+        raise ModelError(f"cannot load model {name!r}: {exc}") from None
+    try:
         architectures = getattr(config, "architectures", None) or []
         classifier = labels is not None or any(a.endswith("ForSequenceClassification") for a in architectures)
-        loader = AutoModelForSequenceClassification if classifier else AutoModel
+        loader = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM if family.causal else AutoModel
         head: dict[str, Any] = {}
         if labels is not None:
             head = {
@@ -204,8 +222,10 @@ def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: l
         raise ModelError(f"cannot load the tokenizer of model {name!r}: {_first_line(exc)}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model {name!r} has no fast tokenizer; attnflows needs one to map tokens to words")
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ModelError(f"model {name!r} is an encoder-decoder; attnflows analyses encoders")
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is None and family.causal:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders often have none; padding is masked and never part of a record
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # a decoder's classification head finds each row's last token by it
     _check_weights(model, name)
     _check_vocabulary(tokenizer, model, name)
     try:

@@ -199,10 +199,10 @@ def test_mask_errors(tiny_models) -> None:
 
 
 def test_unknown_layouts_are_refused(tiny_models) -> None:
-    from transformers import AlbertModel, GPT2Config, GPT2Model
+    from transformers import AlbertModel, MPNetConfig, MPNetModel
 
-    gpt = LoadedModel(model=GPT2Model(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10)), tokenizer=None, model_id="tiny-gpt2")
-    with pytest.raises(ModelError, match=r"cannot mask the heads of tiny-gpt2 \(gpt2\)"), heads_masked(gpt, np.ones((1, 2))):
+    mpnet = LoadedModel(model=MPNetModel(MPNetConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8, intermediate_size=16, vocab_size=10)), tokenizer=None, model_id="tiny-mpnet")
+    with pytest.raises(ModelError, match=r"cannot mask the heads of tiny-mpnet: cannot switch heads of model type 'mpnet' on or off; attnflows knows the layouts of BERT \(bert, "), heads_masked(mpnet, np.ones((1, 2))):
         pass
     config = copy.deepcopy(tiny_models["albert"].config)
     config.inner_group_num = 2
@@ -240,7 +240,7 @@ def test_ablate_heads_before_and_after(tiny_models) -> None:
 
 
 def test_ablate_heads_errors(tiny, tiny_models) -> None:
-    with pytest.raises(ModelError, match="has no classification head; head ablation needs one"):
+    with pytest.raises(ModelError, match="has no classification or language-model head; head ablation needs one"):
         ablate_heads(tiny, "good", heads_off=[(0, 0)])
     for bad, words in [([(3, 0)], r"head \(3, 0\) is outside .* 3 layers x 4 heads"), ([(0, -1)], "outside"), ([0], "pairs, got 0"), ([(0.0, 1)], "integer")]:
         with pytest.raises(InputError, match=words) as info:

@@ -425,7 +425,7 @@ def test_single_view_has_no_difference_measure_and_one_model(tiny) -> None:
     assert list(view.flows) == [(PRETRAINED,)]
     assert view.flows[(PRETRAINED,)].figure.title.text.startswith("tiny: CLS trace from [CLS] (layer 2), ")
     view._ablate()
-    assert "no classification head" in view.ablation.object
+    assert "no classification or language-model head" in view.ablation.object
     assert "mode" not in view._widgets()
 
 
@@ -482,7 +482,7 @@ def test_controls_analyze_clear_selection_reset_root_and_download(tiny_pair) -> 
     view.select_heads([(1, 0)])
     buttons["Clear selection"].clicks += 1
     buttons["Reset root"].clicks += 1
-    assert view.head_mask.all() and view.root == (-1, 0)
+    assert view.head_mask.all() and view.root == (-1, -1)
     download = next(w for w in controls.select(pn.widgets.FileDownload))
     page = download.callback().getvalue()
     assert "the car was bad" in page and "<html" in page.lower()
