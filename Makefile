@@ -37,6 +37,7 @@ bench: install browser
 	$(PY) benchmarks/bench_embedding.py
 	$(PY) benchmarks/bench_dashboard.py
 	$(PY) benchmarks/bench_browser.py
+	$(PY) benchmarks/bench_sessions.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

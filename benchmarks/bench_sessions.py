@@ -1,6 +1,6 @@
 """Load test of ``attnflows serve``: many browser sessions typing and brushing at once, and memory over 200 sessions.
 
-    .venv/bin/python benchmarks/bench_sessions.py [--sessions 25] [--minutes 3] [--open-close 200] [--quick]
+    .venv/bin/python benchmarks/bench_sessions.py [--sessions 25] [--minutes 3] [--ramp 90] [--think 12] [--open-close 200] [--quick]
 
 Starts ``attnflows serve`` on a free loopback port (the user's prepared cache), drives Debian's headless
 chromium with Playwright (async: one browser, a context per session) and reads the server's resident
@@ -10,8 +10,10 @@ memory from ``/proc``. Phases, in one run:
 2. baseline: one session alone does a few updates of each kind: its p50 is the baseline of the ratios;
 3. memory: ``--open-close`` sessions (both apps in turn, four at a time) each open, brush once and close,
    then plain HTTP GETs that never connect a browser; resident memory before and after;
-4. load: ``--sessions`` sessions at once (one in five on /single) type inputs (the bundled examples, each
-   made new to the models by a numbered suffix, so every input runs them) and brush the head grid for ``--minutes``.
+4. load: ``--sessions`` sessions at once (one in five on /single), arriving over ``--ramp`` seconds, type inputs
+   (the bundled examples, each made new to the models by a numbered suffix, so every input runs them) and brush
+   the head grid for ``--minutes``, reading each picture for ``--think`` seconds on average; the server's CPU use
+   is printed (on a small machine the browsers, which draw without a GPU, take most of it).
 
 An update is timed in the page, from the key press or pointerup until the flow diagram's edges (or its
 title) have changed, no spinner is left and two frames have passed. Errors are counted: console errors
@@ -99,7 +101,7 @@ window.loadtest = (() => {
     try {
       while (!(changed(state) && idle())) {
         if (performance.now() - state.start > timeout) throw new Error("no update within " + timeout + " ms");
-        await new Promise((resolve) => setTimeout(resolve, 10));
+        await new Promise((resolve) => setTimeout(resolve, 50));  // each check walks the page's views: 25 pages polling faster load the browsers
       }
       await frame(); await frame();
       return performance.now() - state.start;
@@ -181,7 +183,7 @@ class Session:
         start = time.monotonic()
         try:
             await self.page.goto(f"{self.url}/{self.app}", timeout=TIMEOUT_MS)
-            await self.page.wait_for_function("() => window.loadtest.ready()", timeout=TIMEOUT_MS, polling=50)
+            await self.page.wait_for_function("() => window.loadtest.ready()", timeout=TIMEOUT_MS, polling=200)
         except Exception as error:  # a page that never draws is the error this test looks for
             self.results.errors.append(f"{self.app}: page did not draw: {str(error).splitlines()[0][:200]}")
             return False
@@ -248,7 +250,7 @@ async def busy_session(browser: Browser, url: str, app: str, phase: str, results
             await asyncio.sleep(rng.uniform(*think))  # a user reads the picture before the next action
 
 
-async def open_and_close(browser: Browser, url: str, apps: list[str], results: Results, count: int, parallel: int) -> None:
+async def open_and_close(browser: Browser, url: str, apps: list[str], results: Results, count: int, parallel: int, pid: int) -> None:
     """``count`` sessions, ``parallel`` at a time, each opening an app (in turn), brushing once and closing."""
     queue = iter(range(count))
 
@@ -258,7 +260,7 @@ async def open_and_close(browser: Browser, url: str, apps: list[str], results: R
                 if await session.open("memory"):
                     await session.brush("memory")
             if (i + 1) % 25 == 0:
-                print(f"  {i + 1} of {count} sessions opened and closed", flush=True)
+                print(f"  {i + 1} of {count} sessions opened and closed (server RSS {rss_mb(pid):.0f} MB)", flush=True)
 
     await asyncio.gather(*(worker() for _ in range(parallel)))
 
@@ -300,7 +302,7 @@ async def run(args: argparse.Namespace, server: subprocess.Popen, url: str) -> t
         await settle(server, "before the sessions", memory)
 
         print(f"memory: {args.open_close} sessions opened and closed, {args.gets} plain GETs", flush=True)
-        await open_and_close(browser, url, list(GRID), results, args.open_close, parallel=4)
+        await open_and_close(browser, url, list(GRID), results, args.open_close, parallel=4, pid=server.pid)
         for i in range(args.gets):
             urllib.request.urlopen(f"{url}/{list(GRID)[i % 2]}", timeout=60).read()
         await settle(server, f"after {args.open_close} sessions and {args.gets} GETs", memory)
@@ -358,8 +360,8 @@ def main() -> int:
     parser.add_argument("--open-close", type=int, default=200, help="sessions opened and closed in the memory phase")
     parser.add_argument("--gets", type=int, default=30, help="plain HTTP GETs (no browser) in the memory phase")
     parser.add_argument("--alone", type=float, default=40.0, help="seconds of the single-session baseline")
-    parser.add_argument("--ramp", type=float, default=60.0, help="seconds over which the load phase's sessions arrive")
-    parser.add_argument("--think", type=float, default=6.0, help="mean seconds a loaded session's user reads the picture between actions")
+    parser.add_argument("--ramp", type=float, default=90.0, help="seconds over which the load phase's sessions arrive")
+    parser.add_argument("--think", type=float, default=12.0, help="mean seconds a loaded session's user reads the picture between actions")
     parser.add_argument("--quick", action="store_true", help="4 sessions for 30 s, 12 opened and closed")
     args = parser.parse_args()
     if args.quick:

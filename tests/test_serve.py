@@ -16,7 +16,7 @@ from conftest import free_port
 
 from attnflows_panel.errors import ModelError
 from attnflows_panel.models import load_encoder
-from attnflows_panel.serve import host_checked, is_loopback, served_host, websocket_origins
+from attnflows_panel.serve import host_checked, is_loopback, release_memory, served_host, websocket_origins
 
 CUSTOM_CODE = """
 from pathlib import Path
@@ -119,7 +119,16 @@ def test_a_page_is_built_only_for_a_served_host(monkeypatch: pytest.MonkeyPatch,
     import panel as pn
 
     monkeypatch.setattr(type(pn.state), "headers", property(lambda _: {"Host": host}))
+    released: list[object] = []
+    monkeypatch.setattr(pn.state, "on_session_destroyed", released.append)
     calls: list[int] = []
     page = host_checked(lambda: calls.append(1) or pn.pane.Markdown("the app"), websocket_origins("127.0.0.1", 5006))()
     assert calls == ([1] if built else [])
+    assert len(released) == (1 if built else 0)  # a served session gives its memory back when it is discarded
     assert built or page.object.startswith(f"attnflows does not serve the address {host}: open it as localhost:5006")
+
+
+def test_memory_is_handed_back_to_the_system_on_glibc() -> None:
+    import platform
+
+    assert release_memory() is (platform.libc_ver()[0] == "glibc")
