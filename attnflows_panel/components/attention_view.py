@@ -127,7 +127,7 @@ class AttentionView(pn.viewable.Viewer):
         self.flows: dict[tuple[str, ...], LiveFigure] = {}
         self.matrices = {name: LiveFigure() for name in self.names}
         self._flow_row = pn.Row(sizing_mode="stretch_width")
-        self._matrix_box = pn.FlexBox(*(m.pane for m in self.matrices.values()), sizing_mode="stretch_width")
+        self._matrix_box = pn.Row(*(m.pane for m in self.matrices.values()), sizing_mode="stretch_width")  # a FlexBox (ReactiveHTML) inside the template drew them squashed
         self._figure_box = pn.Column(  # one spinner over it while the models run (a figure's own would stay on the next figure)
             pn.Row(pn.Column(self.grid.pane, self._ablate_button, self.ablation, width=460), self.map.pane),
             self.sentence.pane, self._flow_row, self._matrix_box, sizing_mode="stretch_width",
