@@ -36,7 +36,10 @@ class Family:
         layers = _follow(base_model, self.layers) if self.layers else None
         if layers is None:
             raise ModelError(f"cannot switch heads of model type {config.model_type!r} on or off; attnflows knows the layouts of {supported_model_types()}")
-        return [ContextSite(_follow(layer, self.context), (i,)) for i, layer in enumerate(layers)]
+        sites = [ContextSite(_follow(layer, self.context), (i,)) for i, layer in enumerate(layers)]
+        if any(site.module is None for site in sites):
+            raise ModelError(f"a {self.name} model of type {config.model_type!r} without {self.context!r} in each layer")
+        return sites
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def supported_model_types(causal: bool | None = None) -> str:
 
 # Any other encoder still loads and extracts (its attention needs no adapter); only head interventions need its layout.
 OTHER_ENCODER = Family("encoder", (), False, "", "")
-_DECODER_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
+LANGUAGE_MODEL_CLASSES = ("ForCausalLM", "LMHeadModel")  # how transformers names a model class with a language-model head
 
 
 def family_of(config: Any) -> Family:
@@ -80,7 +83,7 @@ def family_of(config: Any) -> Family:
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"model type {model_type!r} is an encoder-decoder; attnflows knows encoders and the decoders of {supported_model_types(causal=True)}")
     architectures = getattr(config, "architectures", None) or []
-    if getattr(config, "is_decoder", False) or any(a.endswith(_DECODER_ARCHITECTURES) for a in architectures):
+    if getattr(config, "is_decoder", False) or any(a.endswith(LANGUAGE_MODEL_CLASSES) for a in architectures):
         raise ModelError(f"decoder model type {model_type!r} is not supported; attnflows knows {supported_model_types(causal=True)}")
     return OTHER_ENCODER
 

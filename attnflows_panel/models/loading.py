@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnflows_panel.errors import ModelError
-from attnflows_panel.models.families import Family, family_of
+from attnflows_panel.models.families import LANGUAGE_MODEL_CLASSES, Family, family_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -66,7 +66,7 @@ class LoadedModel:
     @property
     def is_language_model(self) -> bool:
         """A decoder with its language-model head: its prediction is the next token."""
-        return type(self.model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+        return type(self.model).__name__.endswith(LANGUAGE_MODEL_CLASSES)
 
     @property
     def max_tokens(self) -> int:
