@@ -382,3 +382,24 @@ def test_ctrl_enter_in_the_box_analyzes_the_typed_text(page, serve_page, real_pa
     wait_until(lambda: view.records[0].text == SHORT, page, timeout=20_000)
     assert box.input_value() == SHORT
     assert console_errors(msgs) == []
+
+
+MATRIX_FRAMES_JS = """(titles) => {""" + PLOT_VIEWS_JS + """
+  const found = [];
+  for (const view of plotViews())
+    if (titles.some((t) => view.model.title.text.startsWith(t)))
+      found.push({title: view.model.title.text, canvas: [view.canvas_view.el.clientWidth, view.canvas_view.el.clientHeight], frame: [view.frame.bbox.width, view.frame.bbox.height]});
+  return found;
+}"""
+
+
+def test_matrices_draw_at_full_size_inside_the_template(page, serve_page, real_pair) -> None:
+    """Inside the app's template both matrices get a real frame (a FlexBox there laid them out with a 0 x 0 frame: slivers)."""
+    msgs = serve_page(page, lambda: create_app(real_pair, TEXT))
+    page.wait_for_selector("text=pre-trained vs fine-tuned", timeout=30_000)
+    page.wait_for_function(SETTLED_JS, timeout=30_000)
+    matrices = page.evaluate(MATRIX_FRAMES_JS, ["pre-trained: ", "fine-tuned: "])
+    assert [m["title"].split(":")[0] for m in matrices] == ["pre-trained", "fine-tuned"]
+    for m in matrices:  # the frame is what is drawn; axes, title and colour bar take the rest of the canvas
+        assert m["frame"][0] >= 0.4 * m["canvas"][0] and m["frame"][1] >= 0.5 * m["canvas"][1], m
+    assert console_errors(msgs) == []
