@@ -420,7 +420,7 @@ def _sentence_figure(words: list[str], word_index: np.ndarray, traces: dict[str,
     captions = {PRETRAINED: "pre-trained: influence on the input", FINETUNED: "fine-tuned: influence on the input"}
     if fine.predicted_label is not None:
         captions[FINETUNED] = f"fine-tuned: predicts {fine.predicted_label} ({fine.probabilities.max():.0%})"
-    element = sentence_view(words, values, captions, max_chars=62, width=640)
+    element = sentence_view(words, values, captions, max_chars=62)
     fig, sources = render_bound(element, SENTENCE_LAYERS, sentence_frames(words, values, captions, max_chars=62))
     sources["boxes"].name = "sentence_words"
     return fig, sources["boxes"]

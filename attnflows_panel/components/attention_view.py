@@ -64,7 +64,8 @@ models, turquoise only by the pre-trained model, purple only by the fine-tuned o
 **Node size** is the token's influence `I_l(w) = c_l(w) + alpha * I_(l+1)(w)`, where `c_l(w)` counts the
 edges reaching it; grey dots were not reached. Rollout and attention flow draw each edge's share of the root's
 relevance or flow instead; *heads' own edges* draws every edge of the selected heads, whether or not it reaches
-the root. Hover an edge or a token for its words, heads and weights.
+the root. Hover an edge (the query token above, the key it attends to below) or a token for its words, heads
+and weights; token positions count from 0 (`[CLS]` is 0), as the tokenizer numbers them.
 
 **Sentence view** (always whole words): each word shaded by its influence on the input (or by the root's attention), per model
 (darker = more, scaled to that model's largest word; hover a word for its value),
@@ -122,7 +123,7 @@ class AttentionView(pn.viewable.Viewer):
         self._words: tuple[object, tuple[AttentionRecord, ...]] | None = None  # records and their word-level merge
         self._method_tau = dict(METHOD_TAU)
         self._wanted: tuple[str, str | None] | None = None  # the input whose records are on their way
-        self.grid, self.map, self.sentence = LiveFigure(), LiveFigure(), LiveFigure(sizing_mode="stretch_width")
+        self.grid, self.map, self.sentence = LiveFigure(), LiveFigure(), LiveFigure()  # the sentence view is as wide as its characters
         self._grid_measure: str | None = None  # the measure the grid's figure was drawn for
         self.flows: dict[tuple[str, ...], LiveFigure] = {}
         self.matrices = {name: LiveFigure() for name in self.names}
@@ -408,7 +409,7 @@ class AttentionView(pn.viewable.Viewer):
             self.sentence.clear()
             return
         words, values, captions = self._sentence_parts()
-        self.sentence.draw(sentence_view(words, values, captions, max_chars=96, responsive=True), SENTENCE_LAYERS, sentence_frames(words, values, captions, max_chars=96))
+        self.sentence.draw(sentence_view(words, values, captions, max_chars=96), SENTENCE_LAYERS, sentence_frames(words, values, captions, max_chars=96))
 
     def _draw_matrices(self) -> None:
         for index, (name, live) in enumerate(self.matrices.items()):

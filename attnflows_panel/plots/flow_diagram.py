@@ -174,7 +174,7 @@ INFLUENCE_OR_NONE = 'return Number.isFinite(value) ? value.toFixed(2) : "—";'
 
 
 def _edge_tips(models: Sequence[str]) -> list[tuple[str, str]]:
-    tips = [("layer", "@{layer}{custom}"), ("key → query", "@{key_token} (@{key}) → @{query_token} (@{query})")]
+    tips = [("layer", "@{layer}{custom}"), ("query", "@{query_token} (position @{query})"), ("attends to key", "@{key_token} (position @{key})")]  # the attention's own reading, whichever way the diagram is drawn; positions from 0 as the tokenizer counts
     for model in models:
         tips += [(f"{MODEL_TITLES[model]} weight", f"@{{weight_{model}}}{{custom}}"), (f"{MODEL_TITLES[model]} heads", f"@{{heads_{model}}}")]
     return tips

@@ -8,6 +8,7 @@ import holoviews as hv
 import numpy as np
 import pandas as pd
 
+from bokeh.core.property.vectorization import value
 from bokeh.models import Quad, Text
 
 from attnflows_panel.plots import FINETUNED_COLOR, MODEL_TITLES, PRETRAINED_COLOR
@@ -16,15 +17,24 @@ from attnflows_panel.plots.bound import Layer
 ROW_COLORS = {"pretrained": PRETRAINED_COLOR, "finetuned": FINETUNED_COLOR}
 
 
+CHAR_PX = 8.8  # the advance of an 11pt monospace glyph: one character unit of the layout, so words fill their boxes
+CLOSING = frozenset(".,;:!?)]}%…")  # a word made only of these follows the word before it with no space
+OPENING = frozenset("([{$")  # ... and the word after one of these follows it with no space
+JOINERS = frozenset({"-", "–", "/", "'", "’"})  # "self-driving", "don't": no space either side
+
+
 def sentence_layout(words: Sequence[str], max_chars: int = 90) -> pd.DataFrame:
     """Left-to-right positions of words in character units, wrapped at ``max_chars``: x0, x1, line."""
-    x, line, rows = 0.0, 0, []
+    x, line, rows, glue = 0.0, 0, [], False
     for word in words:
         width = max(1, len(word))
+        if x > 0 and (glue or set(word) <= CLOSING or word in JOINERS):
+            x -= 1  # "safely," not "safely ,"
         if x > 0 and x + width > max_chars:
             x, line = 0.0, line + 1
         rows.append((x, x + width, line))
         x += width + 1
+        glue = word in JOINERS or (bool(word) and set(word) <= OPENING)
     return pd.DataFrame(rows, columns=["x0", "x1", "line"])
 
 
@@ -32,6 +42,7 @@ def sentence_layout(words: Sequence[str], max_chars: int = 90) -> pd.DataFrame:
 # style costs about as much per update as a layer of its own, so size and colour stay scalar.
 WORD_STYLE = {"align": "center", "font_style": "normal"}
 CAPTION_STYLE = {"align": "left", "font_style": "bold"}
+BORDER = 4  # pixels around the frame
 BLOCK_GAP = 1.6  # lines between two models' blocks; the caption sits in it
 
 
@@ -85,13 +96,11 @@ def sentence_view(
     captions: Mapping[str, str] | None = None,
     *,
     max_chars: int = 90,
-    width: int = 900,
     title: str = "",
-    responsive: bool = False,
 ) -> hv.Overlay:
     """Each model's block of words on boxes whose opacity is the word's value (scaled to the block's max).
 
-    Two layers, boxes and one Labels holding both the words and each block's caption (see :func:`sentence_frames`).
+    ``max_chars`` monospace characters wide, so every word fills its box. Two layers, boxes and one Labels holding both the words and each block's caption (see :func:`sentence_frames`).
     """
     frames = sentence_frames(words, values, captions, max_chars=max_chars)
     lines = len(sentence_layout(words, max_chars)["line"].unique()) or 1
@@ -99,9 +108,9 @@ def sentence_view(
     rects = hv.Rectangles(frames["boxes"], ["x0", "y0", "x1", "y1"], ["word", "value", "alpha", "model", "color"]).opts(
         color="color", alpha="alpha", line_alpha=0, hover_tooltips=[("word", "@{word}"), ("model", "@{model}"), ("value", "@{value}{0.000}")]
     )
-    labels = hv.Labels(frames["texts"], ["x", "y"], ["text", *WORD_STYLE]).opts(text_align="align", text_font_style="font_style", text_font_size="11pt", text_color="#222222")
-    height = int(40 + blocks * (lines + BLOCK_GAP) * 26)
+    labels = hv.Labels(frames["texts"], ["x", "y"], ["text", *WORD_STYLE]).opts(text_align="align", text_font_style="font_style", text_font_size="11pt", text_font=value("monospace"), text_color="#222222")
+    height = int(blocks * (lines + BLOCK_GAP) * 26) + (30 if title else 0) + 2 * BORDER  # a title takes a strip above the frame
     bottom = -(blocks - 1) * (lines + BLOCK_GAP) - lines
     return (rects * labels).opts(
-        hv.opts.Overlay(**(dict(responsive=True, min_width=600) if responsive else dict(width=width)), height=height, xaxis=None, yaxis=None, xlim=(-0.5, max_chars + 0.5), ylim=(bottom - 0.2, 1.6), title=title, toolbar=None, show_frame=False)
+        hv.opts.Overlay(width=round((max_chars + 1) * CHAR_PX) + 2 * BORDER, height=height, border=BORDER, xaxis=None, yaxis=None, xlim=(-0.5, max_chars + 0.5), ylim=(bottom - 0.2, 1.6), title=title, toolbar=None, show_frame=False)
     )

@@ -230,9 +230,9 @@ def test_edge_hover_shows_one_tooltip_with_the_words(page, serve_page, real_pair
     visible = [t for t in tips.all() if t.is_visible()]
     assert len(visible) == 1  # the nearest edge only, not a stack
     shown = dict(line.split(":\t") for line in visible[0].inner_text().split("\n"))
-    assert list(shown) == ["layer", "key → query", "pre-trained weight", "pre-trained heads", "fine-tuned weight", "fine-tuned heads"]
-    words = {f"{kt} ({k}) → {qt} ({q})": layer + 1 for kt, k, qt, q, layer in zip(edges["key_token"], edges["key"], edges["query_token"], edges["query"], edges["layer"], strict=True)}
-    assert shown["layer"] == str(words[shown["key → query"]])  # words and positions, the layer counted from 1
+    assert list(shown) == ["layer", "query", "attends to key", "pre-trained weight", "pre-trained heads", "fine-tuned weight", "fine-tuned heads"]
+    words = {(f"{qt} (position {q})", f"{kt} (position {k})"): layer + 1 for kt, k, qt, q, layer in zip(edges["key_token"], edges["key"], edges["query_token"], edges["query"], edges["layer"], strict=True)}
+    assert shown["layer"] == str(words[shown["query"], shown["attends to key"]])  # words and positions, the layer counted from 1
     assert all(shown[f"{m} weight"] == "not drawn" or float(shown[f"{m} weight"]) >= view.tau for m in ("pre-trained", "fine-tuned"))
     assert console_errors(msgs) == []
 
@@ -384,22 +384,25 @@ def test_ctrl_enter_in_the_box_analyzes_the_typed_text(page, serve_page, real_pa
     assert console_errors(msgs) == []
 
 
-MATRIX_FRAMES_JS = """(titles) => {""" + PLOT_VIEWS_JS + """
+FRAMES_JS = """() => {""" + PLOT_VIEWS_JS + """
   const found = [];
-  for (const view of plotViews())
-    if (titles.some((t) => view.model.title.text.startsWith(t)))
-      found.push({title: view.model.title.text, canvas: [view.canvas_view.el.clientWidth, view.canvas_view.el.clientHeight], frame: [view.frame.bbox.width, view.frame.bbox.height]});
+  for (const view of plotViews()) {
+    const f = view.frame.bbox;
+    found.push({title: view.model.title.text, canvas: [view.canvas_view.el.clientWidth, view.canvas_view.el.clientHeight], frame: [f.left, f.top, f.right, f.bottom]});
+  }
   return found;
 }"""
 
 
-def test_matrices_draw_at_full_size_inside_the_template(page, serve_page, real_pair) -> None:
-    """Inside the app's template both matrices get a real frame (a FlexBox there laid them out with a 0 x 0 frame: slivers)."""
-    msgs = serve_page(page, lambda: create_app(real_pair, TEXT))
+def test_every_plot_is_drawn_whole_inside_the_template(page, serve_page, real_pair) -> None:
+    """Inside the app's template each plot's frame is real and within its canvas (a FlexBox laid the matrices out 0 x 0; a stretched sentence view drew past its canvas)."""
+    msgs = serve_page(page, lambda: create_app(real_pair, REVIEW))
     page.wait_for_selector("text=pre-trained vs fine-tuned", timeout=30_000)
     page.wait_for_function(SETTLED_JS, timeout=30_000)
-    matrices = page.evaluate(MATRIX_FRAMES_JS, ["pre-trained: ", "fine-tuned: "])
-    assert [m["title"].split(":")[0] for m in matrices] == ["pre-trained", "fine-tuned"]
-    for m in matrices:  # the frame is what is drawn; axes, title and colour bar take the rest of the canvas
-        assert m["frame"][0] >= 0.4 * m["canvas"][0] and m["frame"][1] >= 0.5 * m["canvas"][1], m
+    plots = page.evaluate(FRAMES_JS)
+    assert sum(p["title"].startswith(("pre-trained: mean", "fine-tuned: mean")) for p in plots) == 2 and len(plots) == 5  # grid, sentence, flows, two matrices
+    for p in plots:  # axes, title and colour bar take the rest of the canvas
+        (width, height), (left, top, right, bottom) = p["canvas"], p["frame"]
+        assert 0 <= left and right <= width and 0 <= top and bottom <= height, p
+        assert right - left >= 0.4 * width and bottom - top >= 0.5 * height, p
     assert console_errors(msgs) == []

@@ -260,10 +260,10 @@ def test_edge_hover_shows_the_words_of_its_edge(page, tiny_records, plot_point, 
         if mask is not None:
             page.evaluate(SELECT, cell_indices(page, mask))
         edges = source(page, "flow_edges")
-        layers = {f"{kt} ({k}) → {qt} ({q})": layer + 1 for kt, k, qt, q, layer in zip(edges["key_token"], edges["key"], edges["query_token"], edges["query"], edges["layer"], strict=True)}
+        layers = {(f"{qt} (position {q})", f"{kt} (position {k})"): layer + 1 for kt, k, qt, q, layer in zip(edges["key_token"], edges["key"], edges["query_token"], edges["query"], edges["layer"], strict=True)}
         shown = hover_edge_middle(page, plot_point)
-        assert list(shown) == ["layer", "key → query", "pre-trained weight", "pre-trained heads", "fine-tuned weight", "fine-tuned heads"]
-        assert shown["layer"] == str(layers[shown["key → query"]])  # an edge crossing this one's middle may be the nearest
+        assert list(shown) == ["layer", "query", "attends to key", "pre-trained weight", "pre-trained heads", "fine-tuned weight", "fine-tuned heads"]
+        assert shown["layer"] == str(layers[shown["query"], shown["attends to key"]])  # an edge crossing this one's middle may be the nearest
         assert all(re.fullmatch(r"-|\d+(, \d+)*", shown[f"{m} heads"]) for m in ("pre-trained", "fine-tuned"))
         assert all(re.fullmatch(r"not drawn|\d\.\d{3}", shown[f"{m} weight"]) for m in ("pre-trained", "fine-tuned"))
     assert visit.errors == [] and visit.outside == []

@@ -234,7 +234,7 @@ def test_edge_hover_names_words_and_says_below_tau(tiny_pair) -> None:
     hovers = view.flows[MERGED].figure.select({"type": HoverTool})
     edge_hover = next(h for h in hovers if any(label == "layer" for label, _ in h.tooltips))
     tips = dict(edge_hover.tooltips)
-    assert tips["key → query"] == "@{key_token} (@{key}) → @{query_token} (@{query})"
+    assert tips["query"] == "@{query_token} (position @{query})" and tips["attends to key"] == "@{key_token} (position @{key})"
     assert edge_hover.limit == 1  # the nearest edge only
     assert "not drawn" in edge_hover.formatters["@{weight_finetuned}"].code
 

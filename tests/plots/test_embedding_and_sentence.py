@@ -9,7 +9,7 @@ import pytest
 
 from attnflows_panel.plots import FINETUNED_COLOR, PRETRAINED_COLOR
 from attnflows_panel.plots.head_embedding import head_embedding
-from attnflows_panel.plots.sentence_view import sentence_layout, sentence_view
+from attnflows_panel.plots.sentence_view import CHAR_PX, sentence_layout, sentence_view
 
 
 @pytest.fixture
@@ -99,3 +99,12 @@ def test_sentence_view_follows_new_values_with_one_message_per_source() -> None:
 def test_sentence_view_value_count_mismatch() -> None:
     with pytest.raises(ValueError, match="finetuned: 2 values for 3 words"):
         sentence_view(["a", "b", "c"], {"finetuned": np.ones(2)})
+
+
+def test_punctuation_follows_its_word_and_the_frame_is_monospace_characters_wide() -> None:
+    layout = sentence_layout(["the", "self", "-", "driving", "car", "(", "sadly", ")", "stopped", "."], max_chars=90)
+    assert layout["x0"].tolist() == [0, 4, 8, 9, 17, 21, 22, 27, 29, 36]  # "the self-driving car (sadly) stopped."
+    figure = hv.render(sentence_view(["a", "b"], {"pretrained": np.ones(2)}, max_chars=40))
+    assert figure.width - figure.min_border_left - figure.min_border_right == round(41 * CHAR_PX)  # the frame: one character unit per monospace glyph advance
+    (text,) = [r for r in figure.renderers if type(r.glyph).__name__ == "Text"]
+    assert text.glyph.text_font.value == "monospace"  # a value, not a column of that name
