@@ -50,6 +50,15 @@ METHOD_ENCODING = {  # what node size and edge width mean, written under the flo
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 FLOW_HEIGHT = 520
+MAX_TEXT_ROWS = 14
+
+
+def text_rows(text: str, chars_per_row: int = 42) -> int:
+    """Rows the sentence box needs to show ``text`` whole in the sidebar (4 to MAX_TEXT_ROWS)."""
+    wrapped = sum(-(-len(line) // chars_per_row) or 1 for line in (text or "").split("\n"))
+    return min(MAX_TEXT_ROWS, max(4, wrapped + 1))
+
+
 HOW_TO_READ = """
 **Grid** (layer x head, layers and heads numbered from 1): one cell per attention head, coloured by the measure
 chosen in *Grid colour*. Drag a box or click cells to select heads; every other view then uses only those heads.
@@ -493,7 +502,7 @@ class AttentionView(pn.viewable.Viewer):
 
     def _widgets(self) -> dict[str, dict[str, object]]:
         return {
-            "text": {"type": pn.widgets.TextAreaInput, "name": "Sentence", "height": 90, "max_length": 100_000},
+            "text": {"type": pn.widgets.TextAreaInput, "name": "Sentence", "auto_grow": True, "max_rows": MAX_TEXT_ROWS, "max_length": 100_000},
             "text_pair": {"type": pn.widgets.TextInput, "name": "Second segment (optional)"},
             "method": {"type": pn.widgets.Select, "name": "Flow method"},
             "tau": {"type": pn.widgets.FloatSlider, "name": "tau (edge threshold)"},
@@ -524,6 +533,9 @@ class AttentionView(pn.viewable.Viewer):
                 column.append(pn.Row(widgets[name], help_icon, sizing_mode="stretch_width"))
             if name == "text_pair":
                 column.append(self._buttons(widgets["text"], widgets["text_pair"]))
+        text_box = widgets["text"]
+        text_box.param.watch(lambda event: setattr(text_box, "rows", text_rows(event.new)), "value")  # the box's own growth follows only typing
+        text_box.rows = text_rows(text_box.value)
         return column
 
     def _buttons(self, text: pn.widgets.TextAreaInput, text_pair: pn.widgets.TextInput) -> pn.Column:

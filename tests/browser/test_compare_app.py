@@ -59,6 +59,8 @@ def test_compare_app_renders_without_errors(page, serve_page, real_pair, artifac
     page.set_viewport_size({"width": 1600, "height": 2300})  # the template scrolls inside: a tall window shows every pane
     page.wait_for_timeout(1000)
     page.screenshot(path=str(artifacts / "compare-app.png"), full_page=True)
+    box = page.locator("textarea").first
+    assert box.evaluate("(t) => t.scrollHeight <= t.clientHeight + 2")  # the box grew to show the whole review, no inner scrolling
     content = page.content()
     assert "Traceback (most recent call last)" not in content
     assert console_errors(msgs) == []

@@ -554,3 +554,16 @@ def test_the_mouse_wheel_scrolls_the_page_not_the_plots(tiny_pair) -> None:
     for live in [view.flows[MERGED], *view.matrices.values()]:
         assert not isinstance(live.figure.toolbar.active_scroll, WheelZoomTool)
         assert any(isinstance(tool, WheelZoomTool) for tool in live.figure.tools)  # still there, one click away
+
+
+def test_the_sentence_box_grows_with_the_text_set_from_python(tiny_pair) -> None:
+    """Text set by a link or an example (not typed) resizes the box too: a long review is shown whole, up to a cap."""
+    from attnflows_panel.components.attention_view import MAX_TEXT_ROWS
+
+    view = CompareView(tiny_pair, "good")
+    box = next(w for w in view.controls().select(pn.widgets.TextAreaInput))
+    assert box.rows == 4
+    view.text = "the movie was good but the car was bad " * 6  # 234 characters: 6 rows of 42, plus one
+    assert box.rows == 7
+    view.text = "bad " * 1000
+    assert box.rows == MAX_TEXT_ROWS
