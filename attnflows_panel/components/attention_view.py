@@ -68,7 +68,8 @@ by how alike they attend over a corpus; a grey segment joins a head's pre-traine
 **Flow diagram**: each row is a level (*input* = the embeddings at the bottom, *layer l* = the output of
 layer l); each column is a token. The trace starts at the black **root** ([CLS] of the deepest layer, a decoder's last token; click a
 token to start there) and walks down: an **edge** joins a token to a token of the level below that it attends to
-with a weight of at least **tau** in a selected head (width = weight). **Colours**: grey edges are drawn by both
+with a weight of at least **tau** in a selected head (width = weight); an edge between the rows *layer l-1* and
+*layer l* belongs to layer l's heads. **Colours**: grey edges are drawn by both
 models, turquoise only by the pre-trained model, purple only by the fine-tuned one (the legend counts each).
 **Node size** is the token's influence `I_l(w) = c_l(w) + alpha * I_(l+1)(w)`, where `c_l(w)` counts the
 edges reaching it; grey dots were not reached. Rollout and attention flow draw each edge's share of the root's
