@@ -1,23 +1,27 @@
-"""Load test of ``attnflows serve``: many browser sessions typing and brushing at once, and memory over 200 sessions.
+"""Load test of ``attnflows serve``: many sessions typing and brushing at once, and memory over 200 browser sessions.
 
-    .venv/bin/python benchmarks/bench_sessions.py [--sessions 25] [--minutes 3] [--ramp 90] [--think 12] [--open-close 200] [--quick]
+    .venv/bin/python benchmarks/bench_sessions.py [--sessions 25] [--browsers 3] [--minutes 3] [--ramp 90] [--think 12] [--open-close 200] [--quick]
 
 Starts ``attnflows serve`` on a free loopback port (the user's prepared cache), drives Debian's headless
-chromium with Playwright (async: one browser, a context per session) and reads the server's resident
-memory from ``/proc``. Phases, in one run:
+chromium with Playwright (async: one browser, a context per session), speaks Bokeh's protocol for the sessions
+without a browser (``protocol_client.py``) and reads the server's resident memory from ``/proc``. Phases, in one run:
 
-1. warm-up: one session per app types and brushes once (models load, records fill the cache);
-2. baseline: one session alone does a few updates of each kind: its p50 is the baseline of the ratios;
-3. memory: ``--open-close`` sessions (both apps in turn, four at a time) each open, brush once and close,
+1. warm-up: one browser session per app types and brushes once (models load, records fill the cache);
+2. baseline: one session alone (a browser, then a protocol client) does a few updates of each kind: the p50s
+   are the baselines of the ratios;
+3. memory: ``--open-close`` browser sessions (both apps in turn, four at a time) each open, brush once and close,
    then plain HTTP GETs that never connect a browser; resident memory before and after;
-4. load: ``--sessions`` sessions at once (one in five on /single), arriving over ``--ramp`` seconds, type inputs
-   (the bundled examples, each made new to the models by a numbered suffix, so every input runs them) and brush
-   the head grid for ``--minutes``, reading each picture for ``--think`` seconds on average; the server's CPU use
-   is printed (on a small machine the browsers, which draw without a GPU, take most of it).
+4. load: ``--sessions`` sessions at once (one in five on /single), ``--browsers`` of them in chromium and the rest
+   Bokeh-protocol clients (two cores cannot draw 25 pages without a GPU and serve them too: with 25 browsers the
+   browsers took two thirds of the CPU), arriving over ``--ramp`` seconds; they type inputs (the bundled examples,
+   each made new to the models by a numbered suffix, so every input runs them) and brush the head grid for
+   ``--minutes``, reading each picture for ``--think`` seconds on average; the server's CPU use is printed.
 
-An update is timed in the page, from the key press or pointerup until the flow diagram's edges (or its
-title) have changed, no spinner is left and two frames have passed. Errors are counted: console errors
-and page errors, updates or pages that never arrive (120 s), and error lines in the server's log.
+A browser's update is timed in the page, from the key press or pointerup until the flow diagram's edges (or its
+title) have changed, no spinner is left and two frames have passed; a protocol client's, from the change it sends
+(the sentence box's value, the grid's selected cells: what BokehJS sends for a typed input or a box drag) until the
+server's patches have changed the flow diagram's edges and no spinner is left. Errors are counted: console errors
+and page errors, server error replies, updates or pages that never arrive (120 s), and error lines in the server's log.
 """
 
 from __future__ import annotations
@@ -48,10 +52,14 @@ except ImportError:  # run from a checkout without an install
 
 from attnflows_panel.examples import load_examples
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protocol_client import ProtocolSession  # noqa: E402
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 VIEWPORT = {"width": 1600, "height": 1200}
 GRID = {"compare": "model difference", "single": "entropy"}  # the start of each app's head grid title
 TIMEOUT_MS = 120_000
+HOST = "127.0.0.1"
 CLEANUP_S = 40  # Bokeh discards a closed session within 15 s unused + a 17 s check interval
 SERVER_ERROR = re.compile(r"\b(ERROR|Traceback|Exception)\b")
 # Tornado's words when a browser left while the server was still writing to it: the client's doing, counted apart.
@@ -232,6 +240,79 @@ class Session:
         await self._timed(phase, "head brush", drag)
 
 
+class ProtocolUser:
+    """A user without a browser: a Bokeh-protocol session that types inputs and selects grid cells, timing each update
+    from the change sent until the server's patches have changed the flow diagram's edges and no spinner is left."""
+
+    def __init__(self, host: str, port: int, app: str, results: Results, rng: random.Random) -> None:
+        self.session = ProtocolSession(host, port, app, results.errors)
+        self.app, self.results, self.rng, self.cells = app, results, rng, 0
+
+    def _edges(self):
+        return self.session.source_named("edges")
+
+    def _drawn(self) -> bool:
+        return self._edges() is not None and not self.session.loading()
+
+    async def open(self, phase: str) -> bool:
+        start = time.monotonic()
+        try:
+            await self.session.open(TIMEOUT_MS / 1000, lambda _doc: self._drawn())
+        except Exception as error:  # a session that never draws is the error this test looks for
+            self.results.errors.append(f"{self.app} (protocol): page did not draw: {str(error).splitlines()[0][:200]}")
+            return False
+        self.results.add(phase, "open page", (time.monotonic() - start) * 1000)
+        return True
+
+    async def _timed(self, phase: str, kind: str, change) -> None:
+        before = self._edges()
+        self.session.patched.clear()
+        start = time.monotonic()
+        change()
+        try:
+            await self.session.wait_for(lambda: self._drawn() and (self._edges() is not before or id(before) in self.session.patched), TIMEOUT_MS / 1000)
+        except TimeoutError as error:
+            self.results.errors.append(f"{self.app} (protocol): {kind}: {error}")
+            return
+        self.results.add(phase, kind, (time.monotonic() - start) * 1000)
+
+    async def type_text(self, phase: str, text: str) -> None:
+        box = self.session.text_box()
+        await self._timed(phase, "new input", lambda: setattr(box, "value", text))
+
+    async def brush(self, phase: str) -> None:
+        """Select a random block of cells, never the same number as the last time (as a box drag on the grid would)."""
+        source = self.session.cells(GRID[self.app])
+        while True:
+            heads, layers = sorted(self.rng.sample(range(1, 13), 2)), sorted(self.rng.sample(range(1, 7), 2))
+            index = [i for i, (h, l) in enumerate(zip(source.data["head"], source.data["layer"], strict=True)) if heads[0] <= h <= heads[1] and layers[0] <= l <= layers[1]]
+            if index and len(index) != self.cells:
+                break
+        self.cells = len(index)
+        await self._timed(phase, "head brush", lambda: setattr(source.selected, "indices", index))
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def protocol_session(host: str, port: int, app: str, phase: str, results: Results, texts: list[str], until: float, seed: int, delay: float, think: tuple[float, float]) -> None:
+    """As :func:`busy_session`, for a :class:`ProtocolUser`."""
+    await asyncio.sleep(delay)
+    rng = random.Random(seed)
+    user = ProtocolUser(host, port, app, results, rng)
+    if not await user.open(phase):
+        return
+    step = 0
+    while time.monotonic() < until:
+        if step % 2 == 0:
+            await user.type_text(phase, f"{texts[(seed + step // 2) % len(texts)]} ({seed}.{step})")
+        else:
+            await user.brush(phase)
+        step += 1
+        await asyncio.sleep(rng.uniform(*think))
+    await user.close()
+
+
 async def busy_session(browser: Browser, url: str, app: str, phase: str, results: Results, texts: list[str], until: float, seed: int, steps: int = 0, delay: float = 0.0, think: tuple[float, float] = (0.5, 2.0)) -> None:
     """After ``delay`` s, open ``app`` and alternate a new input and a brush until ``until`` (monotonic seconds), at least ``steps`` actions,
     pausing ``think`` (min, max) seconds after each."""
@@ -289,7 +370,8 @@ async def settle(server: subprocess.Popen, label: str, memory: dict[str, float])
     print(f"  server RSS {label}: {memory[label]:.0f} MB", flush=True)
 
 
-async def run(args: argparse.Namespace, server: subprocess.Popen, url: str) -> tuple[Results, dict[str, float]]:
+async def run(args: argparse.Namespace, server: subprocess.Popen, port: int) -> tuple[Results, dict[str, float]]:
+    url = f"http://{HOST}:{port}"
     texts = [example.text for example in load_examples()]
     results, memory = Results(), {"idle": rss_mb(server.pid)}
     async with async_playwright() as p:
@@ -297,8 +379,9 @@ async def run(args: argparse.Namespace, server: subprocess.Popen, url: str) -> t
         print("warm-up: one session per app", flush=True)
         for app in GRID:
             await busy_session(browser, url, app, "warm-up", results, texts, 0, 0, steps=2)
-        print("baseline: one session alone", flush=True)
+        print("baseline: one session alone (a browser, then a protocol client)", flush=True)
         await busy_session(browser, url, "compare", "alone", results, texts, time.monotonic() + args.alone, 1)
+        await protocol_session(HOST, port, "compare", "alone (protocol)", results, texts, time.monotonic() + args.alone / 2, 2, 0.0, (0.5, 2.0))
         await settle(server, "before the sessions", memory)
 
         print(f"memory: {args.open_close} sessions opened and closed, {args.gets} plain GETs", flush=True)
@@ -307,7 +390,8 @@ async def run(args: argparse.Namespace, server: subprocess.Popen, url: str) -> t
             urllib.request.urlopen(f"{url}/{list(GRID)[i % 2]}", timeout=60).read()
         await settle(server, f"after {args.open_close} sessions and {args.gets} GETs", memory)
 
-        print(f"load: {args.sessions} sessions at once for {args.minutes:g} min", flush=True)
+        browsers = min(args.browsers, args.sessions)
+        print(f"load: {args.sessions} sessions at once for {args.minutes:g} min ({browsers} in browsers, {args.sessions - browsers} protocol clients)", flush=True)
         until = time.monotonic() + args.minutes * 60
         apps = ["single" if i % 5 == 4 else "compare" for i in range(args.sessions)]
         memory["peak under load"] = 0.0
@@ -320,7 +404,13 @@ async def run(args: argparse.Namespace, server: subprocess.Popen, url: str) -> t
 
         ramp = args.ramp / max(1, args.sessions)  # users arrive one after another, not in the same second
         think = (args.think / 2, args.think * 1.5)
-        await asyncio.gather(sample(), *(busy_session(browser, url, app, "load", results, texts, until, 10 + i, delay=i * ramp, think=think) for i, app in enumerate(apps)))
+        in_browser = set(range(args.sessions)[:: max(1, args.sessions // max(1, browsers))][:browsers])  # spread over the ramp
+        users = [
+            busy_session(browser, url, app, "load", results, texts, until, 10 + i, delay=i * ramp, think=think) if i in in_browser
+            else protocol_session(HOST, port, app, "load (protocol)", results, texts, until, 10 + i, i * ramp, think)
+            for i, app in enumerate(apps)
+        ]
+        await asyncio.gather(sample(), *users)
         cpu, wall = cpu_s(server.pid) - cpu_start, time.monotonic() - wall_start
         print(f"  server CPU under load: {cpu:.0f} s in {wall:.0f} s ({cpu / wall:.2f} cores of {os.cpu_count()}; the browsers had the rest)", flush=True)
         await settle(server, "after the load", memory)
@@ -335,13 +425,14 @@ def report(results: Results, memory: dict[str, float], log: Path, args: argparse
     print("\n== update times (ms, in the page): phase, kind, n, p50, p95 ==")
     for (phase, kind), values in sorted(results.times.items()):
         p50, p95 = quantiles(values)
-        print(f"  {phase:10s} {kind:11s} {len(values):5d} {p50:9.0f} {p95:9.0f}")
+        print(f"  {phase:17s} {kind:11s} {len(values):5d} {p50:9.0f} {p95:9.0f}")
     print(f"\n== {args.sessions} sessions at once against one alone (name, under load, alone, ratio; p50) ==")
-    for kind in ("new input", "head brush"):
-        load, alone = results.times.get(("load", kind)), results.times.get(("alone", kind))
-        if load and alone:
-            ratio = statistics.median(load) / statistics.median(alone)
-            print(f"  {kind:11s} {statistics.median(load):9.0f} ms {statistics.median(alone):9.0f} ms {ratio:6.2f}x")
+    for suffix in ("", " (protocol)"):
+        for kind in ("new input", "head brush"):
+            load, alone = results.times.get(("load" + suffix, kind)), results.times.get(("alone" + suffix, kind))
+            if load and alone:
+                ratio = statistics.median(load) / statistics.median(alone)
+                print(f"  {kind + suffix:22s} {statistics.median(load):9.0f} ms {statistics.median(alone):9.0f} ms {ratio:6.2f}x")
     before = memory["before the sessions"]
     print("\n== server resident memory (MB; name, MB, baseline, ratio, difference) ==")
     for label, mb in memory.items():
@@ -356,6 +447,7 @@ def report(results: Results, memory: dict[str, float], log: Path, args: argparse
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=25, help="sessions at once in the load phase")
+    parser.add_argument("--browsers", type=int, default=3, help="how many of them are browsers (the rest are Bokeh-protocol clients)")
     parser.add_argument("--minutes", type=float, default=3.0, help="length of the load phase")
     parser.add_argument("--open-close", type=int, default=200, help="sessions opened and closed in the memory phase")
     parser.add_argument("--gets", type=int, default=30, help="plain HTTP GETs (no browser) in the memory phase")
@@ -365,14 +457,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="4 sessions for 30 s, 12 opened and closed")
     args = parser.parse_args()
     if args.quick:
-        args.sessions, args.minutes, args.open_close, args.gets, args.alone, args.ramp = 4, 0.5, 12, 6, 15.0, 4.0
+        args.sessions, args.browsers, args.minutes, args.open_close, args.gets, args.alone, args.ramp = 4, 1, 0.5, 12, 6, 15.0, 4.0
     if shutil.which("chromium") is None:
         raise SystemExit("Debian's chromium is needed: make browser")
     subprocess.run([sys.executable, "-c", "from attnflows_panel.cli import main; main()", "prepare"], check=True)  # cached after the first time
     port, log = free_port(), Path(os.environ.get("TMPDIR", "/tmp")) / f"attnflows-bench-sessions-{os.getpid()}.log"
     server = start_server(port, log)
     try:
-        results, memory = asyncio.run(run(args, server, f"http://127.0.0.1:{port}"))
+        results, memory = asyncio.run(run(args, server, port))
     finally:
         os.killpg(server.pid, signal.SIGINT)
         server.wait(30)
