@@ -29,7 +29,7 @@ def test_finetune_writes_checkpoint_and_metrics(tiny_dir: Path, sentiment_csv: P
     assert m["weights_sha256"] == sha256_file(result.path / "model.safetensors")
     lm = load_encoder(result.path)
     assert lm.labels == ["negative", "positive"]
-    assert lm.model.config._attn_implementation == "eager"
+    assert lm.model.config._attn_implementation == "attnflows"
 
 
 def test_a_tokenizer_without_a_pad_token_fine_tunes_with_another_special_token(tiny_dir: Path, sentiment_csv: Path, tmp_path: Path) -> None:

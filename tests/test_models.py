@@ -16,7 +16,7 @@ from conftest import save_tiny
 
 def test_load_by_path_gives_eager_eval_model(tiny_dir: Path) -> None:
     lm = load_encoder(tiny_dir)
-    assert lm.model.config._attn_implementation == "eager"
+    assert lm.model.config._attn_implementation == "attnflows"
     assert not lm.model.training
     assert (lm.n_layers, lm.n_heads) == (2, 4)
     assert lm.labels is None and not lm.has_classifier
@@ -113,4 +113,4 @@ def test_pair_with_other_casing(tiny_dir: Path, tmp_path: Path) -> None:
 def test_default_pretrained_model_loads(default_pretrained) -> None:
     assert (default_pretrained.n_layers, default_pretrained.n_heads) == (6, 12)
     assert default_pretrained.max_tokens == 512
-    assert default_pretrained.model.config._attn_implementation == "eager"
+    assert default_pretrained.model.config._attn_implementation == "attnflows"

@@ -345,10 +345,13 @@ def compare_traces(trace_a: AttentionTrace, trace_b: AttentionTrace) -> TraceCom
 # --------------------------------------------------------------------------------------------------
 
 
-def residual_attention(A: Any, head_mask: Any = None) -> np.ndarray:
+def residual_attention(A: Any, head_mask: Any = None, *, causal: bool = False) -> np.ndarray:
     """Per layer ``(mean_h A[l, h] + I)`` with rows renormalised, as in Abnar & Zuidema's code; ``[L, n, n]``.
 
     The mean runs over the heads selected in ``head_mask``; a layer with no selected head is ``I``.
+    ``causal=True`` first divides key k's weight by its receptive field, the ``n - k`` queries that
+    can see it, and renormalises rows: otherwise the first tokens gather relevance only for being
+    visible to every later token.
     """
     arr = validate_attention(A)
     L, H, n, _ = arr.shape
@@ -356,6 +359,10 @@ def residual_attention(A: Any, head_mask: Any = None) -> np.ndarray:
     picked = mask.sum(axis=1)
     summed = np.einsum("lhvw,lh->lvw", arr.astype(np.float64, copy=False), mask.astype(np.float64))
     mean = summed / np.maximum(picked, 1)[:, None, None]
+    if causal:
+        mean /= (n - np.arange(n))[None, None, :]
+        sums = mean.sum(axis=-1, keepdims=True)
+        np.divide(mean, sums, out=mean, where=sums > 0)
     eye = np.eye(n)
     W = mean + eye
     W /= W.sum(axis=-1, keepdims=True)
@@ -363,12 +370,12 @@ def residual_attention(A: Any, head_mask: Any = None) -> np.ndarray:
     return W
 
 
-def attention_rollout(A: Any, head_mask: Any = None) -> np.ndarray:
+def attention_rollout(A: Any, head_mask: Any = None, *, causal: bool = False) -> np.ndarray:
     """Attention rollout per level, ``[L + 1, n, n]``: ``R[0] = I`` and ``R[l + 1] = W_l @ R[l]``.
 
     ``W_l`` is :func:`residual_attention`; ``R[L][v]`` is how output token v mixes the input tokens.
     """
-    W = residual_attention(A, head_mask)
+    W = residual_attention(A, head_mask, causal=causal)
     L, n, _ = W.shape
     R = np.empty((L + 1, n, n))
     R[0] = np.eye(n)
@@ -377,7 +384,7 @@ def attention_rollout(A: Any, head_mask: Any = None) -> np.ndarray:
     return R
 
 
-def rollout_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tuple[int, int] | None = None) -> AttentionTrace:
+def rollout_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tuple[int, int] | None = None, causal: bool = False) -> AttentionTrace:
     """Rollout as a trace: the root's relevance pushed down through :func:`residual_attention`.
 
     ``r_level(root) = 1``; a layer-l edge carries ``r_{l+1}(v) * W_l[v, w]`` and ``r_l(w)`` sums what
@@ -389,10 +396,10 @@ def rollout_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tup
         carried = relevance[level][:, None] * W[level - 1]
         return carried, carried.sum(axis=0)
 
-    return _residual_trace(A, head_mask, tau, root, step)
+    return _residual_trace(A, head_mask, tau, root, step, causal)
 
 
-def flow_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tuple[int, int] | None = None) -> AttentionTrace:
+def flow_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tuple[int, int] | None = None, causal: bool = False) -> AttentionTrace:
     """Exact attention flow as a trace: ``f_l(w)`` is the max-flow from the root to token w on level l.
 
     The graph is :func:`attention_flow`'s (so ``influence[0]`` is the root's row of ``attention_flow``).
@@ -405,17 +412,17 @@ def flow_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tuple[
         below = _max_flows(np.ascontiguousarray(W[level - 1 : r_level]), np.array([r_token]))[0][0]
         return np.minimum(relevance[level][:, None], W[level - 1]), below
 
-    return _residual_trace(A, head_mask, tau, root, step)
+    return _residual_trace(A, head_mask, tau, root, step, causal)
 
 
-def _residual_trace(A: Any, head_mask: Any, tau: float, root: tuple[int, int] | None, step: Any) -> AttentionTrace:
-    """A trace down :func:`residual_attention` from the root: ``step`` gives each layer's edge weights and the relevance below."""
+def _residual_trace(A: Any, head_mask: Any, tau: float, root: tuple[int, int] | None, step: Any, causal: bool) -> AttentionTrace:
+    """A trace down :func:`residual_attention` from the root (a causal model's last token by default): ``step`` gives each layer's edge weights and the relevance below."""
     arr = validate_attention(A)
     L, H, n, _ = arr.shape
     tau = validate_tau(tau)
     mask = validate_head_mask(head_mask, L, H)
-    r_level, r_token = validate_root((L, 0) if root is None else root, L, n)
-    W = residual_attention(arr, mask)
+    r_level, r_token = validate_root((L, n - 1 if causal else 0) if root is None else root, L, n)
+    W = residual_attention(arr, mask, causal=causal)
     relevance = np.zeros((L + 1, n))
     counts = np.zeros((L + 1, n), dtype=np.int64)
     relevance[r_level, r_token] = 1.0
@@ -456,14 +463,15 @@ def attention_flow(
     *,
     level: int | None = None,
     normalize: bool = False,
+    causal: bool = False,
 ) -> np.ndarray:
     """Exact attention flow: max-flow value from each source token at ``level`` (default L) to each input token.
 
     The graph is Abnar & Zuidema's: nodes are (level, token), edge (l + 1, v) -> (l, w) has capacity
     ``residual_attention(A)[l, v, w]``. Returns ``[len(sources), n]``; ``normalize=True`` divides each
-    row by its sum like the authors' ``compute_flows``.
+    row by its sum like the authors' ``compute_flows``; ``causal`` as in :func:`residual_attention`.
     """
-    W = residual_attention(A, head_mask)
+    W = residual_attention(A, head_mask, causal=causal)
     L, n, _ = W.shape
     if level is None:
         level = L

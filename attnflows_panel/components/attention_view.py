@@ -35,7 +35,8 @@ from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames
 DIFFERENCE = "model difference (JS, bits)"
 DEFAULT_ROOT = (-1, -1)  # the deepest level, the model's default token
 MEASURE_LABELS = {
-    "entropy": "entropy (nats)", "attn_cls": "attention to [CLS]", "attn_sep": "attention to [SEP]", "attn_punct": "attention to punctuation",
+    "entropy": "entropy (nats)", "attn_cls": "attention to [CLS]", "attn_sep": "attention to [SEP]",
+    "attn_first": "attention to the first token (sink)", "attn_punct": "attention to punctuation",
     "attn_self": "attention to itself", "attn_prev": "attention to the previous token", "attn_next": "attention to the next token",
     "distance": "attention distance (tokens)", "max_weight": "largest weight (confidence)",
 }
@@ -280,7 +281,7 @@ class AttentionView(pn.viewable.Viewer):
 
     def _trace(self, record: AttentionRecord, without_top_k: bool) -> AttentionTrace:
         if self.method in RESIDUAL_TRACES:
-            return RESIDUAL_TRACES[self.method](record.attention, self.head_mask, tau=self.tau, root=self._root())
+            return RESIDUAL_TRACES[self.method](record.attention, self.head_mask, tau=self.tau, root=self._root(), causal=record.causal)
         return self._cls_trace(record, top_k=None if without_top_k else self.top_k or None)
 
     def _cls_trace(self, record: AttentionRecord, top_k: int | None) -> AttentionTrace:

@@ -171,6 +171,8 @@ def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: l
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from attnflows_panel.models.capture import IMPLEMENTATION
+
     name = str(name_or_path).strip()
     if not name:
         raise ModelError("model name or path is empty")
@@ -212,7 +214,12 @@ def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: l
                 "id2label": dict(enumerate(labels)),
                 "label2id": {label: i for i, label in enumerate(labels)},
             }
-        model = pretrained(loader, attn_implementation="eager", **head)
+        try:
+            model = pretrained(loader, attn_implementation=IMPLEMENTATION, **head)
+        except ValueError as exc:  # an architecture without transformers' attention interface: eager weights only, no lazy capture
+            if "attention" not in str(exc).lower():
+                raise
+            model = pretrained(loader, attn_implementation="eager", **head)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
         raise ModelError(f"cannot load model {name!r}: {_load_cause(exc)}") from exc
     try:

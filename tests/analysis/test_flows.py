@@ -508,3 +508,45 @@ def test_every_token_draws_the_selected_heads_own_edges() -> None:
     everything = trace_cls_flow(A, None, tau=0.2, every_token=True, top_k=2)
     per_query = np.bincount(everything.edge_layer * 8 + everything.edge_query, minlength=3 * 8)
     assert per_query.max() <= 2 and everything.n_edges == int(np.minimum((A.max(axis=1) >= 0.2).sum(axis=-1), 2).sum())
+
+
+def causal_attention(rng: np.random.Generator, L: int, H: int, n: int) -> np.ndarray:
+    """Row-stochastic attention with nothing above the diagonal, as a decoder's."""
+    A = random_attention(rng, L, H, n) * np.tril(np.ones((n, n)))
+    return A / A.sum(-1, keepdims=True)
+
+
+def test_causal_rollout_divides_each_key_by_the_queries_that_see_it() -> None:
+    from attnflows_panel.analysis.flows import rollout_trace
+
+    rng = np.random.default_rng(8)
+    L, H, n = 3, 2, 5
+    A = causal_attention(rng, L, H, n)
+    W = residual_attention(A, causal=True)
+    for layer in range(L):  # a plain loop over the definition
+        mean = A[layer].mean(0)
+        for q in range(n):
+            scaled = [mean[q, k] / (n - k) for k in range(n)]
+            row = [s / sum(scaled) + (k == q) for k, s in enumerate(scaled)]
+            np.testing.assert_allclose(W[layer, q], np.array(row) / 2, atol=1e-12)
+    assert not np.triu(W, 1).any()  # still causal
+    np.testing.assert_allclose(residual_attention(A), residual_attention(A, causal=False))  # encoders unchanged
+    # uniform causal attention: unnormalised rollout from the last token piles relevance on the first token
+    uniform = np.broadcast_to(np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None], (L, H, n, n))
+    plain = attention_rollout(uniform)[L][n - 1]
+    fair = attention_rollout(uniform, causal=True)[L][n - 1]
+    assert plain[0] == plain.max() and fair[0] < plain[0]
+    trace = rollout_trace(uniform, tau=0.01, causal=True)
+    assert trace.root == (L, n - 1) and trace.n_edges > 0  # a causal trace starts at the last token
+    np.testing.assert_allclose(trace.influence[0], fair, atol=1e-12)
+
+
+def test_causal_flow_uses_the_same_graph() -> None:
+    from attnflows_panel.analysis.flows import flow_trace
+
+    rng = np.random.default_rng(9)
+    A = causal_attention(rng, 3, 2, 5)
+    trace = flow_trace(A, tau=0.05, causal=True)
+    expected = attention_flow(A, sources=[4], causal=True)[0]
+    assert trace.root == (3, 4)
+    np.testing.assert_allclose(trace.influence[0], expected, atol=1e-9)

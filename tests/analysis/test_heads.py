@@ -50,6 +50,7 @@ def loop_measures(attention: np.ndarray, tokens: list[str], cls: np.ndarray, sep
             acc["entropy"] -= sum(w * math.log(w) for w in row if w > 0)
             acc["attn_cls"] += sum(w for w, m in zip(row, cls, strict=True) if m)
             acc["attn_sep"] += sum(w for w, m in zip(row, sep, strict=True) if m)
+            acc["attn_first"] += row[0]
             acc["attn_punct"] += sum(w for w, m in zip(row, punct, strict=True) if m)
             acc["attn_self"] += row[q]
             acc["attn_prev"] += row[q - 1] if q > 0 else 0.0
@@ -99,6 +100,7 @@ def test_hand_computed_maps() -> None:
     np.testing.assert_allclose(m["attn_cls"], [0.25, 0.5, 0.25])
     np.testing.assert_allclose(m["attn_sep"], [0.25, 0.0, 0.25])
     np.testing.assert_allclose(m["attn_punct"], [0.25, 0.25, 0.25])
+    np.testing.assert_allclose(m["attn_first"], [0.25, 0.5, 0.25])  # the first token here is [CLS]
 
 
 def test_one_token_has_no_neighbours() -> None:
