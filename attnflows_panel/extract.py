@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from attnflows_panel.analysis.source import QueryKeyAttention
 from attnflows_panel.errors import InputError, ModelError, TruncationWarning
 from attnflows_panel.models.loading import LoadedModel
 
@@ -245,6 +246,38 @@ def forward_attention(lm: LoadedModel, encodings: Sequence[Encoding], max_batch:
                 np.ascontiguousarray(attention[row, :, :, :n, :n]),
                 None if logits is None else logits[row].copy(),
             )
+    return results
+
+
+def forward_sources(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: int = 32) -> list[tuple[QueryKeyAttention, np.ndarray | None]]:
+    """As :func:`forward_attention`, but each input's attention as a :class:`QueryKeyAttention`: no ``[n, n]`` weights held."""
+    import torch
+
+    from attnflows_panel.models.capture import IMPLEMENTATION, capturing
+
+    results: list[tuple[QueryKeyAttention, np.ndarray | None]] = [None] * len(encodings)  # type: ignore[list-item]
+    for batch in _batches([len(e.input_ids) for e in encodings], 4, max_batch):  # the additive mask: 4 bytes a token pair
+        inputs = padded_inputs(lm, [encodings[i] for i in batch])
+        with torch.inference_mode(), capturing() as layers:
+            out = lm.model(**inputs, return_dict=True)
+        if len(layers) != lm.n_layers:
+            raise ModelError(f"{lm.model_id} did not run attnflows' attention in each of its {lm.n_layers} layers; load it with load_encoder (attn_implementation={IMPLEMENTATION!r})")
+        logits = prediction_logits(inputs, out.logits).float().cpu().numpy() if getattr(out, "logits", None) is not None else None
+        for row, i in enumerate(batch):
+            n = len(encodings[i].input_ids)
+            masks: dict[int, np.ndarray | None] = {}  # layers share one mask tensor: keep one copy of each
+            for layer in layers:
+                if layer.mask is not None and id(layer.mask) not in masks:
+                    m = layer.mask[row, 0, :n, :n].float().cpu().numpy()
+                    masks[id(layer.mask)] = np.ascontiguousarray(m) if m.any() else None
+            source = QueryKeyAttention(
+                [layer.query[row, :, :n].float().cpu().numpy().copy() for layer in layers],
+                [layer.key[row, :, :n].float().cpu().numpy().copy() for layer in layers],
+                [None if layer.mask is None else masks[id(layer.mask)] for layer in layers],
+                [layer.scaling for layer in layers],
+                [layer.softcap for layer in layers],
+            )
+            results[i] = (source, None if logits is None else logits[row].copy())
     return results
 
 

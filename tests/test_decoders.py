@@ -14,48 +14,12 @@ from attnflows_panel.analysis.flows import trace_cls_flow
 from attnflows_panel.errors import ModelError
 from attnflows_panel.extract import encode, extract, extract_pair, forward_attention
 from attnflows_panel.models import ModelPair, load_encoder, validate_pair
+from conftest import DECODER_TEXTS as TEXTS
+from conftest import bpe_tokenizer, save_tiny_decoder
 
 torch = pytest.importorskip("torch")
 
-TEXTS = ["the movie was good", "a long and boring film that nobody liked at all", "the cast was great but the plot was thin", "it was bad"]
 DECODERS = ("gpt2", "llama", "qwen2")
-
-
-def bpe_tokenizer(bos: bool):
-    """A byte-level BPE tokenizer trained on ``TEXTS``; with ``bos``, every input starts with ``<s>`` (LLaMA style)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(TEXTS * 4, trainer)
-    if bos:
-        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=64)
-
-
-def save_tiny_decoder(path: Path, model_type: str, seed: int = 0, classifier: bool = False) -> Path:
-    """A tiny random decoder of ``model_type`` (2 layers x 4 heads; LLaMA and Qwen2 with 2 key-value heads) with its language-model head."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    tokenizer = bpe_tokenizer(bos=model_type != "gpt2")
-    special = dict(vocab_size=len(tokenizer) + 16,  # embedding rows past the vocabulary, as real decoders have
-                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    sizes = {
-        "gpt2": dict(n_layer=2, n_head=4, n_embd=32, n_positions=64),
-        "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64),
-        "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64),
-    }[model_type]
-    config = AutoConfig.for_model(model_type, **special, **sizes, initializer_range=0.3)  # weights large enough that heads matter to the prediction
-    if classifier:
-        config.update({"num_labels": 2, "id2label": {0: "negative", 1: "positive"}, "label2id": {"negative": 0, "positive": 1}})
-    torch.manual_seed(seed)
-    model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=DECODERS)

@@ -1,0 +1,135 @@
+"""Attention ``[L, H, n, n]`` read in blocks: from a dense array, or computed on demand from queries and keys.
+
+Consumers ask for the rows (queries) or columns (keys) of some heads of one layer, or walk a layer
+in row chunks; :class:`QueryKeyAttention` computes only those, so an input of n tokens holds
+``O(L * H * n * d)`` numbers instead of ``L * H * n * n``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+CHUNK_BYTES = 64 * 2**20  # largest float32 block a row walk computes at once
+
+
+class AttentionSource(ABC):
+    """Row-stochastic attention of one input, ``shape == (L, H, n, n)``, read one layer at a time."""
+
+    shape: tuple[int, int, int, int]
+
+    @property
+    def n_layers(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.shape[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.shape[2]
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes this source holds."""
+
+    @abstractmethod
+    def rows(self, layer: int, heads: Sequence[int] | np.ndarray | None = None, queries: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """``[len(heads), len(queries), n]``: what the given queries of ``heads`` (default all) of ``layer`` attend to."""
+
+    def layer(self, layer: int, heads: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """``[len(heads), n, n]``: every row of ``heads`` of ``layer``."""
+        return self.rows(layer, heads)
+
+    def head(self, layer: int, head: int) -> np.ndarray:
+        """``[n, n]``: one head's matrix."""
+        return self.rows(layer, [head])[0]
+
+    def row_chunks(self, layer: int, heads: Sequence[int] | np.ndarray | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[slice, np.ndarray]]:
+        """``(queries, block)`` pairs covering every row of ``heads`` of ``layer``, each block under ``chunk_bytes``."""
+        n = self.n_tokens
+        h = self.n_heads if heads is None else len(heads)
+        step = max(1, chunk_bytes // max(1, h * n * 4))
+        for start in range(0, n, step):
+            queries = slice(start, min(n, start + step))
+            yield queries, self.rows(layer, heads, np.arange(queries.start, queries.stop))
+
+    def columns(self, layer: int, heads: Sequence[int] | np.ndarray | None = None, keys: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """``[len(heads), n, len(keys)]``: the attention every query of ``layer`` pays to ``keys``."""
+        keys = np.arange(self.n_tokens) if keys is None else np.asarray(keys)
+        return np.concatenate([block[:, :, keys] for _, block in self.row_chunks(layer, heads)], axis=1)
+
+    def dense(self) -> np.ndarray:
+        """The whole ``[L, H, n, n]`` array (for inputs small enough to hold it)."""
+        return np.stack([self.layer(layer) for layer in range(self.n_layers)])
+
+
+class DenseAttention(AttentionSource):
+    """A source over an array already in memory (validated by the caller)."""
+
+    def __init__(self, attention: np.ndarray) -> None:
+        self.attention = attention
+        self.shape = tuple(attention.shape)  # type: ignore[assignment]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.attention.nbytes)
+
+    def rows(self, layer: int, heads: Any = None, queries: Any = None) -> np.ndarray:
+        block = self.attention[layer] if heads is None else self.attention[layer][np.asarray(heads, dtype=np.int64)]
+        return block if queries is None else block[:, np.asarray(queries, dtype=np.int64)]
+
+    def columns(self, layer: int, heads: Any = None, keys: Any = None) -> np.ndarray:
+        block = self.rows(layer, heads)
+        return block if keys is None else block[:, :, np.asarray(keys, dtype=np.int64)]
+
+    def dense(self) -> np.ndarray:
+        return self.attention
+
+
+class QueryKeyAttention(AttentionSource):
+    """Attention computed when read: ``softmax(softcap(q k^T * scaling) + mask)`` per layer, as the eager code does.
+
+    ``queries[l]`` is ``[H, n, d]``, ``keys[l]`` ``[H_kv, n, d]`` (query head h reads key head
+    ``h // (H / H_kv)``), ``masks[l]`` an additive ``[n, n]`` float mask or None; layers may share a mask.
+    """
+
+    def __init__(self, queries: Sequence[np.ndarray], keys: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], scalings: Sequence[float], softcaps: Sequence[float | None]) -> None:
+        if not queries or not len(queries) == len(keys) == len(masks) == len(scalings) == len(softcaps):
+            raise ValueError("queries, keys, masks, scalings and softcaps need one entry per layer")
+        H, n, _ = queries[0].shape
+        if any(q.shape[:2] != (H, n) for q in queries) or any(k.shape[1] != n or H % k.shape[0] for k in keys):
+            raise ValueError("every layer needs [H, n, d] queries and [H_kv, n, d] keys with H a multiple of H_kv")
+        self.queries, self.keys, self.masks = list(queries), list(keys), list(masks)
+        self.scalings, self.softcaps = [float(s) for s in scalings], list(softcaps)
+        self.shape = (len(queries), H, n, n)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = {id(a): a for a in (*self.queries, *self.keys, *self.masks) if a is not None}
+        return int(sum(a.nbytes for a in arrays.values()))
+
+    def rows(self, layer: int, heads: Any = None, queries: Any = None) -> np.ndarray:
+        H, n = self.n_heads, self.n_tokens
+        heads = np.arange(H) if heads is None else np.asarray(heads, dtype=np.int64)
+        rows = slice(None) if queries is None else np.asarray(queries, dtype=np.int64)
+        q = self.queries[layer][heads][:, rows]  # [h, r, d]
+        k = self.keys[layer][heads // (H // self.keys[layer].shape[0])]  # [h, n, d]
+        scores = np.matmul(q, k.transpose(0, 2, 1))
+        scores *= np.float32(self.scalings[layer])
+        softcap = self.softcaps[layer]
+        if softcap is not None:
+            np.tanh(scores / np.float32(softcap), out=scores)
+            scores *= np.float32(softcap)
+        mask = self.masks[layer]
+        if mask is not None:
+            scores += mask[rows]
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        return scores.reshape(len(heads), -1, n)
