@@ -91,3 +91,29 @@ def test_a_model_without_attnflows_attention_is_one_line(tiny) -> None:
     eager = LoadedModel(model=AutoModel.from_pretrained(tiny.model.name_or_path, attn_implementation="eager").eval(), tokenizer=tiny.tokenizer, model_id="eager-bert")
     with pytest.raises(ModelError, match="did not run attnflows' attention in each of its 2 layers; load it with load_encoder"):
         forward_sources(eager, [encode(eager, "a film")])
+
+
+def test_traces_and_head_measures_read_a_source_as_they_read_its_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnflows_panel.analysis import source as source_module
+    from attnflows_panel.analysis.flows import trace_cls_flow
+    from attnflows_panel.analysis.heads import head_measures
+    from attnflows_panel.extract import make_record
+
+    lm = load_encoder(save_tiny_decoder(tmp_path / "qwen2", "qwen2"))
+    encoding = encode(lm, TEXTS[-1])
+    ((source, logits),) = forward_sources(lm, [encoding])
+    record = make_record(lm, encoding, TEXTS[-1], None, source.dense(), logits)
+    A = record.attention
+    mask = np.array([[True, False, True, True], [True, True, False, True]])
+    for options in ({"top_k": 2}, {"direction": "forward", "root": (0, 3)}, {"every_token": True, "tau": 0.2}, {"combine": "mean", "tau": 0.05}):
+        options = {"root": (2, record.root_token), **options}
+        lazy, dense = trace_cls_flow(source, mask, **options), trace_cls_flow(A, mask, **options)
+        assert lazy.n_edges > 0 and (lazy.edge_ids() == dense.edge_ids()).all()
+        np.testing.assert_allclose(lazy.influence, dense.influence)
+        np.testing.assert_allclose(lazy.edge_weight, dense.edge_weight, atol=1e-6)
+    monkeypatch.setattr(source_module, "CHUNK_BYTES", 4 * 4 * record.n_tokens * 5)  # five rows of four heads a chunk
+    lazy = head_measures(source, record.tokens, record.cls_mask, record.sep_mask)
+    for name, values in head_measures(A, record.tokens, record.cls_mask, record.sep_mask).items():
+        assert lazy[name].shape == (2, 4)
+        np.testing.assert_allclose(lazy[name], values, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(lazy["attn_first"], A[..., 0].mean(-1), atol=1e-6)  # the attention sink

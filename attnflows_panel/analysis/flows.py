@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from attnflows_panel.analysis.source import AttentionSource, DenseAttention
 from attnflows_panel.errors import InputError
 
 ROW_SUM_TOLERANCE = 1e-3
@@ -73,6 +74,11 @@ def validate_attention(A: Any) -> np.ndarray:
             f"(tolerance {ROW_SUM_TOLERANCE:g})"
         )
     return arr
+
+
+def as_source(A: Any) -> AttentionSource:
+    """``A`` itself when it is an :class:`AttentionSource`, else a source over the validated array."""
+    return A if isinstance(A, AttentionSource) else DenseAttention(validate_attention(A))
 
 
 def _where(idx: tuple[int, ...]) -> str:
@@ -193,7 +199,7 @@ def trace_cls_flow(
     direction: Literal["backward", "forward"] = "backward",
     every_token: bool = False,
 ) -> AttentionTrace:
-    """Trace the paper's attention graph from ``root`` (default: token 0, [CLS], at level L).
+    """Trace the paper's attention graph from ``root`` (default: token 0, [CLS], at level L) through ``A``, an array or an :class:`AttentionSource`.
 
     Backward walks down (what the root attends to), forward walks up (what attends to the root).
     ``top_k`` keeps the k strongest edges of each expanded node (the query going backward, the key
@@ -203,8 +209,8 @@ def trace_cls_flow(
     ``every_token`` expands every token of every level from the root's on, reached or not: the selected
     heads' own attention edges (BertViz's reading), whether or not they lead to the root.
     """
-    arr = validate_attention(A)
-    L, H, n, _ = arr.shape
+    source = as_source(A)
+    L, H, n, _ = source.shape
     tau = validate_tau(tau)
     alpha = validate_alpha(alpha)
     mask = validate_head_mask(head_mask, L, H)
@@ -238,8 +244,7 @@ def trace_cls_flow(
         if heads.size == 0:  # no selected head here: nothing to draw in this layer, the layers below still count
             continue
         # sub[h, i, j]: expanded node i (frontier) to candidate j on the next level
-        att = arr[layer] if heads.size == H else arr[layer][heads]
-        sub = np.take(att, frontier, axis=1) if backward else np.take(att, frontier, axis=2).transpose(0, 2, 1)
+        sub = source.rows(layer, heads, frontier) if backward else source.columns(layer, heads, frontier).transpose(0, 2, 1)
         if combine == "union":
             weight = sub.max(axis=0)  # some head passes iff the strongest one does
         else:

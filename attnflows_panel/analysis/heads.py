@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from attnflows_panel.analysis.flows import ROW_SUM_TOLERANCE
+from attnflows_panel.analysis.source import AttentionSource
 from attnflows_panel.errors import InputError
 
 # (name, short description) of every measure of :func:`head_measures`, in display order.
@@ -82,26 +83,51 @@ def punctuation_mask(tokens: Sequence[str]) -> np.ndarray:
     return np.fromiter((is_punctuation(t) for t in tokens), dtype=bool, count=len(tokens))
 
 
-def head_measures(attention: np.ndarray, tokens: Sequence[str], cls_mask: np.ndarray, sep_mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Every measure of :data:`MEASURES` for one sentence, each of shape ``attention.shape[:-2]``."""
+def head_measures(attention: Any, tokens: Sequence[str], cls_mask: np.ndarray, sep_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Every measure of :data:`MEASURES` for one sentence, each of shape ``attention.shape[:-2]``.
+
+    ``attention`` is an array or an :class:`AttentionSource`, read then one layer's row chunk at a time.
+    """
+    if isinstance(attention, AttentionSource):
+        L, H, n, _ = attention.shape
+        masks = _key_masks(tokens, cls_mask, sep_mask, n, "")
+        totals = {name: np.zeros((L, H)) for name, _ in MEASURES}
+        for layer in range(L):
+            for queries, block in attention.row_chunks(layer):
+                for name, total in _row_totals(np.asarray(block, dtype=np.float64), np.arange(queries.start, queries.stop), masks).items():
+                    totals[name][layer] += total
+        return _query_means(totals, n)
     a = _check_attention(attention, "attention")
     n = a.shape[-1]
-    cls, sep, punct = _key_masks(tokens, cls_mask, sep_mask, n, "")
-    position = np.arange(n)
-    distance = np.abs(position[:, None] - position[None, :])
+    return _query_means(_row_totals(a, np.arange(n), _key_masks(tokens, cls_mask, sep_mask, n, "")), n)
+
+
+def _row_totals(a: np.ndarray, queries: np.ndarray, masks: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each measure's sum over the rows ``a[..., i, :]`` of queries ``queries[i]`` (``attn_prev``/``attn_next`` over the rows that have a neighbour)."""
+    n = a.shape[-1]
+    cls, sep, punct = masks
+    rows = np.arange(queries.size)
+    prev, nxt = queries >= 1, queries <= n - 2
+    logs = np.log(np.where(a > 0, a, 1.0))
     values = {
-        "entropy": head_entropy(a),
-        "attn_cls": attention_to(a, cls),
-        "attn_sep": attention_to(a, sep),
-        "attn_first": a[..., 0].mean(-1),
-        "attn_punct": attention_to(a, punct),
-        "attn_self": a.diagonal(0, -2, -1).mean(-1),
-        "attn_prev": _mean_or_nan(a.diagonal(-1, -2, -1)),  # A[q, q - 1] for q = 1 .. n - 1
-        "attn_next": _mean_or_nan(a.diagonal(1, -2, -1)),  # A[q, q + 1] for q = 0 .. n - 2
-        "distance": (a * distance).sum(-1).mean(-1),
-        "max_weight": head_max_weight(a),
+        "entropy": -(a * logs).sum(-1).sum(-1),
+        "attn_cls": a[..., cls].sum((-2, -1)),
+        "attn_sep": a[..., sep].sum((-2, -1)),
+        "attn_first": a[..., 0].sum(-1),
+        "attn_punct": a[..., punct].sum((-2, -1)),
+        "attn_self": a[..., rows, queries].sum(-1),
+        "attn_prev": a[..., rows[prev], queries[prev] - 1].sum(-1),  # A[q, q - 1] for q = 1 .. n - 1
+        "attn_next": a[..., rows[nxt], queries[nxt] + 1].sum(-1),  # A[q, q + 1] for q = 0 .. n - 2
+        "distance": (a * np.abs(queries[:, None] - np.arange(n)[None, :])).sum((-2, -1)),
+        "max_weight": a.max(-1).sum(-1),
     }
     return {name: values[name] for name, _ in MEASURES}
+
+
+def _query_means(totals: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Totals over all n queries as means; ``attn_prev``/``attn_next`` over the n - 1 that have a neighbour (NaN for one token)."""
+    edge = ("attn_prev", "attn_next")
+    return {name: (total / (n - 1) if n > 1 else np.full(np.shape(total), np.nan)) if name in edge else total / n for name, total in totals.items()}
 
 
 def corpus_head_measures(items: Iterable[Any]) -> dict[str, np.ndarray]:
@@ -204,10 +230,6 @@ def _key_masks(tokens: Sequence[str], cls_mask: Any, sep_mask: Any, n: int, wher
             raise InputError(f"{where}{name} has shape {m.shape}, attention needs ({n},)")
         masks.append(m.astype(bool))
     return masks[0], masks[1], punctuation_mask(tokens)
-
-
-def _mean_or_nan(values: np.ndarray) -> np.ndarray:
-    return values.mean(-1) if values.shape[-1] else np.full(values.shape[:-1], np.nan)
 
 
 def _rows_ok(a: np.ndarray) -> bool:

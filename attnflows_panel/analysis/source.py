@@ -50,11 +50,11 @@ class AttentionSource(ABC):
         """``[n, n]``: one head's matrix."""
         return self.rows(layer, [head])[0]
 
-    def row_chunks(self, layer: int, heads: Sequence[int] | np.ndarray | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[slice, np.ndarray]]:
-        """``(queries, block)`` pairs covering every row of ``heads`` of ``layer``, each block under ``chunk_bytes``."""
+    def row_chunks(self, layer: int, heads: Sequence[int] | np.ndarray | None = None, chunk_bytes: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+        """``(queries, block)`` pairs covering every row of ``heads`` of ``layer``, each block under ``chunk_bytes`` (default :data:`CHUNK_BYTES`)."""
         n = self.n_tokens
         h = self.n_heads if heads is None else len(heads)
-        step = max(1, chunk_bytes // max(1, h * n * 4))
+        step = max(1, (chunk_bytes or CHUNK_BYTES) // max(1, h * n * 4))
         for start in range(0, n, step):
             queries = slice(start, min(n, start + step))
             yield queries, self.rows(layer, heads, np.arange(queries.start, queries.stop))
@@ -81,8 +81,10 @@ class DenseAttention(AttentionSource):
         return int(self.attention.nbytes)
 
     def rows(self, layer: int, heads: Any = None, queries: Any = None) -> np.ndarray:
-        block = self.attention[layer] if heads is None else self.attention[layer][np.asarray(heads, dtype=np.int64)]
-        return block if queries is None else block[:, np.asarray(queries, dtype=np.int64)]
+        heads = np.arange(self.n_heads) if heads is None else np.asarray(heads, dtype=np.int64)
+        if queries is None:
+            return self.attention[layer] if heads.size == self.n_heads and (heads == np.arange(self.n_heads)).all() else self.attention[layer][heads]
+        return self.attention[layer][np.ix_(heads, np.asarray(queries, dtype=np.int64))]
 
     def columns(self, layer: int, heads: Any = None, keys: Any = None) -> np.ndarray:
         block = self.rows(layer, heads)
