@@ -62,6 +62,7 @@ def _finetune_config(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
+        objective=args.objective,
     )
 
 
@@ -72,6 +73,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     m = result.metrics
     state = "reused cached checkpoint" if result.reused else f"fine-tuned in {m['train_seconds']:.0f} s"
     print(f"{state}: {result.path}")
+    if m.get("objective") == "lm":
+        print(
+            f"task {m['task']} (language modelling), {m['n_train']} training texts, {m['steps']} steps; held-out perplexity "
+            f"{m['heldout_perplexity']:.2f} (base model {m['baseline_perplexity']:.2f}), next-token accuracy "
+            f"{m['heldout_next_token_accuracy']:.1%} (base model {m['baseline_next_token_accuracy']:.1%}) on {m['n_heldout']} texts"
+        )
+        return 0
     print(
         f"task {m['task']}, {m['n_train']} training examples, {m['steps']} steps; held-out accuracy "
         f"{m['heldout_accuracy']:.1%} on {m['n_heldout']} (majority baseline {m['majority_baseline']:.1%})"
@@ -138,7 +146,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"default pre-trained model: unavailable ({exc})")
     for checkpoint in sorted((root / "models").glob("*/metrics.json")):
         m = json.loads(checkpoint.read_text())
-        print(f"fine-tuned: {checkpoint.parent}  task {m.get('task')}, held-out accuracy {m.get('heldout_accuracy', float('nan')):.1%}")
+        if m.get("objective") == "lm":
+            print(f"fine-tuned: {checkpoint.parent}  task {m.get('task')} (language modelling), held-out perplexity {m.get('heldout_perplexity', float('nan')):.2f}")
+        else:
+            print(f"fine-tuned: {checkpoint.parent}  task {m.get('task')}, held-out accuracy {m.get('heldout_accuracy', float('nan')):.1%}")
     for manifest in sorted((root / "runs").glob("*/manifest.json")):
         try:
             print(f"run: {manifest.parent}  {RunStore.open(manifest.parent).describe()}")
@@ -168,7 +179,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tokens = records[0].tokens
     print(f"{len(tokens)} tokens: {' '.join(tokens)}")
     for name, record in zip(("pre-trained", "fine-tuned"), records, strict=True):
-        cls_row = record.attention[-1, :, 0, :].mean(0)
+        cls_row = record.source.rows(record.n_layers - 1, None, [0])[:, 0].mean(0)
         top = np.argsort(cls_row)[::-1][:5]
         focus = ", ".join(f"{tokens[i]} {cls_row[i]:.2f}" for i in top)
         line = f"{name:>11}: [CLS] in the last layer attends to {focus}"
@@ -218,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnflows", description="Analyse and compare attention in Transformer encoders.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ft = sub.add_parser("finetune", help="fine-tune a model for classification (cached)", description="Fine-tune an encoder for sequence classification on the CPU. Defaults: the bundled BERT on the bundled sentiment corpus (positive vs negative). The checkpoint is cached under $ATTNFLOWS_HOME/models.")
+    ft = sub.add_parser("finetune", help="fine-tune a model for classification or language modelling (cached)", description="Fine-tune an encoder or a decoder (GPT-2, LLaMA family) for sequence classification on the CPU, or a decoder's language-model head on the texts (--objective lm). Defaults: the bundled BERT on the bundled sentiment corpus (positive vs negative). The checkpoint is cached under $ATTNFLOWS_HOME/models.")
     ft.add_argument("--base", help="pre-trained model: hub name or local path (default: the bundled all-MiniLM-L6-v2 BERT)")
     ft.add_argument("--data", type=Path, help="CSV/JSONL with 'text' (or 'text_a' and 'text_b') and 'label' columns (default: bundled sentiment corpus)")
     ft.add_argument("--max-train", type=_positive_int, default=3000, help="at most this many training examples (default 3000)")
@@ -226,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=_positive_int, default=16, help="default 16")
     ft.add_argument("--learning-rate", type=_rate, default=1e-4, help="default 1e-4")
     ft.add_argument("--seed", type=int, default=0, help="default 0")
+    ft.add_argument("--objective", choices=("classify", "lm"), default="classify", help="classify: a new classification head on the labels (default); lm: a decoder's language-model head on the texts, labels ignored")
     ft.add_argument("--force", action="store_true", help="fine-tune again even if a cached checkpoint matches")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
     ft.set_defaults(func=cmd_finetune)

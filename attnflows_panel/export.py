@@ -27,7 +27,7 @@ from bokeh.models import ColorBar, ColumnDataSource, CustomJS, CustomJSHover, Di
 from bokeh.resources import INLINE
 
 from attnflows_panel.analysis.compare import head_js_divergence, require_same_shape
-from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, AttentionTrace, trace_cls_flow, validate_alpha, validate_attention, validate_head_mask, validate_tau
+from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, AttentionTrace, as_source, trace_cls_flow, validate_alpha, validate_head_mask, validate_tau
 from attnflows_panel.errors import InputError
 from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.paths import atomic_file
@@ -236,15 +236,20 @@ def sparse_attention(attention: Any, tau: float) -> dict[str, np.ndarray]:
     ``offsets`` ``[L * n + 1]`` delimits the group of row ``l * n + q``; ``head``, ``key`` and ``weight``
     (float32, the values ``tau`` was compared with) hold one entry each.
     """
-    arr = validate_attention(attention)
+    source = as_source(attention)
     tau = validate_tau(tau)
-    L, _, n, _ = arr.shape
-    layer, head, query, key = np.nonzero(arr >= tau)  # the comparison trace_cls_flow makes on the same array
+    L, _, n, _ = source.shape
+    found = []
+    for layer in range(L):
+        for queries, block in source.row_chunks(layer):
+            head, query, key = np.nonzero(block >= tau)  # the comparison trace_cls_flow makes on the same values
+            found.append((np.full(head.size, layer), head, query + queries.start, key, block[head, query, key]))
+    layer, head, query, key, weight = (np.concatenate(column) for column in zip(*found, strict=True))
     order = np.lexsort((head, key, query, layer))
-    layer, head, query, key = layer[order], head[order], query[order], key[order]
+    layer, head, query, key, weight = layer[order], head[order], query[order], key[order], weight[order]
     offsets = np.zeros(L * n + 1, dtype=np.int32)
     np.cumsum(np.bincount(layer * n + query, minlength=L * n), out=offsets[1:])
-    return {"offsets": offsets, "head": head.astype(np.int32), "key": key.astype(np.int32), "weight": arr[layer, head, query, key].astype(np.float32)}
+    return {"offsets": offsets, "head": head.astype(np.int32), "key": key.astype(np.int32), "weight": weight.astype(np.float32)}
 
 
 def validate_top_heads(top_heads: Any, n_heads: int | None = None) -> int:
@@ -329,7 +334,7 @@ def _check_records(records: Sequence[AttentionRecord] | None) -> tuple[Attention
     if len(records) != 2:
         raise InputError(f"need the (pre-trained, fine-tuned) records of one input, got {len(records)} records")
     pre, fine = records
-    require_same_shape(pre.attention.shape, fine.attention.shape)
+    require_same_shape(pre.source.shape, fine.source.shape)
     if list(pre.tokens) != list(fine.tokens):
         raise InputError("the two records tokenize the input differently; export the records of one input through one pair")
     return pre, fine
@@ -348,20 +353,20 @@ def dashboard_layout(
     pre, fine = _check_records(records)
     tau, alpha = validate_tau(tau), validate_alpha(alpha)
     top_k = validate_top_k(top_k)
-    L, H, n, _ = pre.attention.shape
+    L, H, n, _ = pre.source.shape
     top_heads = validate_top_heads(top_heads, L * H)
     mask = validate_head_mask(head_mask, L, H)
     if not mask.any():
         mask = ~mask  # an empty selection means every head, as in the app
     root, name_of_root = (L, pre.root_token), pre.root_name
-    traces = {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None, root=root) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
-    js = head_js_divergence(pre.attention, fine.attention)
+    traces = {name: trace_cls_flow(r.source, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None, root=root) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
+    js = head_js_divergence(pre.source, fine.source)
     words, word_index = merge_tokens(pre.tokens, pre.word_ids)
 
     grid_fig, grid, cells = _grid_figure(js, mask)
     frames = flow_frames(pre.tokens, traces, "layered", flow_message(traces, mask, tau, name_of_root))
     counts = edge_counts(frames["edges"]["label"].to_numpy())
-    hidden = hidden_by_top_k([pre.attention, fine.attention], mask, tau, alpha, top_k, sum(counts.values()), root)
+    hidden = hidden_by_top_k([pre.source, fine.source], mask, tau, alpha, top_k, sum(counts.values()), root)
     flow_fig, flow = _flow_figure(pre.tokens, traces, frames, flow_title(counts, hidden, top_k, name_of_root))
     sentence_fig, word_source = _sentence_figure(words, word_index, traces, fine)
     status = Div(text=status_html(counts, int(mask.sum()), L * H, hidden, top_k), name="edge_count", styles=PAGE_STYLE)
@@ -371,7 +376,7 @@ def dashboard_layout(
             grid=grid, edges=flow["edges"], nodes=flow["nodes"], message=flow["message"], words=word_source, title=flow_fig.title, status=status,
             L=L, H=H, n=n, root=pre.root_token, root_name=name_of_root, alpha=alpha, top_k=top_k, cell_layer=cells[:, 0], cell_head=cells[:, 1], tokens=list(pre.tokens),
             word_index=word_index.astype(np.int32), n_words=len(words),
-            models={name: sparse_attention(r.attention, tau) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))},
+            models={name: sparse_attention(r.source, tau) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))},
             edge_fields=EDGE_FIELDS, node_fields=NODE_FIELDS, colors=LABEL_COLORS, root_color=ROOT_COLOR, unreached_color=UNREACHED_COLOR,
             label_order=list(LABEL_ORDER), legend_names=LEGEND_NAMES, no_edge=no_edge_messages(L, tau, name_of_root),
         ),
@@ -435,7 +440,7 @@ def _matrix_rows(pre: AttentionRecord, fine: AttentionRecord, js: np.ndarray, to
     for flat in np.argsort(-js, axis=None, kind="stable")[:top_heads]:
         layer, head = np.unravel_index(int(flat), js.shape)
         titles = {name: f"{MODEL_TITLES[name]}: layer {layer + 1}, head {head + 1} (JS {js[layer, head]:.3f} bits)" for name in (PRETRAINED, FINETUNED)}
-        rows.append(row(*(_matrix_figure(record.attention[layer, head], record.tokens, titles[name], size) for name, record in ((PRETRAINED, pre), (FINETUNED, fine)))))
+        rows.append(row(*(_matrix_figure(record.source.head(layer, head), record.tokens, titles[name], size) for name, record in ((PRETRAINED, pre), (FINETUNED, fine)))))
     return rows
 
 

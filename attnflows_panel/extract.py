@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from attnflows_panel.analysis.source import QueryKeyAttention
+from attnflows_panel.analysis.source import AttentionSource, DenseAttention, QueryKeyAttention
 from attnflows_panel.errors import InputError, ModelError, TruncationWarning
 from attnflows_panel.models.loading import LoadedModel
 
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 # Upper bound on the float32 attention one forward batch may hold (B * L * H * n * n * 4 bytes).
 BATCH_ATTENTION_BYTES = 256 * 2**20
+# A record whose dense attention would be larger keeps queries and keys instead (computed when read).
+DENSE_RECORD_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,7 +39,7 @@ class Encoding:
 
 @dataclass(frozen=True, eq=False)
 class AttentionRecord:
-    """Everything one model says about one input: tokens, attention ``[L, H, n, n]`` and its prediction."""
+    """Everything one model says about one input: tokens, attention ``[L, H, n, n]`` as a source, and its prediction."""
 
     text: str
     text_pair: str | None
@@ -48,7 +50,7 @@ class AttentionRecord:
     segment_ids: np.ndarray
     cls_mask: np.ndarray
     sep_mask: np.ndarray
-    attention: np.ndarray  # float32 [layers, heads, query, key]; rows sum to 1
+    source: AttentionSource  # float32 [layers, heads, query, key], read in blocks; rows sum to 1
     logits: np.ndarray | None = None
     labels: tuple[str, ...] | None = None
     n_truncated: int = 0
@@ -70,12 +72,17 @@ class AttentionRecord:
         return len(self.tokens)
 
     @property
+    def attention(self) -> np.ndarray:
+        """The whole ``[L, H, n, n]`` array: computed and held on every call for a long input, so views read ``source``."""
+        return self.source.dense()
+
+    @property
     def n_layers(self) -> int:
-        return self.attention.shape[0]
+        return self.source.shape[0]
 
     @property
     def n_heads(self) -> int:
-        return self.attention.shape[1]
+        return self.source.shape[1]
 
     @property
     def special_mask(self) -> np.ndarray:
@@ -177,7 +184,7 @@ def _batches(lengths: Sequence[int], per_token_pair_bytes: int, max_batch: int) 
     return batches
 
 
-def _pad_id(lm: LoadedModel) -> int:
+def pad_token_id(lm: LoadedModel) -> int:
     """The id batches are padded with: the pad token, else another special token of the vocabulary (padding is masked and cut off)."""
     tok = lm.tokenizer
     for token_id in (tok.pad_token_id, tok.sep_token_id, tok.eos_token_id, tok.unk_token_id, tok.cls_token_id):
@@ -198,7 +205,7 @@ def padded_inputs(lm: LoadedModel, encodings: Sequence[TokenIds]) -> dict[str, A
     import torch
 
     width = max(len(e.input_ids) for e in encodings)
-    pad = _pad_id(lm)
+    pad = pad_token_id(lm)
     ids = torch.full((len(encodings), width), pad, dtype=torch.long)
     mask = torch.zeros((len(encodings), width), dtype=torch.long)
     types = torch.zeros((len(encodings), width), dtype=torch.long)
@@ -281,8 +288,20 @@ def forward_sources(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: i
     return results
 
 
-def make_record(lm: LoadedModel, encoding: Encoding, text: str, text_pair: str | None, attention: np.ndarray, logits: np.ndarray | None) -> AttentionRecord:
-    """Assemble a record from an encoding and the model's outputs for it."""
+def forward_records(lm: LoadedModel, encodings: Sequence[Encoding]) -> list[tuple[AttentionSource, np.ndarray | None]]:
+    """Per input its attention and logits: dense while ``[L, H, n, n]`` fits :data:`DENSE_RECORD_BYTES` (or the model cannot be captured), else queries and keys."""
+    small = [i for i, e in enumerate(encodings) if not lm.captures or lm.n_layers * lm.n_heads * len(e.input_ids) ** 2 * 4 <= DENSE_RECORD_BYTES]
+    large = sorted(set(range(len(encodings))) - set(small))
+    results: list[tuple[AttentionSource, np.ndarray | None]] = [None] * len(encodings)  # type: ignore[list-item]
+    for i, (attention, logits) in zip(small, forward_attention(lm, [encodings[i] for i in small]) if small else [], strict=True):
+        results[i] = (DenseAttention(attention), logits)
+    for i, outcome in zip(large, forward_sources(lm, [encodings[i] for i in large], max_batch=1) if large else [], strict=True):
+        results[i] = outcome
+    return results
+
+
+def make_record(lm: LoadedModel, encoding: Encoding, text: str, text_pair: str | None, attention: np.ndarray | AttentionSource, logits: np.ndarray | None) -> AttentionRecord:
+    """Assemble a record from an encoding and the model's outputs for it (an array or a source)."""
     tok = lm.tokenizer
     labels = tuple(lm.labels) if lm.labels else None
     next_token = tok.convert_ids_to_tokens(int(np.argmax(logits))) if lm.is_language_model and logits is not None else None
@@ -296,7 +315,7 @@ def make_record(lm: LoadedModel, encoding: Encoding, text: str, text_pair: str |
         segment_ids=encoding.segment_ids,
         cls_mask=encoding.input_ids == (tok.cls_token_id if tok.cls_token_id is not None else -1),
         sep_mask=encoding.input_ids == (tok.sep_token_id if tok.sep_token_id is not None else -1),
-        attention=attention,
+        source=attention if isinstance(attention, AttentionSource) else DenseAttention(attention),
         logits=logits,
         labels=labels,
         n_truncated=encoding.n_truncated,
@@ -313,7 +332,7 @@ def extract(model: Any, tokenizer: Any, text: str, text_pair: str | None = None,
     """
     lm = _as_loaded(model, tokenizer, model_id)
     encoding = encode(lm, text, text_pair)
-    ((attention, logits),) = forward_attention(lm, [encoding])
+    ((attention, logits),) = forward_records(lm, [encoding])
     return make_record(lm, encoding, text, text_pair, attention, logits)
 
 
@@ -322,7 +341,7 @@ def extract_pair(pair: ModelPair, text: str, text_pair: str | None = None) -> tu
     encoding = encode(pair.pretrained, text, text_pair)
     records = []
     for lm in (pair.pretrained, pair.finetuned):
-        ((attention, logits),) = forward_attention(lm, [encoding])
+        ((attention, logits),) = forward_records(lm, [encoding])
         records.append(make_record(lm, encoding, text, text_pair, attention, logits))
     return records[0], records[1]
 

@@ -15,7 +15,8 @@ import pandas as pd
 from scipy import stats
 from scipy.special import entr
 
-from attnflows_panel.analysis.flows import validate_attention
+from attnflows_panel.analysis.flows import as_source, validate_attention
+from attnflows_panel.analysis.source import AttentionSource
 from attnflows_panel.errors import InputError
 
 if TYPE_CHECKING:
@@ -57,8 +58,20 @@ def row_js_divergence(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
 
 
 def head_js_divergence(A: Any, B: Any) -> np.ndarray:
-    """Per head ``[L, H]``: the Jensen-Shannon divergence (base 2) between the two models' rows, mean over queries."""
-    return row_js_divergence(*validate_pair_attention(A, B)).mean(-1)
+    """Per head ``[L, H]``: the Jensen-Shannon divergence (base 2) between the two models' rows, mean over queries.
+
+    ``A`` and ``B`` are arrays or :class:`AttentionSource` s, read then one layer's row chunk at a time.
+    """
+    if not isinstance(A, AttentionSource) and not isinstance(B, AttentionSource):
+        return row_js_divergence(*validate_pair_attention(A, B)).mean(-1)
+    a, b = as_source(A), as_source(B)
+    require_same_shape(a.shape, b.shape)
+    L, H, n, _ = a.shape
+    total = np.zeros((L, H))
+    for layer in range(L):
+        for queries, block in a.row_chunks(layer):
+            total[layer] += row_js_divergence(block, b.rows(layer, None, np.arange(queries.start, queries.stop))).sum(-1)
+    return total / n
 
 
 def head_cosine_similarity(A: Any, B: Any) -> np.ndarray:

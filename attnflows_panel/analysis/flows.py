@@ -14,6 +14,8 @@ Conventions used throughout this module:
 
 from __future__ import annotations
 
+import functools
+
 import os
 import threading
 from collections.abc import Sequence
@@ -23,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from attnflows_panel.analysis.source import AttentionSource, DenseAttention
+from attnflows_panel.analysis.source import CHUNK_BYTES, AttentionSource, DenseAttention
 from attnflows_panel.errors import InputError
 
 ROW_SUM_TOLERANCE = 1e-3
@@ -243,33 +245,11 @@ def trace_cls_flow(
             break
         if heads.size == 0:  # no selected head here: nothing to draw in this layer, the layers below still count
             continue
-        # sub[h, i, j]: expanded node i (frontier) to candidate j on the next level
-        sub = source.rows(layer, heads, frontier) if backward else source.columns(layer, heads, frontier).transpose(0, 2, 1)
-        if combine == "union":
-            weight = sub.max(axis=0)  # some head passes iff the strongest one does
-        else:
-            weight = sub.mean(axis=0)
-        keep = weight >= tau
-        if top_k is not None and top_k < n:
-            ranked = np.where(keep, weight, -np.inf)
-            order = np.argsort(-ranked, axis=1, kind="stable")
-            rank = np.empty_like(order)
-            np.put_along_axis(rank, order, np.arange(n)[None, :], axis=1)
-            keep &= rank < top_k
-        fi, nj = np.nonzero(keep)
-        src = frontier[fi]
-        query, key = (src, nj) if backward else (nj, src)
-        heads_passed = np.zeros((fi.size, H), dtype=bool)
-        if combine == "union":
-            kept = sub[:, fi, nj]  # [heads, edges]
-            head = heads[kept.argmax(axis=0)]
-            heads_passed[:, heads] = (kept >= tau).T
-        else:
-            head = np.full(fi.size, -1, dtype=np.int64)
-            heads_passed[:, heads] = True
-        parts.append((np.full(fi.size, layer, dtype=np.int64), query, key, head, weight[fi, nj], heads_passed))
         nxt = level - 1 if backward else level + 1
-        counts[nxt] = np.bincount(nj, minlength=n)
+        for part in np.array_split(frontier, -(-frontier.size * heads.size * n * 4 // CHUNK_BYTES)):  # blocks under CHUNK_BYTES
+            edges = _trace_edges(source, layer, heads, part, backward, combine, tau, top_k)
+            parts.append(edges)
+            counts[nxt] += np.bincount(edges[2] if backward else edges[1], minlength=n)
         reached[nxt] = counts[nxt] > 0
         frontier = np.flatnonzero(reached[nxt])
 
@@ -303,6 +283,35 @@ def trace_cls_flow(
         top_k=top_k,
         head_mask=mask.copy(),
     )
+
+
+def _trace_edges(
+    source: AttentionSource, layer: int, heads: np.ndarray, frontier: np.ndarray, backward: bool, combine: str, tau: float, top_k: int | None
+) -> tuple[np.ndarray, ...]:
+    """(layer, query, key, head, weight, heads passed) of the edges ``heads`` of ``layer`` keep from the nodes ``frontier``."""
+    H, n = source.n_heads, source.n_tokens
+    # sub[h, i, j]: expanded node i (frontier) to candidate j on the next level
+    sub = source.rows(layer, heads, frontier) if backward else source.columns(layer, heads, frontier).transpose(0, 2, 1)
+    weight = sub.max(axis=0) if combine == "union" else sub.mean(axis=0)  # union: some head passes iff the strongest one does
+    keep = weight >= tau
+    if top_k is not None and top_k < n:
+        ranked = np.where(keep, weight, -np.inf)
+        order = np.argsort(-ranked, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(n)[None, :], axis=1)
+        keep &= rank < top_k
+    fi, nj = np.nonzero(keep)
+    src = frontier[fi]
+    query, key = (src, nj) if backward else (nj, src)
+    heads_passed = np.zeros((fi.size, H), dtype=bool)
+    if combine == "union":
+        kept = sub[:, fi, nj]  # [heads, edges]
+        head = heads[kept.argmax(axis=0)]
+        heads_passed[:, heads] = (kept >= tau).T
+    else:
+        head = np.full(fi.size, -1, dtype=np.int64)
+        heads_passed[:, heads] = True
+    return np.full(fi.size, layer, dtype=np.int64), query, key, head, weight[fi, nj], heads_passed
 
 
 @dataclass(frozen=True)
@@ -356,23 +365,29 @@ def residual_attention(A: Any, head_mask: Any = None, *, causal: bool = False) -
     The mean runs over the heads selected in ``head_mask``; a layer with no selected head is ``I``.
     ``causal=True`` first divides key k's weight by its receptive field, the ``n - k`` queries that
     can see it, and renormalises rows: otherwise the first tokens gather relevance only for being
-    visible to every later token.
+    visible to every later token. ``A`` is an array or an :class:`AttentionSource`, read a layer at a time.
     """
-    arr = validate_attention(A)
-    L, H, n, _ = arr.shape
-    mask = validate_head_mask(head_mask, L, H)
-    picked = mask.sum(axis=1)
-    summed = np.einsum("lhvw,lh->lvw", arr.astype(np.float64, copy=False), mask.astype(np.float64))
-    mean = summed / np.maximum(picked, 1)[:, None, None]
+    source = as_source(A)
+    mask = validate_head_mask(head_mask, source.n_layers, source.n_heads)
+    return np.stack([residual_layer(source, mask, layer, causal=causal) for layer in range(source.n_layers)])
+
+
+def residual_layer(source: AttentionSource, mask: np.ndarray, layer: int, *, causal: bool = False) -> np.ndarray:
+    """``[n, n]``: layer ``layer`` of :func:`residual_attention` for a validated source and head mask."""
+    n = source.n_tokens
+    heads = np.flatnonzero(mask[layer])
+    if heads.size == 0:
+        return np.eye(n)
+    mean = np.zeros((n, n))
+    for queries, block in source.row_chunks(layer, heads):
+        mean[queries] = block.mean(axis=0, dtype=np.float64)
     if causal:
-        mean /= (n - np.arange(n))[None, None, :]
+        mean /= (n - np.arange(n))[None, :]
         sums = mean.sum(axis=-1, keepdims=True)
         np.divide(mean, sums, out=mean, where=sums > 0)
-    eye = np.eye(n)
-    W = mean + eye
-    W /= W.sum(axis=-1, keepdims=True)
-    W[picked == 0] = eye
-    return W
+    mean[np.diag_indices(n)] += 1.0
+    mean /= mean.sum(axis=-1, keepdims=True)
+    return mean
 
 
 def attention_rollout(A: Any, head_mask: Any = None, *, causal: bool = False) -> np.ndarray:
@@ -397,8 +412,8 @@ def rollout_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tup
     ``tau`` are kept; ``counts`` counts them per token. An empty head mask gives an empty trace.
     """
 
-    def step(W: np.ndarray, level: int, relevance: np.ndarray, _: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        carried = relevance[level][:, None] * W[level - 1]
+    def step(W: Any, level: int, relevance: np.ndarray, _: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        carried = relevance[level][:, None] * W(level - 1)
         return carried, carried.sum(axis=0)
 
     return _residual_trace(A, head_mask, tau, root, step, causal)
@@ -412,22 +427,25 @@ def flow_trace(A: Any, head_mask: Any = None, *, tau: float = 0.05, root: tuple[
     edges of at least ``tau`` are kept. An empty head mask gives an empty trace.
     """
 
-    def step(W: np.ndarray, level: int, relevance: np.ndarray, root: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def step(W: Any, level: int, relevance: np.ndarray, root: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         r_level, r_token = root
-        below = _max_flows(np.ascontiguousarray(W[level - 1 : r_level]), np.array([r_token]))[0][0]
-        return np.minimum(relevance[level][:, None], W[level - 1]), below
+        below = _max_flows(np.ascontiguousarray(np.stack([W(layer) for layer in range(level - 1, r_level)])), np.array([r_token]))[0][0]
+        return np.minimum(relevance[level][:, None], W(level - 1)), below
 
     return _residual_trace(A, head_mask, tau, root, step, causal)
 
 
 def _residual_trace(A: Any, head_mask: Any, tau: float, root: tuple[int, int] | None, step: Any, causal: bool) -> AttentionTrace:
-    """A trace down :func:`residual_attention` from the root (a causal model's last token by default): ``step`` gives each layer's edge weights and the relevance below."""
-    arr = validate_attention(A)
-    L, H, n, _ = arr.shape
+    """A trace down :func:`residual_attention` from the root (a causal model's last token by default): ``step`` gives each layer's edge weights and the relevance below.
+
+    ``step`` reads layers through ``W(layer)``, each computed once when first asked for.
+    """
+    source = as_source(A)
+    L, H, n, _ = source.shape
     tau = validate_tau(tau)
     mask = validate_head_mask(head_mask, L, H)
     r_level, r_token = validate_root((L, n - 1 if causal else 0) if root is None else root, L, n)
-    W = residual_attention(arr, mask, causal=causal)
+    W = functools.cache(lambda layer: residual_layer(source, mask, layer, causal=causal))
     relevance = np.zeros((L + 1, n))
     counts = np.zeros((L + 1, n), dtype=np.int64)
     relevance[r_level, r_token] = 1.0

@@ -7,13 +7,16 @@ in row chunks; :class:`QueryKeyAttention` computes only those, so an input of n 
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 CHUNK_BYTES = 64 * 2**20  # largest float32 block a row walk computes at once
+LAYER_CACHE_BYTES = 16 * 2**20  # computed layers a QueryKeyAttention keeps for the next read
 
 
 class AttentionSource(ABC):
@@ -49,6 +52,17 @@ class AttentionSource(ABC):
     def head(self, layer: int, head: int) -> np.ndarray:
         """``[n, n]``: one head's matrix."""
         return self.rows(layer, [head])[0]
+
+    def mean_map(self, head_mask: np.ndarray) -> np.ndarray:
+        """``[n, n]`` float32: the mean map of the heads ``head_mask[L, H]`` selects (zeros when none is)."""
+        n = self.n_tokens
+        total = np.zeros((n, n), dtype=np.float64)
+        for layer in range(self.n_layers):
+            heads = np.flatnonzero(head_mask[layer])
+            if heads.size:
+                for queries, block in self.row_chunks(layer, heads):
+                    total[queries] += block.sum(axis=0, dtype=np.float64)
+        return (total / max(1, int(np.count_nonzero(head_mask)))).astype(np.float32)
 
     def row_chunks(self, layer: int, heads: Sequence[int] | np.ndarray | None = None, chunk_bytes: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
         """``(queries, block)`` pairs covering every row of ``heads`` of ``layer``, each block under ``chunk_bytes`` (default :data:`CHUNK_BYTES`)."""
@@ -99,9 +113,18 @@ class QueryKeyAttention(AttentionSource):
 
     ``queries[l]`` is ``[H, n, d]``, ``keys[l]`` ``[H_kv, n, d]`` (query head h reads key head
     ``h // (H / H_kv)``), ``masks[l]`` an additive ``[n, n]`` float mask or None; layers may share a mask.
+    A layer small enough is computed whole on its first read and kept, newest first, within ``cache_bytes``.
     """
 
-    def __init__(self, queries: Sequence[np.ndarray], keys: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], scalings: Sequence[float], softcaps: Sequence[float | None]) -> None:
+    def __init__(
+        self,
+        queries: Sequence[np.ndarray],
+        keys: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray | None],
+        scalings: Sequence[float],
+        softcaps: Sequence[float | None],
+        cache_bytes: int = LAYER_CACHE_BYTES,
+    ) -> None:
         if not queries or not len(queries) == len(keys) == len(masks) == len(scalings) == len(softcaps):
             raise ValueError("queries, keys, masks, scalings and softcaps need one entry per layer")
         H, n, _ = queries[0].shape
@@ -110,16 +133,53 @@ class QueryKeyAttention(AttentionSource):
         self.queries, self.keys, self.masks = list(queries), list(keys), list(masks)
         self.scalings, self.softcaps = [float(s) for s in scalings], list(softcaps)
         self.shape = (len(queries), H, n, n)
+        self.cache_bytes = int(cache_bytes)
+        self._layers: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def _layer_bytes(self) -> int:
+        return self.n_heads * self.n_tokens * self.n_tokens * 4
+
+    @property
+    def cache_limit(self) -> int:
+        """The most the layer cache holds: the whole layers that fit ``cache_bytes``."""
+        return self._layer_bytes * min(self.n_layers, self.cache_bytes // self._layer_bytes)
 
     @property
     def nbytes(self) -> int:
+        """The queries, keys and masks held, and :attr:`cache_limit`."""
         arrays = {id(a): a for a in (*self.queries, *self.keys, *self.masks) if a is not None}
-        return int(sum(a.nbytes for a in arrays.values()))
+        return int(sum(a.nbytes for a in arrays.values())) + self.cache_limit
 
     def rows(self, layer: int, heads: Any = None, queries: Any = None) -> np.ndarray:
         H, n = self.n_heads, self.n_tokens
+        whole = self._cached_layer(layer)
+        if whole is not None:
+            return DenseAttention(whole[None]).rows(0, heads, queries)
         heads = np.arange(H) if heads is None else np.asarray(heads, dtype=np.int64)
-        rows = slice(None) if queries is None else np.asarray(queries, dtype=np.int64)
+        return self._compute(layer, heads, slice(None) if queries is None else np.asarray(queries, dtype=np.int64))
+
+    def _cached_layer(self, layer: int) -> np.ndarray | None:
+        """``[H, n, n]`` of ``layer`` from the cache, computed and cached when it fits; None when it does not fit."""
+        size = self._layer_bytes
+        if size > self.cache_bytes:
+            return None
+        with self._lock:
+            if layer in self._layers:
+                self._layers.move_to_end(layer)
+                return self._layers[layer]
+        whole = self._compute(layer, np.arange(self.n_heads), slice(None))
+        whole.setflags(write=False)  # handed out by reference, as a dense source's blocks are
+        with self._lock:
+            self._layers[layer] = whole
+            while len(self._layers) * size > self.cache_bytes:
+                self._layers.popitem(last=False)
+        return whole
+
+    def _compute(self, layer: int, heads: np.ndarray, rows: Any) -> np.ndarray:
+        """``[len(heads), rows, n]`` from the queries and keys."""
+        H, n = self.n_heads, self.n_tokens
         q = self.queries[layer][heads][:, rows]  # [h, r, d]
         k = self.keys[layer][heads // (H // self.keys[layer].shape[0])]  # [h, n, d]
         scores = np.matmul(q, k.transpose(0, 2, 1))
@@ -135,3 +195,29 @@ class QueryKeyAttention(AttentionSource):
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         return scores.reshape(len(heads), -1, n)
+
+
+class WordAttention(AttentionSource):
+    """Word-level attention over another source: summed over a word's keys, averaged over its queries (rows still sum to 1).
+
+    ``groups[i]`` is the word (unit) of token i, ``units`` the number of words.
+    """
+
+    def __init__(self, tokens: AttentionSource, groups: np.ndarray, units: int) -> None:
+        self.tokens, self.groups = tokens, np.asarray(groups, dtype=np.int64)
+        L, H, n, _ = tokens.shape
+        self.shape = (L, H, units, units)
+        self._keys = np.zeros((n, units))  # token key -> its word
+        self._keys[np.arange(n), self.groups] = 1.0
+        self._sizes = self._keys.sum(axis=0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + int(self._keys.nbytes)
+
+    def rows(self, layer: int, heads: Any = None, queries: Any = None) -> np.ndarray:
+        units = np.arange(self.n_tokens) if queries is None else np.asarray(queries, dtype=np.int64)
+        members = np.flatnonzero(np.isin(self.groups, units))  # the tokens of the words asked for
+        block = self.tokens.rows(layer, heads, members).astype(np.float64) @ self._keys  # [h, tokens, words]
+        average = (self.groups[members][:, None] == units[None, :]) / self._sizes[units]  # [tokens, asked words]
+        return np.swapaxes(np.swapaxes(block, -1, -2) @ average, -1, -2).astype(np.float32)

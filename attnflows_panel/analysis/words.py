@@ -6,7 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from attnflows_panel.analysis.flows import merge_word_pieces, word_groups
+from attnflows_panel.analysis.flows import word_groups
+from attnflows_panel.analysis.source import WordAttention
 from attnflows_panel.extract import AttentionRecord
 
 
@@ -29,5 +30,5 @@ def word_level(record: AttentionRecord) -> AttentionRecord:
         segment_ids=record.segment_ids[first],
         cls_mask=np.bincount(groups, weights=record.cls_mask, minlength=units) > 0,
         sep_mask=np.bincount(groups, weights=record.sep_mask, minlength=units) > 0,
-        attention=merge_word_pieces(record.attention, record.word_ids.tolist()).astype(np.float32),
+        source=WordAttention(record.source, groups, units),
     )

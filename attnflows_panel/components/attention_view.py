@@ -281,12 +281,12 @@ class AttentionView(pn.viewable.Viewer):
 
     def _trace(self, record: AttentionRecord, without_top_k: bool) -> AttentionTrace:
         if self.method in RESIDUAL_TRACES:
-            return RESIDUAL_TRACES[self.method](record.attention, self.head_mask, tau=self.tau, root=self._root(), causal=record.causal)
+            return RESIDUAL_TRACES[self.method](record.source, self.head_mask, tau=self.tau, root=self._root(), causal=record.causal)
         return self._cls_trace(record, top_k=None if without_top_k else self.top_k or None)
 
     def _cls_trace(self, record: AttentionRecord, top_k: int | None) -> AttentionTrace:
         """The CLS trace of ``record`` (from every token for the heads' own edges) for the current settings."""
-        return trace_cls_flow(record.attention, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine, top_k=top_k, every_token=self.method == "heads")
+        return trace_cls_flow(record.source, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine, top_k=top_k, every_token=self.method == "heads")
 
     def _flow_title(self, shown: tuple[str, ...], labels: np.ndarray) -> str:
         """Models, method, where the trace starts, the distinct edges drawn (split in the legend), and what top-k hides."""
@@ -323,7 +323,7 @@ class AttentionView(pn.viewable.Viewer):
 
     def _grid_values(self) -> np.ndarray:
         record = self.shown[-1]
-        return head_measures(record.attention, record.tokens, record.cls_mask, record.sep_mask)[self.measure]
+        return head_measures(record.source, record.tokens, record.cls_mask, record.sep_mask)[self.measure]
 
     def _grid_title(self) -> str:
         return f"{MEASURE_LABELS[self.measure]} ({self.titles[self.names[-1]]})"
@@ -334,7 +334,7 @@ class AttentionView(pn.viewable.Viewer):
     def _matrix_element(self, index: int) -> object:
         record, heads = self.shown[index], np.argwhere(self.head_mask)
         label = f"mean of {len(heads)} heads" if len(heads) > 1 else f"layer {heads[0][0] + 1}, head {heads[0][1] + 1}"
-        matrix = record.attention[heads[:, 0], heads[:, 1]].mean(axis=0)
+        matrix = record.source.mean_map(self.head_mask)
         size = int(np.clip(6 * record.n_tokens, 340, 560))  # long inputs get room for more token labels
         return attention_matrix(matrix, record.tokens, title=f"{self.titles[self.names[index]]}: {label}", size=size)
 
@@ -346,7 +346,7 @@ class AttentionView(pn.viewable.Viewer):
         values, captions = {}, {}
         for name, record in zip(self.names, self.shown, strict=True):
             if self.shading == "attention":
-                row = record.attention[level - 1, heads, token].mean(axis=0) if heads.size else np.zeros(record.n_tokens)
+                row = record.source.rows(level - 1, heads, [token])[:, 0].mean(axis=0) if heads.size else np.zeros(record.n_tokens)
                 shown = f"attention of {record.tokens[token]} (layer {level}, {heads.size} heads)"
             else:
                 lowest = int(traces[name].edge_layer.min()) if traces[name].n_edges else level

@@ -45,9 +45,9 @@ class CompareView(AttentionView):
     def _grid_values(self) -> np.ndarray:
         pre, fine = self.shown
         if self.measure == DIFFERENCE:
-            return head_js_divergence(pre.attention, fine.attention)
+            return head_js_divergence(pre.source, fine.source)
         record = fine if self.grid_model == FINETUNED else pre
-        return head_measures(record.attention, record.tokens, record.cls_mask, record.sep_mask)[self.measure]
+        return head_measures(record.source, record.tokens, record.cls_mask, record.sep_mask)[self.measure]
 
     def _grid_title(self) -> str:
         return DIFFERENCE if self.measure == DIFFERENCE else f"{MEASURE_LABELS[self.measure]} ({MODEL_TITLES[self.grid_model]})"

@@ -16,7 +16,7 @@ from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
 
 Source = ModelPair | LoadedModel
-MAX_BYTES = 256 * 2**20  # attention arrays of all models together; the newest entry is kept even when larger
+MAX_BYTES = 256 * 2**20  # attention sources of all models together; the newest entry is kept even when larger
 
 _LOCK = threading.Lock()
 _CACHE: OrderedDict[tuple[int, str, str | None], tuple[weakref.ref[Source], tuple[AttentionRecord, ...], int]] = OrderedDict()
@@ -48,7 +48,7 @@ def cached_records(source: Source, text: str, text_pair: str | None = None) -> t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TruncationWarning)
         records = extract_pair(source, text, text_pair) if isinstance(source, ModelPair) else (extract(source, None, text, text_pair),)
-    size = sum(record.attention.nbytes for record in records)
+    size = sum(record.source.nbytes for record in records)
     with _LOCK:
         _CACHE[key] = (weakref.ref(source), records, size)
         total = _drop_released()

@@ -29,6 +29,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerFast
     model_id: str
     _hash: str | None = field(default=None, repr=False)
+    captures: bool = False  # runs attnflows' attention, so queries and keys can be captured (see models/capture.py)
 
     @property
     def config(self) -> Any:
@@ -215,11 +216,11 @@ def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: l
                 "label2id": {label: i for i, label in enumerate(labels)},
             }
         try:
-            model = pretrained(loader, attn_implementation=IMPLEMENTATION, **head)
+            model, captures = pretrained(loader, attn_implementation=IMPLEMENTATION, **head), True
         except ValueError as exc:  # an architecture without transformers' attention interface: eager weights only, no lazy capture
             if "attention" not in str(exc).lower():
                 raise
-            model = pretrained(loader, attn_implementation="eager", **head)
+            model, captures = pretrained(loader, attn_implementation="eager", **head), False
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
         raise ModelError(f"cannot load model {name!r}: {_load_cause(exc)}") from exc
     try:
@@ -240,7 +241,7 @@ def load_encoder(name_or_path: str | os.PathLike, device: str = "cpu", labels: l
     except (RuntimeError, AssertionError) as exc:
         raise ModelError(f"cannot move model {name!r} to device {device!r}: {_first_line(exc)}") from exc
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name, captures=captures)
 
 
 def default_pretrained_path() -> Path:

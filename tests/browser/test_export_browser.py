@@ -13,6 +13,7 @@ from conftest import BOKEH_IDLE_JS
 from panel.tests.util import wait_until
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, compare_traces, trace_cls_flow
+from attnflows_panel.analysis.source import DenseAttention
 from attnflows_panel.export import export_dashboard, flow_message, flow_title, status_html
 from attnflows_panel.extract import extract_pair, merge_tokens
 from attnflows_panel.plots.flow_diagram import edge_counts, flow_edges, flow_nodes
@@ -197,7 +198,7 @@ def ties_at_the_cut(records, mask: np.ndarray, tau: float, top_k: int) -> int:
 def test_browser_breaks_top_k_ties_as_trace_cls_flow(page, tiny_records, tmp_path: Path, top_k: int) -> None:
     """On attention full of equal weights the browser keeps the same k edges as Python (ties to the lower key, union over heads)."""
     shape = tiny_records[0].attention.shape
-    records = tuple(dataclasses.replace(r, attention=tied_attention(shape, seed)) for seed, r in enumerate(tiny_records))
+    records = tuple(dataclasses.replace(r, source=DenseAttention(tied_attention(shape, seed))) for seed, r in enumerate(tiny_records))
     tau, alpha = 0.1, 0.5
     path = export_dashboard(records, tmp_path / "ties.html", tau=tau, alpha=alpha, top_heads=0, top_k=top_k)
     visit = open_offline(page, path)
