@@ -121,9 +121,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _check_input(args: argparse.Namespace, purpose: str) -> None:
-    """Refuse ``--text`` / ``--text-pair`` that are empty or not text, before any model loads."""
+    """Read ``--text-file`` into ``args.text``; refuse ``--text`` / ``--text-pair`` that are empty or not text, before any model loads."""
+    from attnflows_panel.corpus import read_text_file
     from attnflows_panel.extract import check_text
 
+    if args.text_file is not None:
+        if args.text is not None:
+            raise InputError("give --text or --text-file, not both")
+        args.text = check_text(read_text_file(args.text_file, args.encoding), f"--text-file {args.text_file.name}", "give a file with the text to " + purpose)
+    elif args.text is None:
+        args.text = DEMO_TEXT
     check_text(args.text, "--text", f"give the sentence to {purpose}")
     if args.text_pair is not None:
         check_text(args.text_pair, "--text-pair", "leave it out for a single sentence")
@@ -192,17 +199,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from attnflows_panel.analysis.flows import validate_alpha, validate_tau
     from attnflows_panel.export import export_dashboard, output_path, validate_top_heads, validate_top_k
-    from attnflows_panel.extract import extract_pair
+    from attnflows_panel.extract import extract, extract_pair
     from attnflows_panel.models import ModelPair
 
     _check_input(args, "export")
+    if args.model and (args.pretrained or args.finetuned):
+        raise InputError("give --model for one model, or --pretrained/--finetuned for a pair, not both")
     target = output_path(args.output)
     validate_tau(args.tau)
     validate_alpha(args.alpha)
     validate_top_heads(args.top_heads)
     top_k = validate_top_k(args.top_k)
-    pair = ModelPair(**_models_for(args, progress=not args.quiet))
-    records = extract_pair(pair, args.text, args.text_pair)
+    models = _models_for(args, progress=not args.quiet)
+    records = (extract(models["model"], None, args.text, args.text_pair),) if args.model else extract_pair(ModelPair(**models), args.text, args.text_pair)
     path = export_dashboard(records, target, tau=args.tau, alpha=args.alpha, top_heads=args.top_heads, top_k=top_k)
     print(f"{path}: {path.stat().st_size / 2**20:.1f} MB, {records[0].n_tokens} tokens; opens offline in any browser")
     return 0
@@ -223,6 +232,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.address, args.port, extra_origins=args.allow_websocket_origin, show=args.show)
     return 0
+
+
+def _text_file_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-file", type=Path, metavar="FILE", help="read the input from this file instead of --text (a long document; truncated to the model's context with a warning)")
+    parser.add_argument("--encoding", default="utf-8", help="of --text-file (default utf-8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,25 +280,28 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=cmd_prepare)
 
     demo = sub.add_parser("demo", help="print what [CLS] attends to in both default models", description="Compare the default pre-trained and fine-tuned models on one input, in text.")
-    demo.add_argument("--text", default=DEMO_TEXT, help="the sentence")
+    demo.add_argument("--text", help="the sentence (default: the demo sentence)")
+    _text_file_arguments(demo)
     demo.add_argument("--text-pair", help="optional second segment")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 
-    exp = sub.add_parser("export", help="write a self-contained HTML dashboard for one input", description="Compare the pre-trained and fine-tuned models on one input in a single HTML file that opens offline: select heads in the grid and the [CLS] trace is recomputed in the browser.")
-    exp.add_argument("--text", default=DEMO_TEXT, help="the sentence (default: the demo sentence)")
+    exp = sub.add_parser("export", help="write a self-contained HTML dashboard for one input", description="Compare the pre-trained and fine-tuned models on one input (or show one model's attention, --model) in a single HTML file that opens offline: select heads in the grid and the trace from [CLS] (a decoder's last token) is recomputed in the browser.")
+    exp.add_argument("--text", help="the sentence (default: the demo sentence)")
+    _text_file_arguments(exp)
     exp.add_argument("--text-pair", help="optional second segment")
     exp.add_argument("--output", "-o", type=Path, required=True, help="the HTML file to write (its directory must exist)")
     exp.add_argument("--pretrained", help="pre-trained model, hub name or path (default: bundled BERT)")
     exp.add_argument("--finetuned", help="fine-tuned model, hub name or path (default: the bundled BERT fine-tuned on sentiment, made if missing)")
+    exp.add_argument("--model", help="export one model instead of a pair: hub name or path (its grid shows each head's largest weight)")
     exp.add_argument("--tau", type=float, default=0.1, help="keep attention edges of at least this weight, in (0, 1] (default 0.1)")
     exp.add_argument("--alpha", type=float, default=0.5, help="weight of deeper influence, in [0, 1] (default 0.5)")
-    exp.add_argument("--top-heads", type=int, default=4, help="show the matrices of this many heads the models differ most on, 0 to 8 (default 4)")
+    exp.add_argument("--top-heads", type=int, default=4, help="show the matrices of this many heads the models differ most on (one model: of largest weight), 0 to 8 (default 4)")
     exp.add_argument("--top-k", type=_whole_number_or_text, default=3, metavar="K", help="CLS trace: keep the K strongest edges of each token, 0 to 20; 0 keeps every edge of at least tau (default 3, as in the app)")
     exp.add_argument("--device", default="cpu", help="torch device (default cpu)")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
     exp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
-    exp.set_defaults(func=cmd_export, model=None)
+    exp.set_defaults(func=cmd_export)
 
     srv = sub.add_parser("serve", help="serve the dashboards (loopback only unless asked)", description="Serve the comparison dashboard (/compare) and the one-model dashboard (/single). Listens on 127.0.0.1 unless --address says otherwise; browsers are accepted only from the served address.")
     srv.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")

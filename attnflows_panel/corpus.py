@@ -6,6 +6,7 @@ import codecs
 import csv
 import io
 import json
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -136,6 +137,21 @@ def read_corpus(path: str | Path, require_labels: bool = False, encoding: str = 
     corpus = _corpus_from_frame(frame, path, require_labels)
     corpus.sha256 = sha256_file(path)
     return corpus
+
+
+TEXT_FILE_BYTES = 10 * 2**20  # one input's text file (a long document for a decoder is far less)
+
+
+def read_text_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """One input's text from a file (``--text-file``), decoded as corpora are; at most :data:`TEXT_FILE_BYTES`."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"text file does not exist: {path}")
+    if not path.is_file():
+        raise InputError(f"text file path is not a file: {path}")
+    if path.stat().st_size > TEXT_FILE_BYTES:
+        raise InputError(f"{path.name} has {path.stat().st_size / 2**20:.1f} MB; a text file of one input takes at most {TEXT_FILE_BYTES // 2**20} MB")
+    return _decode(path, encoding)
 
 
 def _decode(path: Path, encoding: str) -> str:

@@ -1,5 +1,7 @@
 """Static export: one self-contained HTML file whose head grid re-traces the [CLS] flow in the browser.
 
+It compares a pre-trained model with its fine-tune (two records of one input), or shows one model (one record).
+
 The file holds Bokeh models only (rendered from the plot builders, with Bokeh's JS and CSS inline), so
 it opens offline and without Python. For the trace it ships, per model, the attention entries at or
 above ``tau``: exactly what a union-combined :func:`trace_cls_flow` at that ``tau`` can keep. The
@@ -28,10 +30,11 @@ from bokeh.resources import INLINE
 
 from attnflows_panel.analysis.compare import head_js_divergence, require_same_shape
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, AttentionTrace, as_source, trace_cls_flow, validate_alpha, validate_head_mask, validate_tau
+from attnflows_panel.analysis.heads import head_measures
 from attnflows_panel.errors import InputError
 from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.paths import atomic_file
-from attnflows_panel.plots import MODEL_TITLES
+from attnflows_panel.plots import MODEL_TITLES, short_name
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_frames
 from attnflows_panel.plots.bound import render_bound
 from attnflows_panel.plots.flow_diagram import EDGE_COLUMNS, LABEL_COLORS, LABEL_ORDER, LEGEND_NAMES, ROOT_COLOR, UNREACHED_COLOR, edge_counts, flow_diagram, flow_frames, flow_layers
@@ -42,6 +45,9 @@ MAX_TOP_HEADS = 8  # two matrices a head: with the grid, flows and sentence this
 MAX_TOP_K = 20  # the app's top-k slider bounds
 DEFAULT_TOP_K = 3  # the app's default
 DEFAULT_TITLE = "attnflows: pre-trained vs fine-tuned"
+SINGLE_TITLE = "attnflows: attention flows"
+PAIR_NAME = "pre-trained vs fine-tuned"
+SINGLE_MEASURE = ("max_weight", "largest weight (confidence)")  # one model's grid colour, and which heads' matrices it shows
 EDGE_FIELDS = ["x0", "y0", "x1", "y1", *EDGE_COLUMNS, "color", "width"]
 NODE_FIELDS = ["x", "y", "level", "index", "token", "influence_pretrained", "influence_finetuned", "label", "influence", "size", "color", "level_name"]
 PAGE_STYLE = {"font-family": "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif", "font-size": "14px", "color": "#222222"}
@@ -101,12 +107,15 @@ function trace(m, k) {
   return {edges, influence, reached};
 }
 
+// one model: the fine-tuned side is an empty trace, so every edge and node is the model's own ("pretrained")
+const none = {edges: new Map(), influence: Array.from({length: L + 1}, () => new Float64Array(n)), reached: () => false};
+const pair = models.finetuned !== undefined;
 const pre = trace(models.pretrained, top_k);
-const fine = trace(models.finetuned, top_k);
+const fine = pair ? trace(models.finetuned, top_k) : none;
 const ids = Array.from(new Set([...pre.edges.keys(), ...fine.edges.keys()])).sort((a, b) => a - b);
 let hidden = 0;
 if (top_k > 0) {
-  const all = new Set([...trace(models.pretrained, 0).edges.keys(), ...trace(models.finetuned, 0).edges.keys()]);
+  const all = new Set([...trace(models.pretrained, 0).edges.keys(), ...(pair ? trace(models.finetuned, 0) : none).edges.keys()]);
   hidden = all.size - ids.length;
 }
 const label_of = (id) => (pre.edges.has(id) ? (fine.edges.has(id) ? "shared" : "pretrained") : "finetuned");
@@ -144,7 +153,7 @@ for (let level = 0; level <= L; level++) {
     const p = pre.reached(level, w), f = fine.reached(level, w);
     const ip = pre.influence[level][w], fi = fine.influence[level][w];
     N.x.push(w); N.y.push(level); N.level.push(level); N.index.push(w); N.token.push(tokens[w]);
-    N.influence_pretrained.push(ip); N.influence_finetuned.push(fi);
+    N.influence_pretrained.push(ip); N.influence_finetuned.push(pair ? fi : NaN);  // one model: no fine-tuned influence, as flow_nodes says
     N.label.push(p && f ? "shared" : (p ? "pretrained" : (f ? "finetuned" : "")));
     N.influence.push(Math.max(ip, fi));
     N.level_name.push(level === 0 ? "input" : `layer ${level}`);
@@ -164,7 +173,7 @@ message.data = Object.assign({}, message.data, {text: [ids.length > 0 ? "" : (de
 const W = Object.assign({}, words.data);
 W.value = [];
 W.alpha = [];
-for (const t of [pre, fine]) {
+for (const t of pair ? [pre, fine] : [pre]) {
   const values = new Array(n_words).fill(0);
   for (let w = 0; w < n; w++) values[word_index[w]] += t.influence[0][w];
   const top = Math.max(...values);
@@ -173,25 +182,25 @@ for (const t of [pre, fine]) {
 }
 words.data = W;
 
-title.text = flow_title(tally, hidden, top_k);
+title.text = flow_title(tally, hidden, top_k, pair ? null : models_name);
 status.text = status_html(tally, n_selected, L * H, hidden, top_k);
 """
 
 STATUS_JS = """
-function split(counts) { return label_order.map((label) => `${counts[label]} ${legend_names[label]}`).join(", "); }
+function split(counts) { return models.finetuned === undefined ? "" : ` (${label_order.map((label) => `${counts[label]} ${legend_names[label]}`).join(", ")})`; }
 function total(counts) { return label_order.reduce((sum, label) => sum + counts[label], 0); }
 function hidden_text(hidden, k) { return hidden > 0 ? `; ${hidden} weaker hidden (top ${k} per token)` : ""; }
-function flow_title(counts, hidden, k) { return `pre-trained vs fine-tuned from ${root_name}: ${total(counts)} edges (${split(counts)})${hidden_text(hidden, k)}`; }
+function flow_title(counts, hidden, k, model) { return `${model === null ? pair_name : model} from ${root_name}: ${total(counts)} edges${split(counts)}${hidden_text(hidden, k)}`; }
 function status_html(counts, selected, heads, hidden, k) {
   const which = selected === heads ? `all ${heads} heads` : `${selected} of ${heads} heads selected`;
-  return `<b>${total(counts)}</b> edges (${split(counts)})${hidden_text(hidden, k)}; ${which}`;
+  return `<b>${total(counts)}</b> edges${split(counts)}${hidden_text(hidden, k)}; ${which}`;
 }
 """
 
 
-def _split(counts: Mapping[str, int]) -> str:
-    """``"S shared, P pre-trained only, F fine-tuned only"``, in the legend's order."""
-    return ", ".join(f"{counts[label]} {LEGEND_NAMES[label]}" for label in LABEL_ORDER)
+def _split(counts: Mapping[str, int], pair: bool = True) -> str:
+    """``" (S shared, P pre-trained only, F fine-tuned only)"``, in the legend's order; ``""`` for one model."""
+    return f" ({', '.join(f'{counts[label]} {LEGEND_NAMES[label]}' for label in LABEL_ORDER)})" if pair else ""
 
 
 def _hidden_text(hidden: int, top_k: int | None) -> str:
@@ -199,15 +208,18 @@ def _hidden_text(hidden: int, top_k: int | None) -> str:
     return f"; {hidden} weaker hidden (top {top_k} per token)" if hidden > 0 else ""
 
 
-def flow_title(counts: Mapping[str, int], hidden: int = 0, top_k: int | None = None, root_name: str = "[CLS]") -> str:
-    """The flow diagram's title from the edges per label and the ``hidden`` ones top-k drops (the browser writes the same through ``STATUS_JS``)."""
-    return f"pre-trained vs fine-tuned from {root_name}: {sum(counts.values())} edges ({_split(counts)}){_hidden_text(hidden, top_k)}"
+def flow_title(counts: Mapping[str, int], hidden: int = 0, top_k: int | None = None, root_name: str = "[CLS]", model: str | None = None) -> str:
+    """The flow diagram's title from the edges per label and the ``hidden`` ones top-k drops (the browser writes the same through ``STATUS_JS``).
+
+    ``model`` names the one model of a single-model export (None: the pair).
+    """
+    return f"{PAIR_NAME if model is None else model} from {root_name}: {sum(counts.values())} edges{_split(counts, model is None)}{_hidden_text(hidden, top_k)}"
 
 
-def status_html(counts: Mapping[str, int], selected: int, heads: int, hidden: int = 0, top_k: int | None = None) -> str:
+def status_html(counts: Mapping[str, int], selected: int, heads: int, hidden: int = 0, top_k: int | None = None, pair: bool = True) -> str:
     """The edge and head count line above the flow diagram, numbers only (the browser mirrors it)."""
     which = f"all {heads} heads" if selected == heads else f"{selected} of {heads} heads selected"
-    return f"<b>{sum(counts.values())}</b> edges ({_split(counts)}){_hidden_text(hidden, top_k)}; {which}"
+    return f"<b>{sum(counts.values())}</b> edges{_split(counts, pair)}{_hidden_text(hidden, top_k)}; {which}"
 
 
 def hidden_by_top_k(attentions: Sequence[Any], mask: np.ndarray, tau: float, alpha: float, top_k: int | None, shown: int, root: tuple[int, int] | None = None) -> int:
@@ -289,11 +301,12 @@ def export_dashboard(
     alpha: float = 0.5,
     top_heads: int = 4,
     head_mask: Any = None,
-    title: str = DEFAULT_TITLE,
+    title: str | None = None,
     top_k: int | None = DEFAULT_TOP_K,
 ) -> Path:
-    """Write the (pre-trained, fine-tuned) ``records`` of one input as one self-contained HTML file; returns its path.
+    """Write the (pre-trained, fine-tuned) ``records`` of one input, or one model's record, as one self-contained HTML file; returns its path.
 
+    ``title`` is the page's (default: :data:`DEFAULT_TITLE`, or :data:`SINGLE_TITLE` for one model).
     ``head_mask`` ([L, H] bool, all heads when None or all True) is the initial grid selection.
     ``top_k`` keeps the k strongest edges of each traced token, as the app does (None or 0: every edge of at least tau).
     The file is written to a temporary sibling first and renamed, so a failure leaves nothing behind.
@@ -313,10 +326,12 @@ def dashboard_html(
     alpha: float = 0.5,
     top_heads: int = 4,
     head_mask: Any = None,
-    title: str = DEFAULT_TITLE,
+    title: str | None = None,
     top_k: int | None = DEFAULT_TOP_K,
 ) -> str:
     """The dashboard as an HTML string with Bokeh's JS and CSS inline (see :func:`export_dashboard`)."""
+    if title is None:
+        title = SINGLE_TITLE if records is not None and len(records) == 1 else DEFAULT_TITLE
     document = Document()
     document.add_root(dashboard_layout(records, tau=tau, alpha=alpha, top_heads=top_heads, head_mask=head_mask, top_k=top_k))
     docs_json, render_items = standalone_docs_json_and_render_items([document])
@@ -328,16 +343,18 @@ def dashboard_html(
     return html_page_for_render_items(bundle, docs_json, render_items, title=title)  # Bokeh escapes the <title>
 
 
-def _check_records(records: Sequence[AttentionRecord] | None) -> tuple[AttentionRecord, AttentionRecord]:
+def _check_records(records: Sequence[AttentionRecord] | None) -> tuple[AttentionRecord, ...]:
+    """The (pre-trained, fine-tuned) records of one input, or the one record of one model."""
     if records is None:
         raise InputError("nothing to export: no sentence has been run through the models")
-    if len(records) != 2:
-        raise InputError(f"need the (pre-trained, fine-tuned) records of one input, got {len(records)} records")
-    pre, fine = records
-    require_same_shape(pre.source.shape, fine.source.shape)
-    if list(pre.tokens) != list(fine.tokens):
-        raise InputError("the two records tokenize the input differently; export the records of one input through one pair")
-    return pre, fine
+    if len(records) not in (1, 2):
+        raise InputError(f"need the (pre-trained, fine-tuned) records of one input, or one model's record, got {len(records)} records")
+    if len(records) == 2:
+        pre, fine = records
+        require_same_shape(pre.source.shape, fine.source.shape)
+        if list(pre.tokens) != list(fine.tokens):
+            raise InputError("the two records tokenize the input differently; export the records of one input through one pair")
+    return tuple(records)
 
 
 def dashboard_layout(
@@ -350,7 +367,10 @@ def dashboard_layout(
     top_k: int | None = DEFAULT_TOP_K,
 ) -> LayoutDOM:
     """The Bokeh layout of the dashboard: header, head grid and sentence view, flow diagram, top-head matrices."""
-    pre, fine = _check_records(records)
+    checked = _check_records(records)
+    named = dict(zip((PRETRAINED, FINETUNED), checked, strict=False))
+    pre, pair = checked[0], len(checked) == 2
+    model = None if pair else short_name(pre.model_id)
     tau, alpha = validate_tau(tau), validate_alpha(alpha)
     top_k = validate_top_k(top_k)
     L, H, n, _ = pre.source.shape
@@ -359,36 +379,40 @@ def dashboard_layout(
     if not mask.any():
         mask = ~mask  # an empty selection means every head, as in the app
     root, name_of_root = (L, pre.root_token), pre.root_name
-    traces = {name: trace_cls_flow(r.source, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None, root=root) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))}
-    js = head_js_divergence(pre.source, fine.source)
+    traces = {name: trace_cls_flow(r.source, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None, root=root) for name, r in named.items()}
+    if pair:
+        values, label, grid_title = head_js_divergence(pre.source, named[FINETUNED].source), "JS (bits)", "model difference (JS, bits): select heads"
+    else:
+        values, label = head_measures(pre.source, pre.tokens, pre.cls_mask, pre.sep_mask)[SINGLE_MEASURE[0]], SINGLE_MEASURE[1]
+        grid_title = f"{label}: select heads"
     words, word_index = merge_tokens(pre.tokens, pre.word_ids)
 
-    grid_fig, grid, cells = _grid_figure(js, mask)
+    grid_fig, grid, cells = _grid_figure(values, label, grid_title, mask)
     frames = flow_frames(pre.tokens, traces, "layered", flow_message(traces, mask, tau, name_of_root))
     counts = edge_counts(frames["edges"]["label"].to_numpy())
-    hidden = hidden_by_top_k([pre.source, fine.source], mask, tau, alpha, top_k, sum(counts.values()), root)
-    flow_fig, flow = _flow_figure(pre.tokens, traces, frames, flow_title(counts, hidden, top_k, name_of_root))
-    sentence_fig, word_source = _sentence_figure(words, word_index, traces, fine)
-    status = Div(text=status_html(counts, int(mask.sum()), L * H, hidden, top_k), name="edge_count", styles=PAGE_STYLE)
+    hidden = hidden_by_top_k([r.source for r in checked], mask, tau, alpha, top_k, sum(counts.values()), root)
+    flow_fig, flow = _flow_figure(pre.tokens, traces, frames, flow_title(counts, hidden, top_k, name_of_root, model))
+    sentence_fig, word_source = _sentence_figure(words, word_index, traces, checked[-1], model)
+    status = Div(text=status_html(counts, int(mask.sum()), L * H, hidden, top_k, pair), name="edge_count", styles=PAGE_STYLE)
 
     callback = CustomJS(
         args=dict(
             grid=grid, edges=flow["edges"], nodes=flow["nodes"], message=flow["message"], words=word_source, title=flow_fig.title, status=status,
             L=L, H=H, n=n, root=pre.root_token, root_name=name_of_root, alpha=alpha, top_k=top_k, cell_layer=cells[:, 0], cell_head=cells[:, 1], tokens=list(pre.tokens),
             word_index=word_index.astype(np.int32), n_words=len(words),
-            models={name: sparse_attention(r.source, tau) for name, r in ((PRETRAINED, pre), (FINETUNED, fine))},
+            models={name: sparse_attention(r.source, tau) for name, r in named.items()}, pair_name=PAIR_NAME, models_name=model or PAIR_NAME,
             edge_fields=EDGE_FIELDS, node_fields=NODE_FIELDS, colors=LABEL_COLORS, root_color=ROOT_COLOR, unreached_color=UNREACHED_COLOR,
-            label_order=list(LABEL_ORDER), legend_names=LEGEND_NAMES, no_edge=no_edge_messages(L, tau, name_of_root),
+            label_order=list(LABEL_ORDER), legend_names=LEGEND_NAMES if pair else dict.fromkeys(LEGEND_NAMES, "traced"), no_edge=no_edge_messages(L, tau, name_of_root),
         ),
         code=STATUS_JS + TRACE_JS,
     )
     grid.selected.js_on_change("indices", callback)
     layout = column(
-        Div(text=_header_html(pre, fine, tau, alpha, top_k), name="header", width=1100, styles=PAGE_STYLE),
+        Div(text=_header_html(checked, tau, alpha, top_k), name="header", width=1100, styles=PAGE_STYLE),
         row(grid_fig, sentence_fig),
         status,
         flow_fig,
-        *_matrix_rows(pre, fine, js, top_heads),
+        *_matrix_rows(named, values, top_heads),
         margin=(12, 16, 24, 16),
     )
     for plot in layout.select({"type": Plot}):
@@ -396,9 +420,9 @@ def dashboard_layout(
     return layout
 
 
-def _grid_figure(js: np.ndarray, mask: np.ndarray) -> tuple[Plot, ColumnDataSource, np.ndarray]:
-    """The model-difference grid, its cells' source ("head_grid", the heads of a partial ``mask`` selected) and each cell's 0-based (layer, head)."""
-    fig = hv.render(head_grid(js, "JS (bits)", title="model difference (JS, bits): select heads", cmap="magma_r", width=440, height=320), backend="bokeh")
+def _grid_figure(values: np.ndarray, label: str, title: str, mask: np.ndarray) -> tuple[Plot, ColumnDataSource, np.ndarray]:
+    """The head grid of ``values`` (the model difference, or one model's measure), its cells' source ("head_grid", the heads of a partial ``mask`` selected) and each cell's 0-based (layer, head)."""
+    fig = hv.render(head_grid(values, label, title=title, cmap="magma_r", width=440, height=320), backend="bokeh")
     grid = fig.select_one({"type": GlyphRenderer}).data_source
     grid.name = "head_grid"
     cells = np.array(heads_at(grid.data, range(mask.size)), dtype=np.int32)
@@ -419,28 +443,35 @@ def _flow_figure(tokens: Sequence[str], traces: dict[str, AttentionTrace], frame
     return fig, sources
 
 
-def _sentence_figure(words: list[str], word_index: np.ndarray, traces: dict[str, AttentionTrace], fine: AttentionRecord) -> tuple[Plot, ColumnDataSource]:
-    """Words shaded by each model's influence on the input, the fine-tuned prediction in its caption; the boxes' source."""
+def _sentence_figure(words: list[str], word_index: np.ndarray, traces: dict[str, AttentionTrace], last: AttentionRecord, model: str | None) -> tuple[Plot, ColumnDataSource]:
+    """Words shaded by each model's influence on the input, the prediction of the ``last`` record (the fine-tuned one, or the ``model``'s) in its caption; the boxes' source."""
     values = {name: np.bincount(word_index, weights=trace.influence[0], minlength=len(words)) for name, trace in traces.items()}
-    captions = {PRETRAINED: "pre-trained: influence on the input", FINETUNED: "fine-tuned: influence on the input"}
-    if fine.predicted_label is not None:
-        captions[FINETUNED] = f"fine-tuned: predicts {fine.predicted_label} ({fine.probabilities.max():.0%})"
+    names = {PRETRAINED: "pre-trained", FINETUNED: "fine-tuned"} if model is None else {PRETRAINED: model}
+    captions = {name: f"{title}: influence on the input" for name, title in names.items()}
+    if last.predicted_label is not None:
+        captions[list(names)[-1]] = f"{list(names.values())[-1]}: predicts {last.predicted_label} ({last.probabilities.max():.0%})"
     element = sentence_view(words, values, captions, max_chars=62)
     fig, sources = render_bound(element, SENTENCE_LAYERS, sentence_frames(words, values, captions, max_chars=62))
     sources["boxes"].name = "sentence_words"
     return fig, sources["boxes"]
 
 
-def _matrix_rows(pre: AttentionRecord, fine: AttentionRecord, js: np.ndarray, top_heads: int) -> list[LayoutDOM]:
-    """For the ``top_heads`` heads the models differ most on: both models' matrices side by side."""
+def _matrix_rows(records: Mapping[str, AttentionRecord], values: np.ndarray, top_heads: int) -> list[LayoutDOM]:
+    """The matrices of the ``top_heads`` heads of largest ``values``: both models' side by side (the heads they differ most on), or one model's two a row."""
     if top_heads == 0:
         return []
-    size = int(np.clip(4 * pre.n_tokens, 340, 560))
+    first = records[PRETRAINED]
+    size = int(np.clip(4 * first.n_tokens, 340, 560))
+    heads = [np.unravel_index(int(flat), values.shape) for flat in np.argsort(-values, axis=None, kind="stable")[:top_heads]]
+    if len(records) == 1:
+        caption = f"<b>The {top_heads} heads with the {SINGLE_MEASURE[1]}</b>"
+        measure = SINGLE_MEASURE[1].split(" (")[0]
+        figures = [_matrix_figure(first.source.head(layer, head), first.tokens, f"layer {layer + 1}, head {head + 1} ({measure} {values[layer, head]:.3f})", size) for layer, head in heads]
+        return [Div(text=caption, styles=PAGE_STYLE), *(row(*figures[i : i + 2]) for i in range(0, len(figures), 2))]
     rows: list[LayoutDOM] = [Div(text=f"<b>The {top_heads} heads the models differ most on</b> (Jensen-Shannon divergence of their rows)", styles=PAGE_STYLE)]
-    for flat in np.argsort(-js, axis=None, kind="stable")[:top_heads]:
-        layer, head = np.unravel_index(int(flat), js.shape)
-        titles = {name: f"{MODEL_TITLES[name]}: layer {layer + 1}, head {head + 1} (JS {js[layer, head]:.3f} bits)" for name in (PRETRAINED, FINETUNED)}
-        rows.append(row(*(_matrix_figure(record.source.head(layer, head), record.tokens, titles[name], size) for name, record in ((PRETRAINED, pre), (FINETUNED, fine)))))
+    for layer, head in heads:
+        titles = {name: f"{MODEL_TITLES[name]}: layer {layer + 1}, head {head + 1} (JS {values[layer, head]:.3f} bits)" for name in records}
+        rows.append(row(*(_matrix_figure(record.source.head(layer, head), record.tokens, titles[name], size) for name, record in records.items())))
     return rows
 
 
@@ -465,16 +496,21 @@ def _model_name(model_id: str) -> str:
     return "/".join(Path(model_id).parts[-2:]) if os.path.isabs(model_id) else model_id
 
 
-def _header_html(pre: AttentionRecord, fine: AttentionRecord, tau: float, alpha: float, top_k: int) -> str:
+def _header_html(records: Sequence[AttentionRecord], tau: float, alpha: float, top_k: int) -> str:
     """Title, the input, the models and the settings; every text from users and models escaped."""
     e = html.escape
-    parts = [f"<h2 style='margin: 0 0 6px 0'>{DEFAULT_TITLE}</h2>", f"<div><b>Sentence:</b> {e(pre.text)}</div>"]
+    pre, last = records[0], records[-1]
+    parts = [f"<h2 style='margin: 0 0 6px 0'>{DEFAULT_TITLE if len(records) == 2 else SINGLE_TITLE}</h2>", f"<div><b>Sentence:</b> {e(pre.text)}</div>"]
     if pre.text_pair is not None:
         parts.append(f"<div><b>Second segment:</b> {e(pre.text_pair)}</div>")
-    models = f"pre-trained <code>{e(_model_name(pre.model_id))}</code>, fine-tuned <code>{e(_model_name(fine.model_id))}</code>"
-    if fine.predicted_label is not None:
-        models += f"; the fine-tuned model predicts <b>{e(fine.predicted_label)}</b> ({fine.probabilities.max():.0%})"
-    parts.append(f"<div><b>Models:</b> {models}</div>")
+    if len(records) == 2:
+        models = f"pre-trained <code>{e(_model_name(pre.model_id))}</code>, fine-tuned <code>{e(_model_name(last.model_id))}</code>"
+        predicts = "; the fine-tuned model predicts"
+    else:
+        models, predicts = f"<code>{e(_model_name(pre.model_id))}</code>", "; it predicts"
+    if last.predicted_label is not None:
+        models += f"{predicts} <b>{e(last.predicted_label)}</b> ({last.probabilities.max():.0%})"
+    parts.append(f"<div><b>{'Models' if len(records) == 2 else 'Model'}:</b> {models}</div>")
     truncated = f", the last {pre.n_truncated} dropped (model maximum)" if pre.n_truncated else ""
     kept = f"top k = {top_k} (strongest edges kept per token)" if top_k else "top k = 0 (every edge of at least tau)"
     parts.append(f"<div><b>Settings:</b> CLS trace from {e(pre.root_name)} at the last layer, tau = {tau:g}, alpha = {alpha:g}, {kept}, heads combined by union; {pre.n_tokens} tokens{truncated}</div>")

@@ -119,3 +119,44 @@ def test_extract_reads_a_corpus_in_the_encoding_asked_for(tiny_dir: Path, tmp_pa
     assert "fr.txt line 1 is not valid utf-8" in capsys.readouterr().err and not (tmp_path / "refused").exists()
     assert main(["extract", str(corpus), "--model", str(tiny_dir), "-o", str(tmp_path / "run"), "--encoding", "latin-1", "--quiet"]) == 0
     assert RunStore.open(tmp_path / "run").sentences()["text"].tolist() == ["un film na\u00efve"]
+
+
+def test_export_one_model_from_a_text_file(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "review.txt"
+    text.write_text("the car was good\n\nand i love it, " * 3, encoding="utf-8")
+    out = tmp_path / "one.html"
+    assert main(["export", "--model", str(tiny_dir), "--text-file", str(text), "-o", str(out), "--quiet"]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "<title>attnflows: attention flows</title>" in page and "the car was good" in page
+    assert capsys.readouterr().out.startswith(f"{out}: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--text", "hi", "--text-file", "{text}"], "give --text or --text-file, not both"),
+        (["--text-file", "{missing}"], "text file does not exist: {missing}"),
+        (["--text-file", "{latin}"], "latin.txt line 1 is not valid utf-8: byte 0xe9 at byte offset 3; pass the file's encoding (for example encoding='latin-1')"),
+        (["--text-file", "{blank}"], "--text-file blank.txt is empty: give a file with the text to export"),
+        (["--model", "{model}", "--pretrained", "{model}"], "give --model for one model, or --pretrained/--finetuned for a pair, not both"),
+    ],
+)
+def test_export_input_errors_are_one_line_and_write_nothing(args: list[str], error: str, tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = {"text": tmp_path / "text.txt", "missing": tmp_path / "missing.txt", "latin": tmp_path / "latin.txt", "blank": tmp_path / "blank.txt", "model": tiny_dir}
+    files["text"].write_text("the car", encoding="utf-8")
+    files["latin"].write_bytes("caf\u00e9".encode("latin-1"))
+    files["blank"].write_text("\u200b \n", encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["export", *(a.format(**files) for a in args), "-o", str(out / "x.html"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"attnflows: error: {error.format(**files)}"
+    assert list(out.iterdir()) == []
+
+
+def test_export_reads_a_text_file_in_the_encoding_asked_for(tiny_dir: Path, tmp_path: Path) -> None:
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("the caf\u00e9 was good".encode("latin-1"))
+    out = tmp_path / "latin.html"
+    assert main(["export", "--model", str(tiny_dir), "--text-file", str(latin), "--encoding", "latin-1", "-o", str(out), "--quiet"]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "the caf\\u00e9 was good" in page or "the caf\u00e9 was good" in page  # Bokeh's JSON may escape it

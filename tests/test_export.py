@@ -17,7 +17,7 @@ from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, compar
 from attnflows_panel.cli import main
 from attnflows_panel.errors import InputError
 from attnflows_panel.export import EDGE_FIELDS, NODE_FIELDS, dashboard_html, dashboard_layout, export_dashboard, sparse_attention
-from attnflows_panel.extract import extract_pair
+from attnflows_panel.extract import extract_pair, merge_tokens
 from attnflows_panel.plots.flow_diagram import flow_edges
 from attnflows_panel.plots.head_grid import heads_at
 
@@ -327,3 +327,32 @@ def test_a_128_token_sentence_of_the_real_pair_stays_small(real_pair, tmp_path: 
     assert records[0].n_tokens >= 126
     path = export_dashboard(records, tmp_path / "long.html")
     assert path.stat().st_size < 3 * 2**20  # BertViz: 53.5 MB for one model
+
+
+def test_one_model_exports_its_own_dashboard(tiny, tmp_path: Path) -> None:
+    """``attnflows export --model``: the grid shows each head's largest weight, the flow and words one model, the matrices its top heads."""
+    from attnflows_panel.analysis.heads import head_measures
+    from attnflows_panel.extract import extract
+    from attnflows_panel.plots import short_name
+
+    record = extract(tiny, None, "the car was good and i love it")
+    layout = dashboard_layout((record,), top_heads=3)
+    trace = trace_cls_flow(record.attention, tau=0.1, alpha=0.5, top_k=3)
+    edges = layout.select_one({"name": "flow_edges"}).data
+    assert len(edges["key"]) == trace.n_edges and set(edges["label"]) <= {PRETRAINED}
+    assert all(legend.startswith("traced (") for legend in edges["legend"])
+    title = layout.select_one({"name": "flow"}).title.text
+    assert title.startswith(f"{short_name(record.model_id)} from [CLS]: {trace.n_edges} edges") and "fine-tuned" not in title
+    grid = layout.select_one({"name": "head_grid"}).data
+    largest = head_measures(record.attention, record.tokens, record.cls_mask, record.sep_mask)["max_weight"]
+    np.testing.assert_allclose(sorted(grid[next(k for k in grid if k not in ("layer", "head", "layer_label", "head_label"))]), sorted(largest.ravel()), rtol=1e-6)
+    matrices = [p for p in layout.select({"type": Plot}) if p.title is not None and p.title.text.startswith("layer ")]
+    best = np.unravel_index(int(np.argmax(largest)), largest.shape)
+    assert len(matrices) == 3 and any(m.title.text.startswith(f"layer {best[0] + 1}, head {best[1] + 1} (") for m in matrices)
+    words = layout.select_one({"name": "sentence_words"}).data
+    assert len(words["value"]) == len(merge_tokens(record.tokens, record.word_ids)[0])  # one row of words
+    page = dashboard_html((record,), top_heads=0)
+    assert "<title>attnflows: attention flows</title>" in page and "<b>Model:</b>" in layout.select_one({"name": "header"}).text
+    with pytest.raises(InputError, match="or one model's record, got 3 records"):
+        export_dashboard((record,) * 3, tmp_path / "three.html")
+    assert list(tmp_path.iterdir()) == []

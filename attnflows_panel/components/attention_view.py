@@ -25,6 +25,7 @@ from attnflows_panel.errors import AttnflowsError
 from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
+from attnflows_panel.plots import short_name
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_clim, matrix_frames
 from attnflows_panel.plots.bound import Layer, renderer
 from attnflows_panel.plots.flow_diagram import TRACE_ENCODING, flow_diagram, flow_frames, flow_layers
@@ -83,14 +84,6 @@ and weights; token positions count from 0 (`[CLS]` is 0), as the tokenizer numbe
 with the fine-tuned model's prediction. **Matrices**: the attention of the selected head (or the mean of the
 selected heads), query rows against key columns.
 """
-
-
-def short_name(model_id: str) -> str:
-    """The last part of a hub name or path, for titles (with its parent when the last part is a generic "model")."""
-    parts = [p for p in model_id.replace("\\", "/").split("/") if p]
-    if len(parts) > 1 and parts[-1].lower() in ("model", "models", "checkpoint", "final"):
-        return "/".join(parts[-2:])
-    return parts[-1] if parts else model_id
 
 
 def level_name(level: int) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.analysis.flows import PRETRAINED
-from attnflows_panel.components.attention_view import AttentionView, short_name
+from attnflows_panel.components.attention_view import AttentionView
 from attnflows_panel.models.loading import LoadedModel
+from attnflows_panel.plots import short_name
 
 
 class SingleView(AttentionView):

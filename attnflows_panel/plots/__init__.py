@@ -10,3 +10,11 @@ FINETUNED_COLOR = "#96519b"
 SHARED_COLOR = "#8a8a8a"
 
 MODEL_TITLES = {"pretrained": "pre-trained", "finetuned": "fine-tuned"}
+
+
+def short_name(model_id: str) -> str:
+    """The last part of a hub name or path, for titles (with its parent when the last part is a generic "model")."""
+    parts = [p for p in model_id.replace("\\", "/").split("/") if p]
+    if len(parts) > 1 and parts[-1].lower() in ("model", "models", "checkpoint", "final"):
+        return "/".join(parts[-2:])
+    return parts[-1] if parts else model_id

@@ -17,6 +17,7 @@ from attnflows_panel.analysis.source import DenseAttention
 from attnflows_panel.export import export_dashboard, flow_message, flow_title, status_html
 from attnflows_panel.extract import extract_pair, merge_tokens
 from attnflows_panel.plots.flow_diagram import edge_counts, flow_edges, flow_nodes
+from attnflows_panel.plots import short_name
 from attnflows_panel.plots.head_grid import heads_at
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -82,7 +83,8 @@ def mask_of(page, indices: list[int], shape: tuple[int, int]) -> np.ndarray:
 
 
 def python_traces(records, mask: np.ndarray, tau: float, alpha: float, top_k: int) -> dict:
-    return {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None) for name, r in zip((PRETRAINED, FINETUNED), records, strict=True)}
+    """Each model's trace (the pair's two, or one model's, named pre-trained as the export names it)."""
+    return {name: trace_cls_flow(r.attention, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None) for name, r in zip((PRETRAINED, FINETUNED), records, strict=False)}
 
 
 def hidden_by_top_k(records, mask: np.ndarray, tau: float, alpha: float, top_k: int, shown: int) -> int:
@@ -111,18 +113,22 @@ def assert_matches_python(page, records, mask: np.ndarray, tau: float, alpha: fl
         np.testing.assert_array_equal(nodes[column], expected_nodes[column].to_numpy(), err_msg=column)
     words, index = merge_tokens(pre.tokens, pre.word_ids)
     shaded = source(page, "sentence_words")["value"]
-    expected_words = np.concatenate([np.bincount(index, weights=traces[name].influence[0], minlength=len(words)) for name in (PRETRAINED, FINETUNED)])
+    expected_words = np.concatenate([np.bincount(index, weights=trace.influence[0], minlength=len(words)) for trace in traces.values()])
     np.testing.assert_array_equal(shaded, expected_words)
     assert source(page, "flow_message")["text"] == [flow_message(traces, mask, tau)]
     counts = edge_counts(expected["label"].to_numpy())
-    shown = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size
+    pair = len(records) == 2
+    shown = compare_traces(traces[PRETRAINED], traces[FINETUNED]).edge_label.size if pair else traces[PRETRAINED].n_edges
     assert sum(counts.values()) == len(edges["key"]) == shown
     hidden = hidden_by_top_k(records, mask, tau, alpha, top_k, shown)
     assert hidden >= 0
     status, title = page.evaluate(TEXT_OF, "edge_count"), page.evaluate(FLOW_TITLE)
-    assert status == status_html(counts, int(mask.sum()), mask.size, hidden, top_k)
-    assert title == flow_title(counts, hidden, top_k)
-    if hidden:
+    model = None if pair else short_name(pre.model_id)
+    assert status == status_html(counts, int(mask.sum()), mask.size, hidden, top_k, pair)
+    assert title == flow_title(counts, hidden, top_k, model=model)
+    if not pair:
+        assert title.startswith(f"{model} from [CLS]: {shown} edges") and "pre-trained" not in title + status
+    elif hidden:
         assert title.startswith(f"pre-trained vs fine-tuned from [CLS]: {shown} edges (") and title.endswith(f"); {hidden} weaker hidden (top {top_k} per token)")
         assert f"; {hidden} weaker hidden (top {top_k} per token); " in status
     else:
@@ -135,8 +141,10 @@ def tiny_records(tiny_pair):
     return extract_pair(tiny_pair, TINY_TEXT)
 
 
-@pytest.mark.parametrize("top_k", [3, 0])
-def test_browser_trace_equals_trace_cls_flow_for_any_head_selection(page, tiny_records, tmp_path: Path, top_k: int) -> None:
+@pytest.mark.parametrize(("top_k", "models"), [(3, 2), (0, 2), (3, 1)])
+def test_browser_trace_equals_trace_cls_flow_for_any_head_selection(page, tiny_records, tmp_path: Path, top_k: int, models: int) -> None:
+    """Both models of a pair, or one model alone (``attnflows export --model``)."""
+    tiny_records = tiny_records[:models]
     attention = tiny_records[0].attention
     tau = float(np.sort(attention.ravel())[int(0.8 * attention.size)])  # one entry sits exactly on the threshold
     alpha = 0.3

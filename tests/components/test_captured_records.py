@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 
@@ -92,12 +94,11 @@ def test_a_view_of_captured_records_draws_what_a_view_of_dense_records_draws(tin
     views = []
     for budget in (extract_module.DENSE_RECORD_BYTES, 0):
         monkeypatch.setattr(extract_module, "DENSE_RECORD_BYTES", budget)
-        records_module._CACHE.clear()  # the cross-session cache would hand back the other kind of record
+        monkeypatch.setattr(records_module, "_CACHE", OrderedDict())  # the cross-session cache would hand back the other kind of record
         view = CompareView(tiny_pair, TEXT, tau=0.05)
         view.select_heads([(1, 0), (1, 2), (0, 1)])
         view.param.update(root=(2, 3), shading="attention", units="words")
         views.append(view)
-    records_module._CACHE.clear()
     dense, captured = views
     assert isinstance(captured.records[0].source, QueryKeyAttention) and isinstance(dense.records[0].source, DenseAttention)
     for live, again in [(captured.flows[MERGED], dense.flows[MERGED]), (captured.sentence, dense.sentence), *zip(captured.matrices.values(), dense.matrices.values(), strict=True), (captured.grid, dense.grid)]:
