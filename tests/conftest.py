@@ -204,7 +204,7 @@ def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
 
 @pytest.fixture(autouse=True)
 def stop_panel_servers():
-    """Stop the servers ``serve_component`` starts and forget their sessions' state and current documents.
+    """Stop the servers ``serve_component`` starts and forget their sessions' state.
 
     Their non-daemon threads would keep pytest from exiting, and a template's busy indicator left in
     Panel's global state would be updated, outside its document's lock, by the next test's callbacks.
@@ -212,11 +212,6 @@ def stop_panel_servers():
     yield
     if "panel" in sys.modules:
         sys.modules["panel"].state.reset()
-    if "bokeh.io.doc" in sys.modules:
-        # A served session's coroutine still awaiting model work when its server stops never leaves Bokeh's
-        # patch_curdoc block, so its document would stay "current" for this thread, and the next test's views,
-        # seeing a served session, would hand their work to a loop that is gone (Bokeh 3.9's module-level list).
-        sys.modules["bokeh.io.doc"]._PATCHED_CURDOCS.clear()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from attnflows_panel.analysis.heads import head_measures
 from attnflows_panel.analysis.source import DenseAttention, QueryKeyAttention, WordAttention
 from attnflows_panel.analysis.words import word_level
 from attnflows_panel.components import CompareView
+from attnflows_panel.components import model_work
 from attnflows_panel.components import records as records_module
 from attnflows_panel.export import dashboard_html, sparse_attention
 from attnflows_panel.extract import extract_pair
@@ -91,6 +92,9 @@ def test_word_level_merges_a_source_as_it_merges_an_array(both) -> None:
 
 
 def test_a_view_of_captured_records_draws_what_a_view_of_dense_records_draws(tiny_pair, monkeypatch) -> None:
+    # an in-process server of an earlier browser test can leave its document current in Bokeh's global list:
+    # run the model inline here whatever that says (serving is not what this test is about)
+    monkeypatch.setattr(model_work, "on_server", lambda: False)
     views = []
     for budget in (extract_module.DENSE_RECORD_BYTES, 0):
         monkeypatch.setattr(extract_module, "DENSE_RECORD_BYTES", budget)
