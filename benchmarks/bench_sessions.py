@@ -43,6 +43,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bokeh.models import Plot
 from playwright.async_api import Browser, Page, async_playwright
 
 try:
@@ -264,13 +265,19 @@ class ProtocolUser:
         self.results.add(phase, "open page", (time.monotonic() - start) * 1000)
         return True
 
+    def _title(self) -> str | None:
+        """The flow diagram's title: a brush that leaves the edges as they were (none before, none after) still changes it."""
+        edges = self._edges()
+        plot = next((p for p in self.session.document.select({"type": Plot}) if any(getattr(r, "data_source", None) is edges for r in p.renderers)), None)
+        return None if plot is None or plot.title is None else plot.title.text
+
     async def _timed(self, phase: str, kind: str, change) -> None:
-        before = self._edges()
+        before, title = self._edges(), self._title()
         self.session.patched.clear()
         start = time.monotonic()
         change()
         try:
-            await self.session.wait_for(lambda: self._drawn() and (self._edges() is not before or id(before) in self.session.patched), TIMEOUT_MS / 1000)
+            await self.session.wait_for(lambda: self._drawn() and (self._edges() is not before or id(before) in self.session.patched or self._title() != title), TIMEOUT_MS / 1000)
         except TimeoutError as error:
             self.results.errors.append(f"{self.app} (protocol): {kind}: {error}")
             return
