@@ -245,8 +245,13 @@ def forward_attention(lm: LoadedModel, encodings: Sequence[Encoding], max_batch:
             out = lm.model(**inputs, output_attentions=True, return_dict=True)
         if not out.attentions:
             raise ModelError(f"{lm.model_id} returned no attentions; load it with attn_implementation='eager'")
-        attention = torch.stack(out.attentions, dim=1).float().cpu().numpy()  # [B, L, H, n, n]
         logits = prediction_logits(inputs, out.logits).float().cpu().numpy() if getattr(out, "logits", None) is not None else None
+        layers = list(out.attentions)
+        del out  # each layer's tensor is freed once copied: the peak is the record and one layer, not twice the record
+        attention = np.empty((layers[0].shape[0], len(layers), *layers[0].shape[1:]), dtype=np.float32)  # [B, L, H, n, n]
+        for index in range(len(layers)):
+            attention[:, index] = layers[index].float().cpu().numpy()
+            layers[index] = None
         for row, i in enumerate(batch):
             n = len(encodings[i].input_ids)
             results[i] = (
@@ -254,6 +259,11 @@ def forward_attention(lm: LoadedModel, encodings: Sequence[Encoding], max_batch:
                 None if logits is None else logits[row].copy(),
             )
     return results
+
+
+def _mask_key(mask: Any) -> tuple[Any, ...]:
+    """The same key for every layer's view of one mask tensor (each layer slices its own view object)."""
+    return (mask.data_ptr(), tuple(mask.shape), mask.stride())
 
 
 def forward_sources(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: int = 32) -> list[tuple[QueryKeyAttention, np.ndarray | None]]:
@@ -272,15 +282,15 @@ def forward_sources(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: i
         logits = prediction_logits(inputs, out.logits).float().cpu().numpy() if getattr(out, "logits", None) is not None else None
         for row, i in enumerate(batch):
             n = len(encodings[i].input_ids)
-            masks: dict[int, np.ndarray | None] = {}  # layers share one mask tensor: keep one copy of each
+            masks: dict[Any, np.ndarray | None] = {}  # layers slice views of one mask tensor: keep one copy of each storage
             for layer in layers:
-                if layer.mask is not None and id(layer.mask) not in masks:
+                if layer.mask is not None and _mask_key(layer.mask) not in masks:
                     m = layer.mask[row, 0, :n, :n].float().cpu().numpy()
-                    masks[id(layer.mask)] = np.ascontiguousarray(m) if m.any() else None
+                    masks[_mask_key(layer.mask)] = np.ascontiguousarray(m) if m.any() else None
             source = QueryKeyAttention(
                 [layer.query[row, :, :n].float().cpu().numpy().copy() for layer in layers],
                 [layer.key[row, :, :n].float().cpu().numpy().copy() for layer in layers],
-                [None if layer.mask is None else masks[id(layer.mask)] for layer in layers],
+                [None if layer.mask is None else masks[_mask_key(layer.mask)] for layer in layers],
                 [layer.scaling for layer in layers],
                 [layer.softcap for layer in layers],
             )

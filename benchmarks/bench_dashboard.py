@@ -316,6 +316,34 @@ def bench_new_input(pair: ModelPair, n_tokens: int, repeats: int) -> None:
     print(f"typed into the live view: median {u:.0f} ms over {len(updates)} texts | new view for it: median {r:.0f} ms | ratio new view / typed {r / u:.2f}x")
 
 
+def bench_record_kinds(pair: ModelPair, n_tokens: int, rounds: int) -> None:
+    """At the longest input: brushes and new inputs on records of captured queries and keys (the default past
+    extract.DENSE_RECORD_BYTES) against the same on dense records, and the bytes each holds per input."""
+    import attnflows_panel.extract as extract_module
+    from attnflows_panel.components import records as records_module
+
+    budget, results = extract_module.DENSE_RECORD_BYTES, {}
+    texts = new_inputs(pair, n_tokens, 3)
+    try:
+        for kind, dense_bytes in (("dense", 2**62), ("queries and keys", budget)):
+            extract_module.DENSE_RECORD_BYTES = dense_bytes
+            records_module._CACHE.clear()  # a record of the other kind must not be reused
+            view = CompareView(pair, texts[0])
+            doc, _ = render(view)
+            brush(view, doc, [(pair.n_layers - 1, 0)])  # warm-up, not counted
+            updates = [1e3 * sum(brush(view, doc, heads)[:2]) for _, heads in brushes(pair.n_layers, pair.n_heads, rounds)]
+            typed = [1e3 * type_text(view, doc, text) for text in texts[1:]]
+            results[kind] = (statistics.median(updates), statistics.median(typed), sum(r.source.nbytes for r in view.records))
+    finally:
+        extract_module.DENSE_RECORD_BYTES = budget
+        records_module._CACHE.clear()
+    print(f"== records at {n_tokens} tokens: queries and keys against dense ({load()}); name, queries and keys, dense, ratio ==")
+    (b_qk, t_qk, m_qk), (b_d, t_d, m_d) = results["queries and keys"], results["dense"]
+    print(f"head brush median      {b_qk:8.0f} ms  {b_d:8.0f} ms  {b_qk / b_d:.2f}x")
+    print(f"new input median       {t_qk:8.0f} ms  {t_d:8.0f} ms  {t_qk / t_d:.2f}x")
+    print(f"attention held (pair)  {m_qk / 2**20:8.1f} MB  {m_d / 2**20:8.1f} MB  {m_qk / m_d:.2f}x")
+
+
 def load() -> str:
     """The machine's load, to read the timings by (other processes may share the cores)."""
     return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
@@ -340,6 +368,7 @@ def main() -> None:
         bench_brush(pair, 128, rounds=2, n_rebuilds=4)
     for n_tokens in (64,) if args.quick else (64, 128, pair.pretrained.max_tokens):
         bench_new_input(pair, n_tokens, repeats=2 if args.quick else 3)
+    bench_record_kinds(pair, pair.pretrained.max_tokens, rounds=1 if args.quick else 2)
     if args.profile:
         profile_brush(pair, 64)
 

@@ -80,7 +80,7 @@ def test_blocks_of_a_source_agree_with_its_dense_array(tmp_path: Path) -> None:
         chunks = list(s.row_chunks(1, chunk_bytes=4 * 4 * A.shape[-1] * 3))  # three rows of four heads a chunk
         assert len(chunks) == -(-A.shape[-1] // 3)
         np.testing.assert_allclose(np.concatenate([block for _, block in chunks], axis=1), A[1], atol=1e-7)
-    assert source.nbytes - source.cache_limit < dense.nbytes  # queries and keys (n * d a head), not n * n
+    assert source.nbytes < dense.nbytes  # queries and keys (n * d a head), not n * n
 
 
 def test_a_model_without_attnflows_attention_is_one_line(tiny) -> None:
@@ -117,3 +117,12 @@ def test_traces_and_head_measures_read_a_source_as_they_read_its_array(tmp_path:
         assert lazy[name].shape == (2, 4)
         np.testing.assert_allclose(lazy[name], values, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(lazy["attn_first"], A[..., 0].mean(-1), atol=1e-6)  # the attention sink
+
+
+def test_layers_keep_one_copy_of_their_shared_mask(tmp_path: Path) -> None:
+    """Every layer slices its own view of one mask tensor: a source keeps one array for all of them, and counts it once."""
+    lm = load_encoder(save_tiny_decoder(tmp_path / "llama", "llama"))
+    for source, _ in forward_sources(lm, [encode(lm, text) for text in TEXTS], max_batch=8):  # padded batches, causal masks
+        masks = [m for m in source.masks if m is not None]
+        assert len(masks) == source.n_layers and len({id(m) for m in masks}) == 1
+        assert source.nbytes == sum(a.nbytes for a in (*source.queries, *source.keys)) + masks[0].nbytes

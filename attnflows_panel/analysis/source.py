@@ -7,16 +7,13 @@ in row chunks; :class:`QueryKeyAttention` computes only those, so an input of n 
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 CHUNK_BYTES = 64 * 2**20  # largest float32 block a row walk computes at once
-LAYER_CACHE_BYTES = 16 * 2**20  # computed layers a QueryKeyAttention keeps for the next read
 
 
 class AttentionSource(ABC):
@@ -113,7 +110,7 @@ class QueryKeyAttention(AttentionSource):
 
     ``queries[l]`` is ``[H, n, d]``, ``keys[l]`` ``[H_kv, n, d]`` (query head h reads key head
     ``h // (H / H_kv)``), ``masks[l]`` an additive ``[n, n]`` float mask or None; layers may share a mask.
-    A layer small enough is computed whole on its first read and kept, newest first, within ``cache_bytes``.
+    Nothing computed is kept: a source holds ``O(L * H * n * d)`` numbers, and each read costs its block's products.
     """
 
     def __init__(
@@ -123,7 +120,6 @@ class QueryKeyAttention(AttentionSource):
         masks: Sequence[np.ndarray | None],
         scalings: Sequence[float],
         softcaps: Sequence[float | None],
-        cache_bytes: int = LAYER_CACHE_BYTES,
     ) -> None:
         if not queries or not len(queries) == len(keys) == len(masks) == len(scalings) == len(softcaps):
             raise ValueError("queries, keys, masks, scalings and softcaps need one entry per layer")
@@ -133,49 +129,16 @@ class QueryKeyAttention(AttentionSource):
         self.queries, self.keys, self.masks = list(queries), list(keys), list(masks)
         self.scalings, self.softcaps = [float(s) for s in scalings], list(softcaps)
         self.shape = (len(queries), H, n, n)
-        self.cache_bytes = int(cache_bytes)
-        self._layers: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @property
-    def _layer_bytes(self) -> int:
-        return self.n_heads * self.n_tokens * self.n_tokens * 4
-
-    @property
-    def cache_limit(self) -> int:
-        """The most the layer cache holds: the whole layers that fit ``cache_bytes``."""
-        return self._layer_bytes * min(self.n_layers, self.cache_bytes // self._layer_bytes)
 
     @property
     def nbytes(self) -> int:
-        """The queries, keys and masks held, and :attr:`cache_limit`."""
-        arrays = {id(a): a for a in (*self.queries, *self.keys, *self.masks) if a is not None}
-        return int(sum(a.nbytes for a in arrays.values())) + self.cache_limit
+        """The queries, keys and masks held (a mask shared by layers once)."""
+        arrays = {(a.__array_interface__["data"][0], a.nbytes): a for a in (*self.queries, *self.keys, *self.masks) if a is not None}
+        return int(sum(a.nbytes for a in arrays.values()))
 
     def rows(self, layer: int, heads: Any = None, queries: Any = None) -> np.ndarray:
-        H, n = self.n_heads, self.n_tokens
-        whole = self._cached_layer(layer)
-        if whole is not None:
-            return DenseAttention(whole[None]).rows(0, heads, queries)
-        heads = np.arange(H) if heads is None else np.asarray(heads, dtype=np.int64)
+        heads = np.arange(self.n_heads) if heads is None else np.asarray(heads, dtype=np.int64)
         return self._compute(layer, heads, slice(None) if queries is None else np.asarray(queries, dtype=np.int64))
-
-    def _cached_layer(self, layer: int) -> np.ndarray | None:
-        """``[H, n, n]`` of ``layer`` from the cache, computed and cached when it fits; None when it does not fit."""
-        size = self._layer_bytes
-        if size > self.cache_bytes:
-            return None
-        with self._lock:
-            if layer in self._layers:
-                self._layers.move_to_end(layer)
-                return self._layers[layer]
-        whole = self._compute(layer, np.arange(self.n_heads), slice(None))
-        whole.setflags(write=False)  # handed out by reference, as a dense source's blocks are
-        with self._lock:
-            self._layers[layer] = whole
-            while len(self._layers) * size > self.cache_bytes:
-                self._layers.popitem(last=False)
-        return whole
 
     def _compute(self, layer: int, heads: np.ndarray, rows: Any) -> np.ndarray:
         """``[len(heads), rows, n]`` from the queries and keys."""
