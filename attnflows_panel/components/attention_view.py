@@ -61,27 +61,37 @@ def text_rows(text: str, chars_per_row: int = 42) -> int:
     return min(MAX_TEXT_ROWS, max(4, wrapped + 1))
 
 
-HOW_TO_READ = """
+def how_to_read(pair: bool) -> str:
+    """The always available explanation of the views (Markdown), for a pair of models or for one."""
+    head_map = (
+        "every head of both models, placed by how alike they attend over a corpus; a grey segment joins a head's pre-trained and fine-tuned copies."
+        if pair
+        else "every head of the model, placed by how alike they attend over a corpus."
+    )
+    colours = (
+        "**Colours**: grey edges are drawn by both models, turquoise only by the pre-trained model, purple only by the fine-tuned one (the legend counts each)."
+        if pair
+        else "Edges and the tokens they reach are turquoise (the legend counts the edges)."
+    )
+    sentence = "per model (darker = more, scaled to that model's largest word; hover a word for its value), with the fine-tuned model's prediction" if pair else "(darker = more, scaled to the largest word; hover a word for its value), with the model's prediction"
+    return f"""
 **Grid** (layer x head, layers and heads numbered from 1): one cell per attention head, coloured by the measure
 chosen in *Grid colour*. Drag a box or click cells to select heads; every other view then uses only those heads.
-Heads selected elsewhere (in the head map) are outlined in red. **Head map**: every head of both models, placed
-by how alike they attend over a corpus; a grey segment joins a head's pre-trained and fine-tuned copies.
+Heads selected elsewhere (in the head map) are outlined in red. **Head map**: {head_map}
 
 **Flow diagram**: each row is a level (*input* = the embeddings at the bottom, *layer l* = the output of
 layer l); each column is a token. The trace starts at the black **root** ([CLS] of the deepest layer, a decoder's last token; click a
 token to start there) and walks down: an **edge** joins a token to a token of the level below that it attends to
-with a weight of at least **tau** in a selected head (width = weight); an edge between the rows *layer l-1* and
-*layer l* belongs to layer l's heads. **Colours**: grey edges are drawn by both
-models, turquoise only by the pre-trained model, purple only by the fine-tuned one (the legend counts each).
+with a weight of at least **tau** in a selected head (width = weight: the strongest selected head's, or the heads' mean
+with *Heads: mean*); an edge between the rows *layer l-1* and *layer l* belongs to layer l's heads. {colours}
 **Node size** is the token's influence `I_l(w) = c_l(w) + alpha * I_(l+1)(w)`, where `c_l(w)` counts the
-edges reaching it; grey dots were not reached. Rollout and attention flow draw each edge's share of the root's
+edges reaching it (so the root's is 0); grey dots were not reached. Rollout and attention flow draw each edge's share of the root's
 relevance or flow instead; *heads' own edges* draws every edge of the selected heads, whether or not it reaches
 the root. Hover an edge (the query token above, the key it attends to below) or a token for its words, heads
 and weights; token positions count from 0 (`[CLS]` is 0), as the tokenizer numbers them.
 
-**Sentence view** (always whole words): each word shaded by its influence on the input (or by the root's attention), per model
-(darker = more, scaled to that model's largest word; hover a word for its value),
-with the fine-tuned model's prediction. **Matrices**: the attention of the selected head (or the mean of the
+**Sentence view** (always whole words): each word shaded by its influence on the input (or by the root's attention),
+{sentence}. **Matrices**: the attention of the selected head (or the mean of the
 selected heads), query rows against key columns.
 """
 
@@ -560,7 +570,7 @@ class AttentionView(pn.viewable.Viewer):
         return pn.Column(
             pn.pane.Markdown(self.models_line(), sizing_mode="stretch_width", margin=(0, 10)),
             self.notice_pane,
-            pn.Card(pn.pane.Markdown(HOW_TO_READ, sizing_mode="stretch_width"), title="How to read these views", collapsed=False, sizing_mode="stretch_width"),
+            pn.Card(pn.pane.Markdown(how_to_read(len(self.models) == 2), sizing_mode="stretch_width"), title="How to read these views", collapsed=False, sizing_mode="stretch_width"),
             self._figure_box,
             sizing_mode="stretch_width",
         )

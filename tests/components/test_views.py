@@ -567,3 +567,14 @@ def test_the_sentence_box_grows_with_the_text_set_from_python(tiny_pair) -> None
     assert box.rows == 7
     view.text = "bad " * 1000
     assert box.rows == MAX_TEXT_ROWS
+
+
+def test_how_to_read_speaks_of_the_models_shown(tiny_pair, tiny) -> None:
+    """/single's explanation names one model: no fine-tuned prediction, no segments between copies, no three edge colours."""
+    compare = CompareView(tiny_pair, TEXT).__panel__()[2][0].object
+    single = SingleView(tiny, TEXT).__panel__()[2][0].object
+    assert "both models" in compare and "purple only by the fine-tuned one" in compare and "fine-tuned model's prediction" in compare
+    assert "fine-tuned" not in single and "both models" not in single and "pre-trained" not in single
+    assert "Edges and the tokens they reach are turquoise" in single and "the model's prediction" in single
+    for text in (compare, single):
+        assert "the strongest selected head's" in text and "so the root's is 0" in text
