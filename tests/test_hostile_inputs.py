@@ -221,7 +221,7 @@ def test_batch_without_any_special_token_is_a_model_error(no_pad) -> None:
     ("given", "options", "message"),
     [
         ("none", {}, "nothing to export: no sentence has been run through the models"),
-        ("one", {}, "need the (pre-trained, fine-tuned) records of one input, got 1 records"),
+        ("three", {}, "need the (pre-trained, fine-tuned) records of one input, or one model's record, got 3 records"),
         ("two inputs", {}, "the two records tokenize the input differently; export the records of one input through one pair"),
         ("pair", {"tau": 5.0}, "tau must be in (0, 1], got 5.0"),
         ("pair", {"tau": float("nan")}, "tau must be in (0, 1], got nan"),
@@ -235,7 +235,7 @@ def test_batch_without_any_special_token_is_a_model_error(no_pad) -> None:
 )
 def test_hostile_export_is_a_one_line_input_error_and_writes_nothing(given: str, options: dict, message: str, tiny_pair, tmp_path: Path) -> None:
     pre, fine = extract_pair(tiny_pair, "the car was good")
-    records = {"none": None, "one": [pre], "two inputs": [pre, extract_pair(tiny_pair, "a film is bad")[1]], "pair": [pre, fine]}[given]
+    records = {"none": None, "three": [pre, fine, pre], "two inputs": [pre, extract_pair(tiny_pair, "a film is bad")[1]], "pair": [pre, fine]}[given]
     options = {"path": "report.html", **options}
     with pytest.raises(InputError) as info:
         export_dashboard(records, tmp_path / options.pop("path"), **options)
