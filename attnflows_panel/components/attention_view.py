@@ -353,13 +353,11 @@ class AttentionView(pn.viewable.Viewer):
                 shown = f"attention of {record.tokens[token]} (layer {level}, {heads.size} heads)"
             else:
                 lowest = int(traces[name].edge_layer.min()) if traces[name].n_edges else level
-                stops = f"; no edge reaches the input: stops at {level_name(lowest)}" if lowest > 0 else ""  # then only alpha-weighted deeper influence
-                start = "of every token" if self.method == "heads" else f"from {record.tokens[token]}, {level_name(level)}"
-                row, shown = traces[name].influence[0], f"influence on the input ({METHOD_NAMES[self.method]} {start}{stops})"
+                stops = f"; it stops at {level_name(lowest)}, above the input" if lowest > 0 else ""  # then only alpha-weighted deeper influence
+                row, shown = traces[name].influence[0], f"influence in the {METHOD_NAMES[self.method]}{stops}"
             values[name] = np.bincount(index, weights=row, minlength=len(words))
-            captions[name] = f"{self.titles[name]}: {shown}"
-            if record.predicted_label is not None:
-                captions[name] += f" · predicts {record.predicted_label} ({record.probabilities.max():.0%})"
+            predicts = f" (predicts {record.predicted_label}, {record.probabilities.max():.0%})" if record.predicted_label is not None else ""
+            captions[name] = f"{self.titles[name]}{predicts}: {shown}"  # where the trace starts is the flow diagram's title
         return words, values, captions
 
     # ------------------------------------------------------------------ drawing (a new figure: ranges fit the input)

@@ -46,6 +46,11 @@ BORDER = 4  # pixels around the frame
 BLOCK_GAP = 1.6  # lines between two models' blocks; the caption sits in it
 
 
+def fitted(caption: str, max_chars: int) -> str:
+    """``caption`` cut to the view's width with an ellipsis (a canvas text line never wraps)."""
+    return caption if len(caption) <= max_chars else caption[: max_chars - 1].rstrip() + "…"
+
+
 def shading(values: np.ndarray) -> np.ndarray:
     """Opacities in [0, 1]: the values scaled to their maximum (to 1 when none is positive), NaN as 0."""
     finite = values[np.isfinite(values)]
@@ -84,7 +89,7 @@ def sentence_frames(words: Sequence[str], values: Mapping[str, np.ndarray], capt
     })
     texts = pd.DataFrame({
         "x": np.r_[np.zeros(blocks), np.tile((x0 + x1) / 2, blocks)], "y": np.r_[tops + 1.0, y],
-        "text": np.r_[np.array([(captions or {}).get(m, m) for m in models], dtype=object), word_column],
+        "text": np.r_[np.array([fitted((captions or {}).get(m, m), max_chars) for m in models], dtype=object), word_column],
         **{k: np.array([CAPTION_STYLE[k]] * blocks + [WORD_STYLE[k]] * (n * blocks), dtype=object) for k in WORD_STYLE},
     })
     return {"boxes": boxes, "texts": texts}

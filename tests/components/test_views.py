@@ -293,7 +293,7 @@ def test_words_shaded_by_influence_or_by_the_root_tokens_attention(tiny_pair) ->
         row = record.attention[1, [0, 2], 3].mean(axis=0)
         np.testing.assert_allclose(shown(model), np.bincount(index, weights=row, minlength=len(words)), rtol=1e-6)
     caption = data(view.sentence, "texts")["text"][1]
-    assert caption.startswith(f"fine-tuned: attention of {view.records[1].tokens[3]} (layer 2, 2 heads) · predicts ")
+    assert caption.startswith("fine-tuned (predicts ") and caption.endswith(f"): attention of {view.records[1].tokens[3]} (layer 2, 2 heads)")
 
 
 def test_showing_the_view_again_shows_the_current_state(tiny_pair) -> None:
@@ -542,9 +542,22 @@ def test_the_sentence_view_says_when_no_edge_reaches_the_input(tiny_pair) -> Non
     view = CompareView(tiny_pair, TEXT, tau=0.05)
     view.select_heads([(1, 0)])  # the deepest layer only: the trace stops at layer 1
     caption = str(data(view.sentence, "texts")["text"][0])
-    assert caption.endswith("; no edge reaches the input: stops at layer 1)")
+    assert caption.endswith("influence in the CLS trace; it stops at layer 1, above the input")
     view.select_heads([])
-    assert "no edge reaches" not in str(data(view.sentence, "texts")["text"][0])
+    assert "stops at" not in str(data(view.sentence, "texts")["text"][0])
+
+
+def test_sentence_captions_fit_the_view_s_width(tiny_pair) -> None:
+    """A canvas caption never wraps: the prediction comes first, and a caption longer than the view is cut with an ellipsis."""
+    from attnflows_panel.plots.sentence_view import fitted
+
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    view.select_heads([(1, 0)])
+    for caption in data(view.sentence, "texts")["text"][:2]:
+        assert len(caption) <= 96
+    fine = str(data(view.sentence, "texts")["text"][1])
+    assert fine.startswith(f"fine-tuned (predicts {view.records[1].predicted_label}, ")
+    assert fitted("x" * 100, 96) == "x" * 95 + "…" and fitted("short", 96) == "short"
 
 
 def test_the_mouse_wheel_scrolls_the_page_not_the_plots(tiny_pair) -> None:
