@@ -353,7 +353,7 @@ class AttentionView(pn.viewable.Viewer):
                 shown = f"attention of {record.tokens[token]} (layer {level}, {heads.size} heads)"
             else:
                 lowest = int(traces[name].edge_layer.min()) if traces[name].n_edges else level
-                stops = f"; it stops at {level_name(lowest)}, above the input" if lowest > 0 else ""  # then only alpha-weighted deeper influence
+                stops = f", which stops at {level_name(lowest)}" if lowest > 0 else ""  # then only alpha-weighted deeper influence
                 row, shown = traces[name].influence[0], f"influence in the {METHOD_NAMES[self.method]}{stops}"
             values[name] = np.bincount(index, weights=row, minlength=len(words))
             predicts = f" (predicts {record.predicted_label}, {record.probabilities.max():.0%})" if record.predicted_label is not None else ""

@@ -542,7 +542,7 @@ def test_the_sentence_view_says_when_no_edge_reaches_the_input(tiny_pair) -> Non
     view = CompareView(tiny_pair, TEXT, tau=0.05)
     view.select_heads([(1, 0)])  # the deepest layer only: the trace stops at layer 1
     caption = str(data(view.sentence, "texts")["text"][0])
-    assert caption.endswith("influence in the CLS trace; it stops at layer 1, above the input")
+    assert caption.endswith("influence in the CLS trace, which stops at layer 1")
     view.select_heads([])
     assert "stops at" not in str(data(view.sentence, "texts")["text"][0])
 
