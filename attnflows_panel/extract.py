@@ -298,16 +298,12 @@ def forward_sources(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: i
     return results
 
 
-def forward_records(lm: LoadedModel, encodings: Sequence[Encoding]) -> list[tuple[AttentionSource, np.ndarray | None]]:
-    """Per input its attention and logits: dense while ``[L, H, n, n]`` fits :data:`DENSE_RECORD_BYTES` (or the model cannot be captured), else queries and keys."""
-    small = [i for i, e in enumerate(encodings) if not lm.captures or lm.n_layers * lm.n_heads * len(e.input_ids) ** 2 * 4 <= DENSE_RECORD_BYTES]
-    large = sorted(set(range(len(encodings))) - set(small))
-    results: list[tuple[AttentionSource, np.ndarray | None]] = [None] * len(encodings)  # type: ignore[list-item]
-    for i, (attention, logits) in zip(small, forward_attention(lm, [encodings[i] for i in small]) if small else [], strict=True):
-        results[i] = (DenseAttention(attention), logits)
-    for i, outcome in zip(large, forward_sources(lm, [encodings[i] for i in large], max_batch=1) if large else [], strict=True):
-        results[i] = outcome
-    return results
+def forward_record(lm: LoadedModel, encoding: Encoding) -> tuple[AttentionSource, np.ndarray | None]:
+    """One input's attention and logits: dense while ``[L, H, n, n]`` fits :data:`DENSE_RECORD_BYTES` (or the model cannot be captured), else queries and keys."""
+    if lm.captures and lm.n_layers * lm.n_heads * len(encoding.input_ids) ** 2 * 4 > DENSE_RECORD_BYTES:
+        return forward_sources(lm, [encoding])[0]
+    ((attention, logits),) = forward_attention(lm, [encoding])
+    return DenseAttention(attention), logits
 
 
 def make_record(lm: LoadedModel, encoding: Encoding, text: str, text_pair: str | None, attention: np.ndarray | AttentionSource, logits: np.ndarray | None) -> AttentionRecord:
@@ -342,7 +338,7 @@ def extract(model: Any, tokenizer: Any, text: str, text_pair: str | None = None,
     """
     lm = _as_loaded(model, tokenizer, model_id)
     encoding = encode(lm, text, text_pair)
-    ((attention, logits),) = forward_records(lm, [encoding])
+    attention, logits = forward_record(lm, encoding)
     return make_record(lm, encoding, text, text_pair, attention, logits)
 
 
@@ -351,7 +347,7 @@ def extract_pair(pair: ModelPair, text: str, text_pair: str | None = None) -> tu
     encoding = encode(pair.pretrained, text, text_pair)
     records = []
     for lm in (pair.pretrained, pair.finetuned):
-        ((attention, logits),) = forward_records(lm, [encoding])
+        attention, logits = forward_record(lm, encoding)
         records.append(make_record(lm, encoding, text, text_pair, attention, logits))
     return records[0], records[1]
 

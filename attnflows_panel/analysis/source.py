@@ -137,12 +137,9 @@ class QueryKeyAttention(AttentionSource):
         return int(sum(a.nbytes for a in arrays.values()))
 
     def rows(self, layer: int, heads: Any = None, queries: Any = None) -> np.ndarray:
-        heads = np.arange(self.n_heads) if heads is None else np.asarray(heads, dtype=np.int64)
-        return self._compute(layer, heads, slice(None) if queries is None else np.asarray(queries, dtype=np.int64))
-
-    def _compute(self, layer: int, heads: np.ndarray, rows: Any) -> np.ndarray:
-        """``[len(heads), rows, n]`` from the queries and keys."""
         H, n = self.n_heads, self.n_tokens
+        heads = np.arange(H) if heads is None else np.asarray(heads, dtype=np.int64)
+        rows = slice(None) if queries is None else np.asarray(queries, dtype=np.int64)
         q = self.queries[layer][heads][:, rows]  # [h, r, d]
         k = self.keys[layer][heads // (H // self.keys[layer].shape[0])]  # [h, n, d]
         scores = np.matmul(q, k.transpose(0, 2, 1))
