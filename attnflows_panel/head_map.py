@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +25,8 @@ def run_head_map(store: RunStore, n_sentences: int = HEAD_MAP_SENTENCES, *, mode
     cached = _read(path, key)
     if cached is not None:
         return cached
-    embedding = embed_head_distances(store_head_distances(store, names, ids), seed=seed)
-    payload = {"key": key, "method": embedding.method, "stress": embedding.stress, "points": _table(embedding.points), "moves": _table(embedding.moves)}
+    embedding = dataclasses.replace(embed_head_distances(store_head_distances(store, names, ids), seed=seed), n_sentences=len(ids))
+    payload = {"key": key, "method": embedding.method, "stress": embedding.stress, "n_sentences": len(ids), "points": _table(embedding.points), "moves": _table(embedding.moves)}
     write_json_atomic(path, payload)
     return embedding
 
@@ -57,6 +58,6 @@ def _read(path: Path, key: str) -> HeadEmbedding | None:
         if payload["key"] != key:
             return None
         points, moves = (pd.DataFrame({c: payload[t]["values"][c] for c in payload[t]["columns"]}) for t in ("points", "moves"))
-        return HeadEmbedding(points, moves, payload["method"], payload["stress"])
+        return HeadEmbedding(points, moves, payload["method"], payload["stress"], payload.get("n_sentences"))
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from attnflows_panel.corpus import Corpus, LabelSummary, heldout_sentiment_corpus, read_corpus, sentiment_corpus, split_corpus
+from attnflows_panel.corpus import Corpus, LabelSummary, clean_mojibake, heldout_sentiment_corpus, read_corpus, sentiment_corpus, split_corpus
 from attnflows_panel.errors import InputError
 
 
@@ -65,6 +65,21 @@ def test_bundled_sentiment_corpus() -> None:
     assert len(set(corpus.texts)) == len(corpus) > 20_000
     held = heldout_sentiment_corpus()
     assert len(held) == 1000 and held.texts == heldout_sentiment_corpus().texts
+    assert not [t for t in corpus.texts if not t.isascii() or "&amp;" in t or t != t.strip()]  # the file's debris is gone
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("I don\u00d5\u00a2_\x8a\u00ce_\x86\u00a2t want either!", "I don't want either!"),  # a curly apostrophe's debris
+        ("\u00d5\u00a2_\x8a\u00ce\x81\u00d0@user: cars \u00d5\u00a2_\x8a\u00ce\u00eb\x9d scary", "@user: cars scary"),  # quotes
+        ("drunk &amp; late", "drunk & late"),
+        ("no_debris_here in @some_user", "no_debris_here in @some_user"),
+        ("cars_\u00d1_.no", "cars .no"),
+    ],
+)
+def test_clean_mojibake(raw: str, clean: str) -> None:
+    assert clean_mojibake(raw) == clean
 
 
 def test_examples_are_valid_inputs(tiny) -> None:

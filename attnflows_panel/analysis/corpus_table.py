@@ -22,12 +22,13 @@ from attnflows_panel.paths import atomic_file, sha256_json
 from attnflows_panel.store import RunStore
 
 CACHE_FILE = "corpus_table.parquet"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 KEY_FIELD = b"attnflows_corpus_table_key"
 
 
 def corpus_table(store: RunStore, models: Sequence[str] = ("pretrained", "finetuned"), *, cache: bool = True, progress: bool = True) -> pd.DataFrame:
-    """One row per extracted sentence: text, label, each model's prediction, ``difference`` (bits) and ``n_tokens``.
+    """One row per extracted sentence: text, label, each classifier's prediction (and whether it is the label),
+    ``difference`` (bits) and ``n_tokens``.
 
     With ``cache``, the table is read from (or written to) ``RUN_DIR/corpus_table.parquet`` when the run is unchanged.
     """
@@ -68,6 +69,9 @@ def _build(store: RunStore, models: tuple[str, str], progress: bool) -> pd.DataF
         raise StoreError(f"{store.path} has no extracted sentences to tabulate")
     sentences = store.sentences()[["sentence_id", "text", "text_pair", "label"]]
     table = sentences.merge(_predictions(tokens, models), on="sentence_id", how="inner", validate="one_to_one")
+    for name in (n for n in models if f"predicted_{n}" in table.columns):
+        if set(table["label"].dropna()) & set(table[f"predicted_{name}"]):  # labels named as the model names its classes
+            table[f"correct_{name}"] = (table[f"predicted_{name}"] == table["label"]).where(table["label"].notna())
     table["difference"] = sentence_differences(store, models, table["sentence_id"].tolist(), progress)
     return table[[c for c in table.columns if c != "n_tokens"] + ["n_tokens"]]
 

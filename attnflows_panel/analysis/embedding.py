@@ -186,13 +186,15 @@ class HeadEmbedding:
     """Heads as 2-D points and, for each (layer, head), its move from ``models[0]`` to ``models[1]``.
 
     ``points``: model, layer, head, x, y. ``moves``: layer, head, x_from, y_from, x_to, y_to, dx, dy,
-    distance (empty for a single model). ``stress`` is the MDS stress (None for other methods).
+    distance (empty for a single model). ``stress`` is the MDS stress (None for other methods);
+    ``n_sentences`` how many sentences placed the heads, when known.
     """
 
     points: pd.DataFrame
     moves: pd.DataFrame
     method: str
     stress: float | None = None
+    n_sentences: int | None = None
 
 
 def align_orientation(X: np.ndarray) -> np.ndarray:

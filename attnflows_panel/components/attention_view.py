@@ -27,7 +27,7 @@ from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.plots import short_name
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_clim, matrix_frames
-from attnflows_panel.plots.bound import Layer, renderer
+from attnflows_panel.plots.bound import Layer, renderer, two_lines
 from attnflows_panel.plots.flow_diagram import TRACE_ENCODING, flow_diagram, flow_frames, flow_layers
 from attnflows_panel.plots.head_embedding import HIGHLIGHT_LAYERS, head_embedding, highlight_frames
 from attnflows_panel.plots.head_grid import GRID_LAYERS, grid_clim, grid_frames, grid_outline, grid_outline_frames, head_grid, heads_at
@@ -46,6 +46,7 @@ METHOD_NAMES = {"trace": "CLS trace", "rollout": "rollout", "flow": "attention f
 METHOD_TAU = {"trace": 0.1, "rollout": 0.01, "flow": 0.2, "heads": 0.3}  # each method's scale: a readable structure on the default input
 TOP_K_METHODS = ("trace", "heads")  # the methods that keep the k strongest edges of a token
 METHOD_ENCODING = {  # what node size and edge width mean, written under the flow diagram (the CLS trace's by default)
+    "heads": "node size: edges arriving (c + alpha × size above) · edge width: weight · node colour as the edges' · pale dot: no edge",
     "rollout": "node size: the root's rollout relevance · edge width: the relevance the edge carries · node colour as the edges' · black: root",
     "flow": "node size: the most attention flow from the root · edge width: the flow the edge can carry · node colour as the edges' · black: root",
 }
@@ -94,6 +95,11 @@ and weights; token positions count from 0 (`[CLS]` is 0), as the tokenizer numbe
 {sentence}. **Matrices**: the attention of the selected head (or the mean of the
 selected heads), query rows against key columns.
 """
+
+
+def tau_label(method: str) -> str:
+    """The tau slider's name: each flow method keeps a tau of its own, so it names the method."""
+    return f"tau for {METHOD_NAMES[method]} (edge threshold)"
 
 
 def level_name(level: int) -> str:
@@ -291,12 +297,19 @@ class AttentionView(pn.viewable.Viewer):
         """The CLS trace of ``record`` (from every token for the heads' own edges) for the current settings."""
         return trace_cls_flow(record.source, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine, top_k=top_k, every_token=self.method == "heads")
 
+    def _method_name(self) -> str:
+        """The method as titles name it: "CLS trace" only while it starts at an encoder's [CLS] in the deepest layer."""
+        record = self.shown[0]
+        if self.method == "trace" and (record.causal or self._root() != (self.n_layers, record.root_token)):
+            return "trace"
+        return METHOD_NAMES[self.method]
+
     def _flow_title(self, shown: tuple[str, ...], labels: np.ndarray) -> str:
         """Models, method, where the trace starts, the distinct edges drawn (split in the legend), and what top-k hides."""
         level, token = self._root()
         models = " vs ".join(self.titles[name] for name in shown)
         start = "of every token" if self.method == "heads" else f"from {self.shown[0].tokens[token]} ({level_name(level)})"
-        title = f"{models}: {METHOD_NAMES[self.method]} {start}, {labels.size} edges"
+        title = f"{models}: {self._method_name()} {start}, {labels.size} edges"
         hidden = self._hidden_by_top_k(shown) - labels.size
         heads = int(self.head_mask.sum())
         title += "" if heads == self.head_mask.size else f" ({heads} of {self.head_mask.size} heads)"
@@ -318,10 +331,15 @@ class AttentionView(pn.viewable.Viewer):
             return f"No edge: the trace starts at {self.shown[0].tokens[token]} in layer {level}, and no selected head is in layer {level}. Select a head of layer {level}, or draw the heads' own edges."
         return f"No edge of weight {self.tau:.2f} or more leaves {self.shown[0].tokens[token]}: lower tau."
 
+    def _encoding(self) -> str:
+        """What node sizes and edge widths mean, under each flow diagram (in two lines under half-width diagrams)."""
+        text = METHOD_ENCODING.get(self.method, TRACE_ENCODING)
+        return two_lines(text) if len(self._flow_layouts()) > 1 else text
+
     def _flow_frames(self, shown: tuple[str, ...]) -> tuple[dict, str]:
         traces = self._traces()
         drawn = {name: traces[name] for name in shown}
-        frames = flow_frames(self.shown[0].tokens, drawn, self.layout, self._flow_message(drawn))
+        frames = flow_frames(self.shown[0].tokens, drawn, self.layout, self._flow_message(drawn), rooted=self.method != "heads")
         return frames, self._flow_title(shown, frames["edges"]["label"].to_numpy())
 
     def _grid_values(self) -> np.ndarray:
@@ -354,7 +372,7 @@ class AttentionView(pn.viewable.Viewer):
             else:
                 lowest = int(traces[name].edge_layer.min()) if traces[name].n_edges else level
                 stops = f", which stops at {level_name(lowest)}" if lowest > 0 else ""  # then only alpha-weighted deeper influence
-                row, shown = traces[name].influence[0], f"influence in the {METHOD_NAMES[self.method]}{stops}"
+                row, shown = traces[name].influence[0], f"influence in the {self._method_name()}{stops}"
             values[name] = np.bincount(index, weights=row, minlength=len(words))
             predicts = f" (predicts {record.predicted_label}, {record.probabilities.max():.0%})" if record.predicted_label is not None else ""
             captions[name] = f"{self.titles[name]}{predicts}: {shown}"  # where the trace starts is the flow diagram's title
@@ -388,7 +406,8 @@ class AttentionView(pn.viewable.Viewer):
     def _draw_map(self, *_: object) -> None:
         if self.head_map is None:
             return
-        overlay = head_embedding(self.head_map.points, self.head_map.moves, color_by=self.map_color, titles=self.titles, title="heads over the corpus (drag to select)", width=460, height=330)
+        over = f"{self.head_map.n_sentences} corpus sentences" if self.head_map.n_sentences else "the corpus"
+        overlay = head_embedding(self.head_map.points, self.head_map.moves, color_by=self.map_color, titles=self.titles, title=f"heads over {over} (drag to select)", width=460, height=330)
         self.map.draw(overlay, HIGHLIGHT_LAYERS, highlight_frames(self.head_map.points, self._outlined()))
         self.map.on_select(Layer(Scatter), lambda index, _: self._on_map_selection(index))  # the heads, drawn before the highlight
 
@@ -408,7 +427,7 @@ class AttentionView(pn.viewable.Viewer):
             # the layered diagram takes the page's width; the rings keep their aspect
             element = flow_diagram(
                 self.shown[0].tokens, {n: self._traces()[n] for n in shown}, layout=self.layout, frames=frames, width=height + 220, height=height,  # rings plus the legend
-                responsive=self.layout == "layered", encoding=METHOD_ENCODING.get(self.method, TRACE_ENCODING),
+                responsive=self.layout == "layered", encoding=self._encoding(),
             )
             small = {"fontsize": {"title": "9pt"}} if len(layouts) > 1 else {}  # side by side: half the width for each title
             live.draw(element.opts(hv.opts.Overlay(title=title, **small)), flow_layers(), frames)
@@ -457,7 +476,7 @@ class AttentionView(pn.viewable.Viewer):
         with self._push_lock:
             for shown, live in self.flows.items():
                 frames, title = self._flow_frames(shown)
-                live.write(frames, title=title, caption=METHOD_ENCODING.get(self.method, TRACE_ENCODING))
+                live.write(frames, title=title, caption=self._encoding())
             self._write_sentence()
 
     def _write_sentence(self, *_: object) -> None:
@@ -508,7 +527,7 @@ class AttentionView(pn.viewable.Viewer):
             "text": {"type": pn.widgets.TextAreaInput, "name": "Sentence", "auto_grow": True, "max_rows": MAX_TEXT_ROWS, "max_length": 100_000},
             "text_pair": {"type": pn.widgets.TextInput, "name": "Second segment (optional)"},
             "method": {"type": pn.widgets.Select, "name": "Flow method"},
-            "tau": {"type": pn.widgets.FloatSlider, "name": "tau (edge threshold)"},
+            "tau": {"type": pn.widgets.FloatSlider, "name": tau_label(self.method)},
             "top_k": {"type": pn.widgets.IntSlider, "name": "strongest edges per token (0 = all)"},
             "alpha": {"type": pn.widgets.FloatSlider, "name": "alpha (deeper influence)"},
             "combine": {"type": pn.widgets.RadioButtonGroup, "name": "Heads"},
@@ -536,6 +555,8 @@ class AttentionView(pn.viewable.Viewer):
                 column.append(pn.Row(widgets[name], help_icon, sizing_mode="stretch_width"))
             if name == "text_pair":
                 column.append(self._buttons(widgets["text"], widgets["text_pair"]))
+        tau = widgets["tau"]
+        self.param.watch(lambda event: setattr(tau, "name", tau_label(event.new)), "method")  # a method brings its own tau: say so
         text_box = widgets["text"]
         text_box.param.watch(lambda event: setattr(text_box, "rows", text_rows(event.new)), "value")  # the box's own growth follows only typing
         text_box.rows = text_rows(text_box.value)

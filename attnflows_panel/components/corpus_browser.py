@@ -9,6 +9,8 @@ import panel as pn
 import param
 from bokeh.models.widgets.tables import NumberFormatter
 
+from attnflows_panel.plots import MODEL_TITLES
+
 PAGE_SIZE = 20
 TEXT_COLUMNS = ("text", "text_pair")
 TITLES = {"sentence_id": "#", "text_pair": "text pair", "prediction_changed": "changed", "difference": "model difference (mean JS over heads, bits)", "n_tokens": "tokens"}
@@ -57,10 +59,12 @@ class CorpusBrowser(pn.viewable.Viewer):
 
 
 def title(column: str) -> str:
-    """A short header: a model's name for its prediction, ``p(model)`` for that prediction's probability."""
-    if column.startswith(("predicted_", "probability_")):
-        kind, model = column.split("_", 1)
-        return model if kind == "predicted" else f"p({model})"
+    """A short header: a model's name for its prediction, ``p(model)`` for that prediction's probability,
+    ``model right`` for whether it is the label."""
+    if column.startswith(("predicted_", "probability_", "correct_")):
+        kind, name = column.split("_", 1)
+        model = MODEL_TITLES.get(name, name)
+        return {"predicted": model, "probability": f"p({model})", "correct": f"{model} right"}[kind]
     return TITLES.get(column, column)
 
 
@@ -80,15 +84,20 @@ def header_filters(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
     for column in label_columns(table):
         values = sorted(table[column].dropna().unique().tolist(), key=str)
         filters[column] = {"type": "list", "func": "=", "values": values, "clearable": True}
-    if "prediction_changed" in table.columns:
-        filters["prediction_changed"] = {"type": "tickCross", "func": "=", "tristate": True, "indeterminateValue": None}
+    for column in tick_columns(table):
+        filters[column] = {"type": "tickCross", "func": "=", "tristate": True, "indeterminateValue": None}
     return filters
 
 
+def tick_columns(table: pd.DataFrame) -> list[str]:
+    """The yes / no columns: a changed prediction, a prediction equal to the label."""
+    return [c for c in table.columns if c == "prediction_changed" or c.startswith("correct_")]
+
+
 def formatters(table: pd.DataFrame) -> dict[str, Any]:
-    """Texts and labels as escaped plain text (texts wrapped), a tick for a changed prediction, fractions to 3 decimals."""
+    """Texts and labels as escaped plain text (texts wrapped), ticks for yes / no, fractions to 3 decimals."""
     out: dict[str, Any] = {c: {"type": "textarea"} for c in TEXT_COLUMNS}
     out |= {c: {"type": "plaintext"} for c in label_columns(table)}
-    out |= {"prediction_changed": {"type": "tickCross"}} if "prediction_changed" in table.columns else {}
+    out |= {c: {"type": "tickCross"} for c in tick_columns(table)}
     out |= {c: NumberFormatter(format="0.000") for c in table.columns if c == "difference" or c.startswith("probability_")}
     return out

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from bokeh.core.property.vectorization import Field
 from bokeh.model import Model
-from bokeh.models import ColumnDataSource, Glyph, GlyphRenderer, Legend, LegendItem, Plot, Title
+from bokeh.models import ColumnDataSource, CustomJS, Glyph, GlyphRenderer, Legend, LegendItem, Plot, Title
 
 GLYPH_STATES = ("glyph", "selection_glyph", "nonselection_glyph", "hover_glyph", "muted_glyph")
 Frame = Mapping[str, object]  # column name -> values (a DataFrame or a dict of sequences)
@@ -82,16 +82,32 @@ def render_bound(element: hv.core.Dimensioned, layers: Mapping[str, Layer], fram
 def field_legend(glyph: type[Glyph], column: str, title: str, nth: int = 0) -> Callable[[object, object], None]:
     """A HoloViews hook adding a legend of the ``nth`` ``glyph``: one entry per distinct value of ``column``.
 
-    The entries are read from the source in the browser, so a rewritten source rewrites the legend.
+    The entries are read from the source in the browser, so a rewritten source rewrites the legend; an empty
+    source hides it (no empty box).
     """
 
     def hook(plot: object, _: object) -> None:
         figure = plot.state
         drawn = renderer(figure, Layer(glyph, nth=nth))
-        legend = Legend(items=[LegendItem(label=Field(column), renderers=[drawn])], title=title, background_fill_alpha=0.8, label_text_font_size="9pt", title_text_font_size="9pt")
+        source = drawn.data_source
+        legend = Legend(
+            items=[LegendItem(label=Field(column), renderers=[drawn])], title=title, background_fill_alpha=0.8, label_text_font_size="9pt", title_text_font_size="9pt",
+            visible=len(source.data.get(column, [])) > 0,
+        )
+        source.js_on_change("data", CustomJS(args={"legend": legend, "source": source}, code="legend.visible = source.get_length() > 0;"))
         figure.add_layout(legend, "right")
 
     return hook
+
+
+def two_lines(text: str, separator: str = " · ") -> str:
+    """``text`` broken into two lines at the ``separator`` nearest its middle (a caption under a narrow plot)."""
+    parts = text.split(separator)
+    if len(parts) < 2:
+        return text
+    lengths = [len(separator.join(parts[:i])) for i in range(1, len(parts))]
+    cut = 1 + min(range(len(lengths)), key=lambda i: abs(lengths[i] - len(text) / 2))
+    return separator.join(parts[:cut]) + "\n" + separator.join(parts[cut:])
 
 
 def caption(text: str) -> Callable[[object, object], None]:

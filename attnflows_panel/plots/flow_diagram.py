@@ -19,7 +19,7 @@ ROOT_COLOR = "#303030"
 LABEL_COLORS = {SHARED: SHARED_COLOR, PRETRAINED: PRETRAINED_COLOR, FINETUNED: FINETUNED_COLOR}
 UNREACHED_COLOR = "#d9d9d9"
 EDGE_COLUMNS = ["layer", "query", "key", "query_token", "key_token", "label", "weight", "heads_pretrained", "weight_pretrained", "heads_finetuned", "weight_finetuned", "legend"]
-TRACE_ENCODING = "node size: influence (I = c + alpha · I above; c: edges arriving) · edge width: weight · node colour as the edges' · black: root · pale dot: not reached"
+TRACE_ENCODING = "node size: influence (I = c + alpha × I above; c: edges arriving) · edge width: weight · node colour as the edges' · black: root · pale dot: not reached"
 NOT_DRAWN = -1.0  # a model's weight for an edge it does not draw (Bokeh shows NaN as "NaN" before any formatter runs)
 LABEL_ORDER = (SHARED, PRETRAINED, FINETUNED)  # legend order; model-only edges drawn over shared ones
 LEGEND_NAMES = {SHARED: "shared", PRETRAINED: "pre-trained only", FINETUNED: "fine-tuned only"}
@@ -136,10 +136,11 @@ def flow_layers() -> dict[str, Layer]:
     }
 
 
-def flow_frames(tokens: Sequence[str], traces: Mapping[str, AttentionTrace], layout: str = "layered", message: str = "") -> dict[str, pd.DataFrame]:
+def flow_frames(tokens: Sequence[str], traces: Mapping[str, AttentionTrace], layout: str = "layered", message: str = "", *, rooted: bool = True) -> dict[str, pd.DataFrame]:
     """The columns the flow diagram draws: edges (with positions, colour, width), nodes (size, colour) and a message.
 
-    ``message`` is written across the plot (for example why no edge is drawn).
+    ``message`` is written across the plot (for example why no edge is drawn); a ``rooted`` diagram marks the
+    traces' root in black (not the heads' own edges, which start from every token).
     """
     if layout not in ("layered", "radial"):
         raise ValueError(f"layout must be 'layered' or 'radial', got {layout!r}")
@@ -153,7 +154,7 @@ def flow_frames(tokens: Sequence[str], traces: Mapping[str, AttentionTrace], lay
     nodes["color"] = _colors(nodes["label"])
     nodes["level_name"] = np.array(["input", *(f"layer {i}" for i in range(1, levels))], dtype=object)[nodes["level"]]
     root_level, root_token = next(iter(traces.values())).root
-    is_root = (nodes["level"] == root_level) & (nodes["index"] == root_token)
+    is_root = (nodes["level"] == root_level) & (nodes["index"] == root_token) & rooted
     nodes["size"][is_root], nodes["color"][is_root] = 16.0, ROOT_COLOR
     # a layer-l edge joins its key on level l to its query on level l + 1
     edges["x0"], edges["y0"] = _positions(edges["layer"], edges["key"], n, layout)

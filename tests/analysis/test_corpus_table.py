@@ -38,7 +38,7 @@ def run(models, tmp_path_factory: pytest.TempPathFactory) -> RunStore:
 
 def test_table_matches_head_js_divergence(run: RunStore) -> None:
     table = corpus_table(run, cache=False, progress=False)
-    assert list(table.columns) == ["sentence_id", "text", "text_pair", "label", "predicted_finetuned", "probability_finetuned", "difference", "n_tokens"]
+    assert list(table.columns) == ["sentence_id", "text", "text_pair", "label", "predicted_finetuned", "probability_finetuned", "correct_finetuned", "difference", "n_tokens"]
     assert table["sentence_id"].tolist() == list(range(len(TEXTS)))
     assert table["text"].tolist() == TEXTS and table["text_pair"].tolist() == PAIRS and table["label"].tolist() == LABELS
     tokens = run.tokens().set_index("sentence_id")
@@ -48,6 +48,7 @@ def test_table_matches_head_js_divergence(run: RunStore) -> None:
         assert row.n_tokens == pre.shape[-1] == len(tokens.loc[row.sentence_id, "tokens"])
         assert row.predicted_finetuned == tokens.loc[row.sentence_id, "predicted_finetuned"]
         assert row.probability_finetuned == pytest.approx(max(tokens.loc[row.sentence_id, "probabilities_finetuned"]))
+        assert row.correct_finetuned == (row.predicted_finetuned == row.label)
     assert 0.0 < table["difference"].min() and table["difference"].max() < 1.0
 
 
@@ -57,7 +58,12 @@ def test_prediction_changed_needs_both_models_to_predict(tiny_pair, tmp_path: Pa
     table = corpus_table(store, ("first", "second"), cache=False, progress=False)
     assert {"predicted_first", "probability_first", "predicted_second", "probability_second"} <= set(table.columns)
     assert table["prediction_changed"].tolist() == (table["predicted_first"] != table["predicted_second"]).tolist()
+    for name in ("first", "second"):
+        assert table[f"correct_{name}"].tolist() == (table[f"predicted_{name}"] == table["label"]).tolist()
     assert table["text_pair"].isna().all()
+    unnamed = Corpus(texts=TEXTS, labels=["0"] * len(TEXTS), source="labels the models do not use")
+    store = extract_corpus({"first": other, "second": tiny_pair.finetuned}, unnamed, tmp_path / "unnamed", progress=False)
+    assert not [c for c in corpus_table(store, ("first", "second"), cache=False, progress=False).columns if c.startswith("correct_")]
 
 
 def load_classifier(path: Path):

@@ -23,16 +23,18 @@ def table(n: int = 45, pairs: bool = True) -> pd.DataFrame:
     """A corpus table as :func:`corpus_table` makes it, with an HTML payload in one text."""
     rng = np.random.default_rng(0)
     predicted = rng.choice(["negative", "positive"], size=(2, n))
+    labels = rng.choice(["negative", "positive"], size=n)
     return pd.DataFrame(
         {
             "sentence_id": np.arange(n),
             "text": [XSS if i == 3 else f"sentence {i}" for i in range(n)],
             "text_pair": [f"pair {i}" if pairs and i % 2 else None for i in range(n)],
-            "label": rng.choice(["negative", "positive"], size=n),
+            "label": labels,
             "predicted_pretrained": predicted[0],
             "probability_pretrained": rng.uniform(0.5, 1, n),
             "predicted_finetuned": predicted[1],
             "probability_finetuned": rng.uniform(0.5, 1, n),
+            "correct_finetuned": predicted[1] == labels,
             "prediction_changed": predicted[0] != predicted[1],
             "difference": rng.uniform(0, 0.3, n),
             "n_tokens": rng.integers(3, 40, n),
@@ -67,7 +69,8 @@ def test_columns_filters_and_formats() -> None:
     for field in ("label", "predicted_pretrained", "predicted_finetuned"):
         assert spec[field]["headerFilter"] == "list" and spec[field]["headerFilterFunc"] == "="
         assert spec[field]["headerFilterParams"]["values"] == ["negative", "positive"]  # every page's values, not the shown page's
-    assert spec["prediction_changed"]["headerFilter"] == "tickCross"
+    assert spec["prediction_changed"]["headerFilter"] == spec["correct_finetuned"]["headerFilter"] == "tickCross"
+    assert spec["correct_finetuned"]["formatter"] == "tickCross" and browser.tabulator.titles["correct_finetuned"] == "fine-tuned right"
     numbers = browser.tabulator.formatters
     assert all(isinstance(numbers[f], NumberFormatter) and numbers[f].format == "0.000" for f in ("difference", "probability_pretrained", "probability_finetuned"))
     assert browser.tabulator.widths["text"] >= 300

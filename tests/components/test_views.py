@@ -591,3 +591,49 @@ def test_how_to_read_speaks_of_the_models_shown(tiny_pair, tiny) -> None:
     assert "Edges and the tokens they reach are turquoise" in single and "the model's prediction" in single
     for text in (compare, single):
         assert "the strongest selected head's" in text and "so the root's is 0" in text
+
+
+def test_the_heads_own_edges_mark_no_root_and_say_what_sizes_mean(tiny_pair) -> None:
+    from attnflows_panel.plots.flow_diagram import ROOT_COLOR
+
+    view = CompareView(tiny_pair, TEXT)
+    assert ROOT_COLOR in list(data(view.flows[MERGED], "nodes")["color"])  # the CLS trace starts at its black root
+    view.method = "heads"
+    assert ROOT_COLOR not in list(data(view.flows[MERGED], "nodes")["color"])  # every token is a start
+    caption = view.flows[MERGED].figure.select_one({"name": "caption"}).text
+    assert caption.startswith("node size: edges arriving") and "root" not in caption
+
+
+def test_a_re_rooted_trace_is_no_longer_called_the_cls_trace(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    title = lambda: view.flows[MERGED].figure.title.text  # noqa: E731
+    assert title().startswith("pre-trained vs fine-tuned: CLS trace from [CLS] (layer 2)")
+    view.root = (1, 3)
+    assert title().startswith(f"pre-trained vs fine-tuned: trace from {view.records[0].tokens[3]} (layer 1)")
+    assert "influence in the trace" in str(data(view.sentence, "texts")["text"][0])
+    view.reset_root()
+    assert title().startswith("pre-trained vs fine-tuned: CLS trace from [CLS]")
+
+
+def test_the_tau_slider_names_the_method_whose_tau_it_is(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    tau = next(w for w in view.controls().select(pn.widgets.FloatSlider) if w.name.startswith("tau"))
+    assert tau.name == "tau for CLS trace (edge threshold)" and tau.value == 0.1
+    view.method = "rollout"
+    assert (tau.name, tau.value) == ("tau for rollout (edge threshold)", 0.01)
+
+
+def test_side_by_side_diagrams_write_their_caption_in_two_lines(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT, mode="side by side")
+    for live in view.flows.values():
+        lines = live.figure.select_one({"name": "caption"}).text.split("\n")
+        assert len(lines) == 2 and max(map(len, lines)) <= 90 and " · ".join(lines).startswith("node size: influence")
+    view.method = "rollout"  # a brush or setting rewrites the caption in two lines too
+    assert all(len(live.figure.select_one({"name": "caption"}).text.split("\n")) == 2 for live in view.flows.values())
+
+
+def test_the_head_map_title_says_how_many_sentences_placed_the_heads(tiny_pair) -> None:
+    import dataclasses
+
+    view = CompareView(tiny_pair, TEXT, head_map=dataclasses.replace(head_map(2, 4), n_sentences=300))
+    assert view.map.figure.title.text == "heads over 300 corpus sentences (drag to select)"
