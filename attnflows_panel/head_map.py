@@ -16,7 +16,7 @@ from attnflows_panel.paths import sha256_json, write_json_atomic
 from attnflows_panel.store import RunStore
 
 HEAD_MAP_SENTENCES = 300  # about 15 s of distances on two cores; the picture is stable well before that
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the number of sentences stored with the map
 
 
 def run_head_map(store: RunStore, n_sentences: int = HEAD_MAP_SENTENCES, *, models: Sequence[str] | None = None, seed: int = 0) -> HeadEmbedding:

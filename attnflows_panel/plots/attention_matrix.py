@@ -6,13 +6,17 @@ from collections.abc import Sequence
 
 import holoviews as hv
 import numpy as np
-from bokeh.models import CustomJSHover
+from bokeh.models import BasicTicker, CustomJSHover, CustomJSTickFormatter
 from bokeh.models import Image as ImageGlyph
 
 from attnflows_panel.plots.bound import Layer
 
 RASTERIZE_ABOVE = 96  # tokens; beyond this the matrix goes through datashader
 PX_PER_LABEL = 12  # one tick label per this many pixels, so labels never overlap
+TICK_NAME = """
+const i = Math.round(tick);
+return (i === tick && i >= 0 && i < names.length) ? names[i] : "";
+"""
 
 # The token names arrive as data (``names``), never as code; Bokeh escapes what a formatter returns
 # before it builds the tooltip (templating.replace_placeholders_html), so markup in a token stays text.
@@ -22,10 +26,10 @@ return (i >= 0 && i < names.length) ? `${names[i]} (${i})` : "";
 """
 
 
-def _ticks(tokens: Sequence[str], limit: int) -> list[tuple[int, str]]:
-    """Every ``step``-th (position, token), so that at most ``limit`` labels are shown."""
-    step = max(1, int(np.ceil(len(tokens) / max(1, limit))))
-    return [(i, str(t)) for i, t in enumerate(tokens)][::step]
+def token_axis(tokens: Sequence[str], limit: int) -> tuple[BasicTicker, CustomJSTickFormatter]:
+    """Ticks on token positions (1, 2 or 5 apart, about ``limit`` in view, every token once zoomed in) named by their tokens."""
+    ticker = BasicTicker(desired_num_ticks=max(1, limit), min_interval=1, mantissas=[1, 2, 5], num_minor_ticks=0)
+    return ticker, CustomJSTickFormatter(args={"names": [str(t) for t in tokens]}, code=TICK_NAME)
 
 
 def token_hover(tokens: Sequence[str]) -> CustomJSHover:
@@ -45,8 +49,8 @@ def attention_matrix(
 ) -> hv.Element:
     """An ``[n, n]`` map: key ``j`` at x = j, query ``i`` at y = i, query 0 at the top; token labels on both axes.
 
-    The hover names the key and query tokens with their indices and gives the weight. At most
-    ``max_labels`` tick labels per axis (default: one per 12 pixels of ``size``).
+    The hover names the key and query tokens with their indices and gives the weight. About
+    ``max_labels`` tick labels per axis in view (default: one per 12 pixels of ``size``); zooming in labels every token.
     """
     a = np.asarray(attention, dtype=np.float32)
     n = len(tokens)
@@ -55,13 +59,16 @@ def attention_matrix(
     # hv.Image draws array row 0 at the top of its bounds, so the flipped rows put a[i, j] at (x = j, y = i);
     # the inverted y axis then shows query 0 at the top. Explicit bounds also hold for a single token.
     image = hv.Image(a[::-1], bounds=(-0.5, -0.5, n - 0.5, n - 0.5), kdims=["key", "query"], vdims=["weight"])
-    ticks = _ticks(tokens, max_labels if max_labels is not None else size // PX_PER_LABEL)
+    limit = max_labels if max_labels is not None else size // PX_PER_LABEL
+    (xticker, xnames), (yticker, ynames) = token_axis(tokens, limit), token_axis(tokens, limit)  # a model per axis
     names = token_hover(tokens)  # one formatter model serves both axes
     plot_opts = dict(
         cmap=cmap,
         clim=(0.0, float(max(a.max(), 1e-6))),
-        xticks=ticks,
-        yticks=ticks,
+        xticks=xticker,
+        yticks=yticker,
+        xformatter=xnames,
+        yformatter=ynames,
         invert_yaxis=True,
         xrotation=90,
         title=title,

@@ -189,6 +189,11 @@ def _hover(tips: list[tuple[str, str]], formatters: dict[str, str], attachment: 
     return HoverTool(tooltips=tips, formatters={field: CustomJSHover(code=code) for field, code in formatters.items()}, limit=1, attachment=attachment)
 
 
+def _boxed(plot: object, element: object) -> None:
+    """A HoloViews hook: the ring names on a white box, so that edges crossing them never cover them."""
+    plot.handles["glyph"].update(background_fill_color="white", background_fill_alpha=0.85, padding=1)
+
+
 def flow_diagram(
     tokens: Sequence[str],
     traces: Mapping[str, AttentionTrace],
@@ -226,8 +231,8 @@ def flow_diagram(
     if layout == "layered":
         # token names as x ticks rather than a Labels layer: one element fewer to update on every brush
         levels_ticks = [(i, "input" if i == 0 else f"layer {i}") for i in range(levels)]
-        many = n > 40
-        axes = dict(xticks=[(i, str(t)) for i, t in enumerate(tokens)], xrotation=90 if many else 60, fontsize={"xticks": "7pt" if many else "9pt"}, xlabel="", yticks=levels_ticks, ylabel="", ylim=(-0.6, levels - 0.6), xlim=(-1, n))
+        label_size = "9pt" if n <= 40 else "8pt" if n <= 80 else "7pt"  # a token has about 12 px at 80 tokens on a 1280 px window
+        axes = dict(xticks=[(i, str(t)) for i, t in enumerate(tokens)], xrotation=60 if n <= 40 else 90, fontsize={"xticks": label_size}, xlabel="", yticks=levels_ticks, ylabel="", ylim=(-0.6, levels - 0.6), xlim=(-1, n))
         layers = segments * points * message
     else:
         outer = nodes[nodes["level"] == levels - 1]
@@ -236,7 +241,7 @@ def flow_diagram(
         between = np.pi / 2 - 2 * np.pi * (n // 2 + 0.5) / n  # each ring's name sits between two tokens at the bottom, away from the root's spokes
         radius = 1.0 + np.arange(levels)
         names = pd.DataFrame({"x": radius * np.cos(between), "y": radius * np.sin(between), "text": ["input", *(f"layer {i}" for i in range(1, levels))]})
-        rings = hv.Labels(names, ["x", "y"], "text").opts(text_font_size="8pt", text_color="#888888", text_align="right")
+        rings = hv.Labels(names, ["x", "y"], "text").opts(text_font_size="8pt", text_color="#555555", text_align="right", hooks=[_boxed])
         reach = levels + 2.2
         axes = dict(xaxis=None, yaxis=None, xlim=(-reach, reach), ylim=(-reach, reach), data_aspect=1)
         layers = segments * points * message * labels * rings

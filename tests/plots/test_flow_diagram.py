@@ -68,6 +68,11 @@ def test_radial_layout_puts_levels_on_rings(traces) -> None:
     points = element.get(1).dframe()
     radius = np.hypot(points["x"], points["y"])
     np.testing.assert_allclose(radius, points["level"] + 1.0)
+    figure, levels = hv.render(element), int(points["level"].max()) + 1
+    names = next(r for r in figure.renderers if "text" in r.data_source.data and "layer 1" in list(r.data_source.data["text"]))
+    assert list(names.data_source.data["text"]) == ["input", *(f"layer {i}" for i in range(1, levels))]  # one name per ring, on its ring
+    np.testing.assert_allclose(np.hypot(names.data_source.data["x"], names.data_source.data["y"]), 1.0 + np.arange(levels))
+    assert names.glyph.background_fill_color == "white"  # edges crossing a name never cover it
 
 
 def test_empty_trace_draws_tokens_without_edges() -> None:

@@ -45,8 +45,8 @@ def hover_of(figure) -> HoverTool:
 def test_matrix_keeps_repeated_tokens_distinct() -> None:
     tokens = ["the", "cat", "the", "dog", "the"]
     figure = hv.render(attention_matrix(np.eye(5), tokens))
-    assert figure.xaxis[0].major_label_overrides == dict(enumerate(tokens))
-    assert figure.yaxis[0].major_label_overrides == dict(enumerate(tokens))  # y == query index
+    for axis in (figure.xaxis[0], figure.yaxis[0]):  # a tick at position i is named names[i] (y == query index)
+        assert axis.formatter.args["names"] == tokens and "names[i]" in axis.formatter.code
 
 
 @pytest.mark.parametrize("rasterize", [False, True])
@@ -81,14 +81,45 @@ def test_matrix_hover_names_tokens_from_data(rasterize: bool) -> None:
         assert "<img" not in formatter.code and "car" not in formatter.code  # names are data, never code
 
 
-def test_matrix_tick_labels_thin_out_with_size() -> None:
-    tokens = [f"t{i}" for i in range(64)]
-    small = hv.render(attention_matrix(np.eye(64), tokens, size=340))
-    assert len(small.xaxis[0].major_label_overrides) <= 340 // 12 and len(small.yaxis[0].major_label_overrides) <= 340 // 12
-    assert small.yaxis[0].major_label_overrides[0] == "t0" and small.yaxis[0].major_label_overrides[3] == "t3"  # every 3rd
-    big = hv.render(attention_matrix(np.eye(64), tokens, size=800))
-    assert len(big.xaxis[0].major_label_overrides) == 64
-    assert len(hv.render(attention_matrix(np.eye(64), tokens, max_labels=8)).xaxis[0].major_label_overrides) == 8
+AXIS_LABELS_JS = """(zoom) => {
+  const seen = new Set(), out = {};
+  function* walk(view) { if (view == null || seen.has(view)) return; seen.add(view); yield view; if (typeof view.children === "function") for (const c of view.children()) yield* walk(c); }
+  for (const root of Object.values(Bokeh.index)) for (const view of walk(root)) {
+    if (zoom && view.model.x_range) view.model.x_range.setv({start: zoom[0], end: zoom[1]});
+    if (view.tick_coords !== undefined && view.model.formatter && view.model.axis_label)  // the key and query axes, not the colour bar's
+      out[view.model.axis_label] = view.model.formatter.doFormat(view.tick_coords.major[view.dimension], {loc: 0});
+  }
+  return out;
+}"""
+
+
+def test_matrix_tick_names_are_data_and_thin_out_with_size() -> None:
+    tokens = ["<b>x</b>", *(f"t{i}" for i in range(1, 64))]
+    small, big = (hv.render(attention_matrix(np.eye(64), tokens, size=size)) for size in (340, 800))
+    for axis in (small.xaxis[0], small.yaxis[0]):
+        assert axis.formatter.args == {"names": tokens} and "<b>" not in axis.formatter.code  # names are data, never code
+        assert axis.ticker.desired_num_ticks == 340 // 12 and axis.ticker.min_interval == 1
+    assert big.xaxis[0].ticker.desired_num_ticks == 800 // 12
+    assert hv.render(attention_matrix(np.eye(64), tokens, max_labels=8)).xaxis[0].ticker.desired_num_ticks == 8
+
+
+@pytest.mark.browser
+def test_matrix_labels_thin_out_and_every_token_shows_zoomed_in(page, tmp_path) -> None:
+    """80 tokens on 480 px: every 2nd token is named; zoomed in to 11 keys, each of them is."""
+    from bokeh.embed import file_html
+    from bokeh.resources import INLINE
+
+    tokens = [f"w{i}" for i in range(80)]
+    path = tmp_path / "matrix.html"
+    path.write_text(file_html(hv.render(attention_matrix(np.eye(80), tokens, title="M", size=480)), INLINE, "matrix"))
+    page.goto(path.as_uri())
+    page.wait_for_function(BOKEH_IDLE_JS)
+    shown = page.evaluate(AXIS_LABELS_JS, None)
+    assert shown["key"] == shown["query"] == tokens[::2]
+    page.evaluate(AXIS_LABELS_JS, [9.5, 20.5])
+    page.wait_for_timeout(300)
+    shown = page.evaluate(AXIS_LABELS_JS, None)
+    assert shown["key"] == tokens[10:21] and shown["query"] == tokens[::2]
 
 
 @pytest.mark.browser
