@@ -13,7 +13,12 @@ from attnflows_panel.plots import MODEL_TITLES
 
 PAGE_SIZE = 20
 TEXT_COLUMNS = ("text", "text_pair")
-TITLES = {"sentence_id": "#", "text_pair": "text pair", "prediction_changed": "changed", "difference": "model difference (mean JS over heads, bits)", "n_tokens": "tokens"}
+TITLES = {"sentence_id": "#", "text_pair": "text pair", "prediction_changed": "changed", "difference": "difference", "n_tokens": "tokens"}
+HEADER_TIPS = {
+    "difference": "How differently the two models attend to this sentence: the mean over heads of the Jensen-Shannon divergence of their attention rows (bits, 0 = the same).",
+    "prediction_changed": "The two models predict different classes.",
+    "n_tokens": "Word pieces, [CLS] and [SEP] included.",
+}
 
 
 class CorpusBrowser(pn.viewable.Viewer):
@@ -35,7 +40,8 @@ class CorpusBrowser(pn.viewable.Viewer):
             header_filters=header_filters(shown),
             formatters=formatters(shown),
             titles={c: title(c) for c in shown.columns},
-            widths={"text": 380, "text_pair": 220},
+            widths={"text": 300, "text_pair": 200},
+            header_tooltips=header_tips(shown),
             hidden_columns=blank_columns(shown, ("text_pair", "label")),
             layout="fit_data_table",
             sizing_mode="stretch_width",
@@ -60,12 +66,19 @@ class CorpusBrowser(pn.viewable.Viewer):
 
 def title(column: str) -> str:
     """A short header: a model's name for its prediction, ``p(model)`` for that prediction's probability,
-    ``model right`` for whether it is the label."""
+    ``model ✓`` for whether it is the label."""
     if column.startswith(("predicted_", "probability_", "correct_")):
         kind, name = column.split("_", 1)
         model = MODEL_TITLES.get(name, name)
-        return {"predicted": model, "probability": f"p({model})", "correct": f"{model} right"}[kind]
+        return {"predicted": model, "probability": f"p({model})", "correct": f"{model} ✓"}[kind]
     return TITLES.get(column, column)
+
+
+def header_tips(table: pd.DataFrame) -> dict[str, str]:
+    """What a column means, shown when the pointer rests on its header."""
+    tips = {c: tip for c, tip in HEADER_TIPS.items() if c in table.columns}
+    tips |= {c: f"Whether {title(c).removesuffix(' ✓')} predicts the gold label." for c in table.columns if c.startswith("correct_")}
+    return tips
 
 
 def blank_columns(table: pd.DataFrame, columns: tuple[str, ...]) -> list[str]:

@@ -70,7 +70,8 @@ def test_columns_filters_and_formats() -> None:
         assert spec[field]["headerFilter"] == "list" and spec[field]["headerFilterFunc"] == "="
         assert spec[field]["headerFilterParams"]["values"] == ["negative", "positive"]  # every page's values, not the shown page's
     assert spec["prediction_changed"]["headerFilter"] == spec["correct_finetuned"]["headerFilter"] == "tickCross"
-    assert spec["correct_finetuned"]["formatter"] == "tickCross" and browser.tabulator.titles["correct_finetuned"] == "fine-tuned right"
+    assert spec["correct_finetuned"]["formatter"] == "tickCross" and browser.tabulator.titles["correct_finetuned"] == "fine-tuned ✓"
+    assert browser.tabulator.header_tooltips["difference"].startswith("How differently the two models attend")
     numbers = browser.tabulator.formatters
     assert all(isinstance(numbers[f], NumberFormatter) and numbers[f].format == "0.000" for f in ("difference", "probability_pretrained", "probability_finetuned"))
     assert browser.tabulator.widths["text"] >= 300
