@@ -408,3 +408,48 @@ def test_every_plot_is_drawn_whole_inside_the_template(page, serve_page, real_pa
         assert 0 <= left and right <= width and 0 <= top and bottom <= height, p
         assert right - left >= 0.4 * width and bottom - top >= 0.5 * height, p
     assert console_errors(msgs) == []
+
+
+LEGEND_SHOWN_JS = """(title) => {""" + PLOT_VIEWS_JS + """
+  for (const view of plotViews())
+    if (view.model.title.text.startsWith(title)) return view.model.right.filter((r) => r.items !== undefined).map((legend) => legend.visible);
+  return null;
+}"""
+
+CAPTION_FITS_JS = """(title) => {""" + PLOT_VIEWS_JS + """
+  const ctx = document.createElement("canvas").getContext("2d"), out = [];
+  for (const view of plotViews())
+    if (view.model.title.text.startsWith(title)) {
+      const caption = view.model.below.find((r) => r.name === "caption");
+      ctx.font = `${caption.text_font_style} ${caption.text_font_size} ${caption.text_font}`;
+      out.push({lines: caption.text.split("\\n"), widest: Math.max(...caption.text.split("\\n").map((line) => ctx.measureText(line).width)), width: view.bbox.width});
+    }
+  return out;
+}"""
+
+
+def test_what_a_first_reading_found(page, serve_page, real_pair) -> None:
+    """No empty legend box, the tau slider names its method, the heads' own edges mark no root, side-by-side captions fit their plots."""
+    from attnflows_panel.plots.flow_diagram import ROOT_COLOR
+
+    view, msgs = serve_view(serve_page, page, real_pair, controls=True)
+    page.set_viewport_size({"width": 1280, "height": 1800})
+    assert page.evaluate(LEGEND_SHOWN_JS, "pre-trained vs fine-tuned") == [True]
+    document = view.flows[MERGED].figure.document  # the session's: changed on its own loop, as a widget would
+    document.add_next_tick_callback(lambda: setattr(view, "tau", 1.0))  # nothing passes: no empty legend box is left
+    wait_until(lambda: page.evaluate(LEGEND_SHOWN_JS, "pre-trained vs fine-tuned") == [False], page, timeout=10_000)
+    document.add_next_tick_callback(lambda: setattr(view, "tau", 0.1))
+    wait_until(lambda: page.evaluate(LEGEND_SHOWN_JS, "pre-trained vs fine-tuned") == [True], page, timeout=10_000)
+
+    colours = "() => Bokeh.documents[0].get_model_by_name('nodes').data.color"
+    assert ROOT_COLOR in page.evaluate(colours)
+    page.locator("select", has=page.locator("option", has_text="heads' own edges")).select_option(label="heads' own edges")
+    page.get_by_text("tau for heads' own edges (edge threshold)").wait_for(timeout=10_000)
+    wait_until(lambda: "heads' own edges of every token" in plots_titled(page, "pre-trained vs fine-tuned")[0]["title"], page, timeout=10_000)
+    assert ROOT_COLOR not in page.evaluate(colours)
+
+    page.get_by_text("side by side", exact=True).click()
+    wait_until(lambda: len(page.evaluate(CAPTION_FITS_JS, "pre-trained: heads") + page.evaluate(CAPTION_FITS_JS, "fine-tuned: heads")) == 2, page, timeout=30_000)
+    for caption in page.evaluate(CAPTION_FITS_JS, "pre-trained: heads") + page.evaluate(CAPTION_FITS_JS, "fine-tuned: heads"):
+        assert len(caption["lines"]) == 2 and caption["widest"] <= caption["width"], caption
+    assert console_errors(msgs) == []
