@@ -4,7 +4,9 @@ It compares a pre-trained model with its fine-tune (two records of one input), o
 
 The file holds Bokeh models only (rendered from the plot builders, with Bokeh's JS and CSS inline), so
 it opens offline and without Python. For the trace it ships, per model, the attention entries at or
-above ``tau``: exactly what a union-combined :func:`trace_cls_flow` at that ``tau`` can keep. The
+above ``tau``: exactly what a union-combined :func:`trace_cls_flow` at that ``tau`` can keep. A long
+input whose entries pass :data:`MAX_ENTRIES` ships those of the heads first in line (the selected ones,
+then the most changed) up to it, and says so; the other heads cannot be selected in the file. The
 browser applies the same ``top_k`` rule as the trace (the k strongest edges of each expanded token,
 ties to the lower key index), so Python and the page draw the same edges and count them the same way.
 """
@@ -43,6 +45,7 @@ from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames
 
 MAX_TOP_HEADS = 8  # two matrices a head: with the grid, flows and sentence this stays under ~20 figures
 MAX_TOP_K = 20  # the app's top-k slider bounds
+MAX_ENTRIES = 1_500_000  # attention entries of at least tau a file carries, both models together (about 18 MB of arrays)
 DEFAULT_TOP_K = 3  # the app's default
 DEFAULT_TITLE = "attnflows: pre-trained vs fine-tuned"
 SINGLE_TITLE = "attnflows: attention flows"
@@ -58,7 +61,8 @@ PAGE_STYLE = {"font-family": "system-ui, -apple-system, 'Segoe UI', Helvetica, A
 TRACE_JS = """
 const sel = new Uint8Array(L * H);
 const picked = grid.selected.indices;
-if (picked.length === 0) sel.fill(1); else for (const i of picked) sel[cell_layer[i] * H + cell_head[i]] = 1;
+// only the heads whose attention the file carries (all of them unless the input is long)
+if (picked.length === 0) sel.set(shipped); else for (const i of picked) sel[cell_layer[i] * H + cell_head[i]] = shipped[cell_layer[i] * H + cell_head[i]];
 let n_selected = 0;
 for (const s of sel) n_selected += s;
 
@@ -168,7 +172,7 @@ for (let i = 0; i < N.x.length; i++) {
 nodes.data = N;
 
 const deepest = sel.subarray((L - 1) * H, L * H).some((s) => s);
-message.data = Object.assign({}, message.data, {text: [ids.length > 0 ? "" : (deepest ? no_edge.tau : no_edge.layer)]});
+message.data = Object.assign({}, message.data, {text: [ids.length > 0 ? "" : (n_selected === 0 ? no_edge.not_carried : (deepest ? no_edge.tau : no_edge.layer))]});
 
 const W = Object.assign({}, words.data);
 W.value = [];
@@ -231,8 +235,13 @@ def hidden_by_top_k(attentions: Sequence[Any], mask: np.ndarray, tau: float, alp
 
 
 def no_edge_messages(layers: int, tau: float, root_name: str = "[CLS]") -> dict[str, str]:
-    """Why no edge is drawn: no selected head in the deepest layer (``"layer"``), or no weight of ``tau`` or more (``"tau"``)."""
-    return {"layer": f"No edge reaches {root_name} from the selected heads: select a head of layer {layers}.", "tau": f"No edge of weight {tau:g} or more: lower tau."}
+    """Why no edge is drawn: no selected head in the deepest layer (``"layer"``), no weight of ``tau`` or more (``"tau"``),
+    or only heads a long input's file does not carry selected (``"not_carried"``)."""
+    return {
+        "layer": f"No edge reaches {root_name} from the selected heads: select a head of layer {layers}.",
+        "tau": f"No edge of weight {tau:g} or more: lower tau.",
+        "not_carried": "This file does not carry the selected heads' attention (hatched in the grid): select heads it carries.",
+    }
 
 
 def flow_message(traces: Mapping[str, AttentionTrace], mask: np.ndarray, tau: float, root_name: str = "[CLS]") -> str:
@@ -242,26 +251,53 @@ def flow_message(traces: Mapping[str, AttentionTrace], mask: np.ndarray, tau: fl
     return no_edge_messages(mask.shape[0], tau, root_name)["tau" if mask[-1].any() else "layer"]
 
 
-def sparse_attention(attention: Any, tau: float) -> dict[str, np.ndarray]:
-    """Entries ``A[l, h, q, k] >= tau`` grouped by (layer, query), then key and head.
+def sparse_attention(attention: Any, tau: float, heads: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Entries ``A[l, h, q, k] >= tau`` grouped by (layer, query), then key and head (of the ``[L, H]`` mask ``heads`` only, when given).
 
     ``offsets`` ``[L * n + 1]`` delimits the group of row ``l * n + q``; ``head``, ``key`` and ``weight``
     (float32, the values ``tau`` was compared with) hold one entry each.
     """
+    return pack_entries(attention_entries(attention, tau), as_source(attention).shape, heads)
+
+
+def attention_entries(attention: Any, tau: float) -> tuple[np.ndarray, ...]:
+    """(layer, head, query, key, weight) of every entry ``A[l, h, q, k] >= tau``, read a row chunk at a time."""
     source = as_source(attention)
     tau = validate_tau(tau)
-    L, _, n, _ = source.shape
     found = []
-    for layer in range(L):
+    for layer in range(source.n_layers):
         for queries, block in source.row_chunks(layer):
             head, query, key = np.nonzero(block >= tau)  # the comparison trace_cls_flow makes on the same values
             found.append((np.full(head.size, layer), head, query + queries.start, key, block[head, query, key]))
-    layer, head, query, key, weight = (np.concatenate(column) for column in zip(*found, strict=True))
+    return tuple(np.concatenate(column) for column in zip(*found, strict=True))
+
+
+def pack_entries(entries: tuple[np.ndarray, ...], shape: tuple[int, ...], heads: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """:func:`attention_entries` (of the ``heads`` mask only, when given) in the grouped form :func:`sparse_attention` returns."""
+    L, _, n, _ = shape
+    layer, head, query, key, weight = entries
+    if heads is not None:
+        kept = heads[layer, head]
+        layer, head, query, key, weight = layer[kept], head[kept], query[kept], key[kept], weight[kept]
     order = np.lexsort((head, key, query, layer))
     layer, head, query, key, weight = layer[order], head[order], query[order], key[order], weight[order]
     offsets = np.zeros(L * n + 1, dtype=np.int32)
     np.cumsum(np.bincount(layer * n + query, minlength=L * n), out=offsets[1:])
     return {"offsets": offsets, "head": head.astype(np.int32), "key": key.astype(np.int32), "weight": weight.astype(np.float32)}
+
+
+def shipped_heads(counts: np.ndarray, order: np.ndarray, budget: int) -> np.ndarray:
+    """``[L, H]``: the heads a file carries: all when their entries (``counts``, per head) fit ``budget``, else
+    those first in ``order`` (flat head indices) while they fit, and at least the first."""
+    flat = counts.ravel()
+    if flat.sum() <= budget:
+        return np.ones(counts.shape, dtype=bool)
+    ranked = np.asarray(order)
+    fits = np.cumsum(flat[ranked]) <= budget
+    fits[0] = True
+    shipped = np.zeros(flat.size, dtype=bool)
+    shipped[ranked[fits & np.logical_and.accumulate(fits)]] = True
+    return shipped.reshape(counts.shape)
 
 
 def validate_top_heads(top_heads: Any, n_heads: int | None = None) -> int:
@@ -379,15 +415,20 @@ def dashboard_layout(
     if not mask.any():
         mask = ~mask  # an empty selection means every head, as in the app
     root, name_of_root = (L, pre.root_token), pre.root_name
-    traces = {name: trace_cls_flow(r.source, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None, root=root) for name, r in named.items()}
     if pair:
         values, label, grid_title = head_js_divergence(pre.source, named[FINETUNED].source), "JS (bits)", "model difference (JS, bits): select heads"
     else:
         values, label = head_measures(pre.source, pre.tokens, pre.cls_mask, pre.sep_mask)[SINGLE_MEASURE[0]], SINGLE_MEASURE[1]
         grid_title = f"{label}: select heads"
+    entries = {name: attention_entries(r.source, tau) for name, r in named.items()}
+    counts_per_head = sum(np.bincount(e[0] * H + e[1], minlength=L * H) for e in entries.values()).reshape(L, H)
+    order = np.lexsort((-np.nan_to_num(values.ravel(), nan=-np.inf), ~mask.ravel()))  # the selected heads first, then by the grid's colour
+    shipped = shipped_heads(counts_per_head, order, MAX_ENTRIES)
+    mask = mask & shipped if (mask & shipped).any() else shipped
+    traces = {name: trace_cls_flow(r.source, mask, tau=tau, alpha=alpha, combine="union", top_k=top_k or None, root=root) for name, r in named.items()}
     words, word_index = merge_tokens(pre.tokens, pre.word_ids)
 
-    grid_fig, grid, cells = _grid_figure(values, label, grid_title, mask)
+    grid_fig, grid, cells = _grid_figure(values, label, grid_title, mask, shipped)
     frames = flow_frames(pre.tokens, traces, "layered", flow_message(traces, mask, tau, name_of_root))
     counts = edge_counts(frames["edges"]["label"].to_numpy())
     hidden = hidden_by_top_k([r.source for r in checked], mask, tau, alpha, top_k, sum(counts.values()), root)
@@ -400,7 +441,8 @@ def dashboard_layout(
             grid=grid, edges=flow["edges"], nodes=flow["nodes"], message=flow["message"], words=word_source, title=flow_fig.title, status=status,
             L=L, H=H, n=n, root=pre.root_token, root_name=name_of_root, alpha=alpha, top_k=top_k, cell_layer=cells[:, 0], cell_head=cells[:, 1], tokens=list(pre.tokens),
             word_index=word_index.astype(np.int32), n_words=len(words),
-            models={name: sparse_attention(r.source, tau) for name, r in named.items()}, pair_name=PAIR_NAME, models_name=model or PAIR_NAME,
+            models={name: pack_entries(e, pre.source.shape, shipped) for name, e in entries.items()}, shipped=shipped.ravel().astype(np.uint8),
+            pair_name=PAIR_NAME, models_name=model or PAIR_NAME,
             edge_fields=EDGE_FIELDS, node_fields=NODE_FIELDS, colors=LABEL_COLORS, root_color=ROOT_COLOR, unreached_color=UNREACHED_COLOR,
             label_order=list(LABEL_ORDER), legend_names=LEGEND_NAMES if pair else dict.fromkeys(LEGEND_NAMES, "traced"), no_edge=no_edge_messages(L, tau, name_of_root),
         ),
@@ -408,7 +450,7 @@ def dashboard_layout(
     )
     grid.selected.js_on_change("indices", callback)
     layout = column(
-        Div(text=_header_html(checked, tau, alpha, top_k), name="header", width=1100, styles=PAGE_STYLE),
+        Div(text=_header_html(checked, tau, alpha, top_k) + _shipped_html(shipped, counts_per_head, label), name="header", width=1100, styles=PAGE_STYLE),
         row(grid_fig, sentence_fig),
         status,
         flow_fig,
@@ -420,15 +462,32 @@ def dashboard_layout(
     return layout
 
 
-def _grid_figure(values: np.ndarray, label: str, title: str, mask: np.ndarray) -> tuple[Plot, ColumnDataSource, np.ndarray]:
-    """The head grid of ``values`` (the model difference, or one model's measure), its cells' source ("head_grid", the heads of a partial ``mask`` selected) and each cell's 0-based (layer, head)."""
+def _grid_figure(values: np.ndarray, label: str, title: str, mask: np.ndarray, shipped: np.ndarray) -> tuple[Plot, ColumnDataSource, np.ndarray]:
+    """The head grid of ``values`` (the model difference, or one model's measure), its cells' source ("head_grid", the heads of a partial ``mask`` selected) and each cell's 0-based (layer, head).
+
+    Heads whose attention the file does not carry (not ``shipped``) are hatched.
+    """
     fig = hv.render(head_grid(values, label, title=title, cmap="magma_r", width=440, height=320), backend="bokeh")
     grid = fig.select_one({"type": GlyphRenderer}).data_source
     grid.name = "head_grid"
     cells = np.array(heads_at(grid.data, range(mask.size)), dtype=np.int32)
     if not mask.all():
         grid.selected.indices = [i for i, (layer, head) in enumerate(cells) if mask[layer, head]]
+    if not shipped.all():
+        layer, head = np.nonzero(~shipped)
+        fig.rect(x=head + 1, y=layer + 1, width=1, height=1, fill_alpha=0, line_alpha=0, hatch_pattern="/", hatch_color="#777777", hatch_alpha=0.8, nonselection_hatch_alpha=0.8, name="not_shipped")
     return fig, grid, cells
+
+
+def _shipped_html(shipped: np.ndarray, counts: np.ndarray, label: str) -> str:
+    """What a long input's file leaves out: which heads it carries, and why ("" when it carries every head)."""
+    if shipped.all():
+        return ""
+    return (
+        f"<div style='color: #8a4b00'><b>A long input:</b> its {int(counts.sum()):,} attention entries of at least tau pass this file's cap of {MAX_ENTRIES:,}, "
+        f"so it carries those of {int(shipped.sum())} of {shipped.size} heads (the selected ones first, then by {html.escape(label)}); "
+        "the other heads are hatched in the grid and selecting them draws nothing.</div>"
+    )
 
 
 def _flow_figure(tokens: Sequence[str], traces: dict[str, AttentionTrace], frames: dict[str, pd.DataFrame], title: str) -> tuple[Plot, dict[str, ColumnDataSource]]:
@@ -477,7 +536,7 @@ def _matrix_rows(records: Mapping[str, AttentionRecord], values: np.ndarray, top
 
 def _matrix_figure(attention: np.ndarray, tokens: Sequence[str], title: str, size: int) -> Plot:
     """One head's matrix, shipped as uint8 (weight * 255); its colours, colour bar and hover still show weights."""
-    element = attention_matrix(attention, tokens, title=title, size=size, rasterize=False)
+    element = attention_matrix(attention, tokens, title=title, size=size)  # a long input's through datashader: the file carries its pixels, not n x n
     frames = matrix_frames(element)
     frames["image"]["image"] = [np.round(np.clip(frames["image"]["image"][0], 0.0, 1.0) * 255).astype(np.uint8)]
     fig, _ = render_bound(element, MATRIX_LAYERS, frames)

@@ -127,6 +127,21 @@ def test_shipped_entries_are_exactly_those_at_or_above_tau(records) -> None:
     np.testing.assert_array_equal(sparse["weight"], attention[layer, sparse["head"], query, sparse["key"]])
     above = sparse_attention(attention, float(np.nextafter(np.float32(tau), np.float32(1))))
     assert above["weight"].size == sparse["weight"].size - int((attention == np.float32(tau)).sum())
+    heads = np.zeros((L, H), dtype=bool)
+    heads[0, 1] = heads[L - 1, 0] = True
+    some = sparse_attention(attention, tau, heads)  # only those heads' entries, grouped the same way
+    some_rows = np.repeat(np.arange(L * n), np.diff(some["offsets"]))
+    assert set(zip(some_rows // n, some["head"].tolist(), some_rows % n, some["key"].tolist(), strict=True)) == {e for e in expected if heads[e[0], e[1]]}
+
+
+def test_shipped_heads_are_the_first_in_order_that_fit_the_cap() -> None:
+    from attnflows_panel.export import shipped_heads
+
+    counts = np.array([[5, 1], [3, 4]])
+    order = np.array([3, 0, 2, 1])  # flat (layer, head) indices, first shipped first
+    assert shipped_heads(counts, order, 13).all()
+    np.testing.assert_array_equal(shipped_heads(counts, order, 9), [[True, False], [False, True]])  # 4 + 5; the next, 3, would pass 9
+    np.testing.assert_array_equal(shipped_heads(counts, order, 2), [[False, False], [False, True]])  # the first even over the cap
 
 
 def test_shipped_entries_hold_every_edge_of_the_union_trace(records) -> None:

@@ -288,3 +288,35 @@ def test_user_text_is_shown_never_run(page, tiny_pair, tmp_path: Path, text: str
             assert page.get_by_text(shown, exact=False).first.is_visible()
     assert page.title() == text
     assert visit.dialogs == [] and visit.errors == [] and visit.outside == []
+
+
+NOT_SHIPPED = "() => { const d = Bokeh.documents[0].get_model_by_name('not_shipped').data_source.data; return [Array.from(d.y), Array.from(d.x)]; }"
+
+
+def test_a_long_input_ships_the_most_changed_heads_and_retraces_them(page, tiny_records, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the entry cap the file carries the heads the models differ most on while they fit, hatches the others,
+    and the browser traces the selected heads it carries exactly as Python does."""
+    import attnflows_panel.export as export
+    from attnflows_panel.analysis.compare import head_js_divergence
+
+    tau, alpha, top_k = 0.1, 0.5, 3
+    per_head = sum(np.count_nonzero(r.attention >= tau, axis=(2, 3)) for r in tiny_records)
+    monkeypatch.setattr(export, "MAX_ENTRIES", int(per_head.sum() // 2))
+    path = export_dashboard(tiny_records, tmp_path / "long.html", tau=tau, alpha=alpha, top_heads=1, top_k=top_k)
+    visit = open_offline(page, path)
+    assert "A long input" in page.evaluate(TEXT_OF, "header")
+    layer, head = page.evaluate(NOT_SHIPPED)
+    shipped = np.ones(per_head.shape, dtype=bool)
+    shipped[np.asarray(layer, dtype=int) - 1, np.asarray(head, dtype=int) - 1] = False
+    assert 0 < shipped.sum() < shipped.size
+    difference = head_js_divergence(tiny_records[0].attention, tiny_records[1].attention)
+    assert difference[shipped].min() >= difference[~shipped].max()  # the most changed heads
+    assert per_head[shipped].sum() <= export.MAX_ENTRIES < per_head[shipped].sum() + per_head[~shipped][np.argmax(difference[~shipped])]
+    assert_matches_python(page, tiny_records, shipped, tau, alpha, top_k)
+    rng = np.random.default_rng(3)
+    for mask in [m for m in (rng.random(shipped.shape) < 0.5 for _ in range(6)) if (m & shipped).any()]:
+        page.evaluate(SELECT, cell_indices(page, mask))
+        assert_matches_python(page, tiny_records, mask & shipped, tau, alpha, top_k)  # the carried heads of the selection
+    page.evaluate(SELECT, cell_indices(page, ~shipped))  # only heads the file does not carry: nothing drawn, and why
+    assert source(page, "flow_edges")["key"] == [] and source(page, "flow_message")["text"] == [export.no_edge_messages(2, tau)["not_carried"]]
+    assert visit.errors == [] and visit.outside == []
