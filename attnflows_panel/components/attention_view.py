@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import html
 import threading
+from collections.abc import Callable
 from functools import partial
+from typing import TypeVar
 
 import holoviews as hv
 import numpy as np
@@ -33,6 +35,7 @@ from attnflows_panel.plots.head_embedding import HIGHLIGHT_LAYERS, head_embeddin
 from attnflows_panel.plots.head_grid import GRID_LAYERS, grid_clim, grid_frames, grid_outline, grid_outline_frames, head_grid, heads_at
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
 
+T = TypeVar("T")
 DIFFERENCE = "model difference (JS, bits)"
 DEFAULT_ROOT = (-1, -1)  # the deepest level, the model's default token
 MEASURE_LABELS = {
@@ -139,8 +142,10 @@ class AttentionView(pn.viewable.Viewer):
         self._ablate_button = pn.widgets.Button(label="Switch selected heads off", color="primary")
         self._ablate_button.on_click(self._ablate)
         self.head_map = head_map
-        self._traced: tuple[object, tuple, dict[bool, dict[str, AttentionTrace]]] | None = None  # records, settings, their traces (with / without top-k)
-        self._words: tuple[object, tuple[AttentionRecord, ...]] | None = None  # records and their word-level merge
+        # what a record's views computed (measures, traces, matrices, word merge): (id(record), kind) -> (record, key, value);
+        # the model thread fills it for a new input, so the page's loop only draws
+        self._memo: dict[tuple[int, object], tuple[object, object, object]] = {}
+        self._memo_lock = threading.Lock()
         self._method_tau = dict(METHOD_TAU)
         self._wanted: tuple[str, str | None] | None = None  # the input whose records are on their way
         self.grid, self.map, self.sentence = LiveFigure(), LiveFigure(), LiveFigure()  # the sentence view is as wide as its characters
@@ -192,12 +197,25 @@ class AttentionView(pn.viewable.Viewer):
             return
         self._wanted = request = (text, pair_text)
         self._set_busy(True)
-        run_model_work(lambda: cached_records(self._source, text, pair_text), partial(self._show_records, request), partial(self._records_failed, request))
+        run_model_work(lambda: self._prime(cached_records(self._source, text, pair_text)), partial(self._show_records, request), partial(self._records_failed, request))
+
+    def _prime(self, records: tuple[AttentionRecord, ...]) -> tuple[AttentionRecord, ...]:
+        """Compute what drawing ``records`` in the current state needs (off a served page's loop); the draw then reuses it."""
+        shown = self._shown_of(records)
+        self._grid_values(shown)
+        for record in shown:
+            self._mean_map(record)
+        for without_top_k in (False, True) if self.method in TOP_K_METHODS and self.top_k else (False,):
+            self._traces(without_top_k=without_top_k, shown=shown, root=DEFAULT_ROOT)
+        return records
 
     def _show_records(self, request: tuple[str, str | None], records: tuple[AttentionRecord, ...]) -> None:
         """Show the records of ``request`` unless a newer input was asked for meanwhile."""
         if request != self._wanted:
             return
+        kept = [*records, *self._shown_of(records)]
+        with self._memo_lock:  # forget the previous input's computations
+            self._memo = {slot: held for slot, held in self._memo.items() if any(held[0] is record for record in kept)}
         notice = ""
         if records[0].n_truncated:
             notice = f"The input was longer than the model allows: the last {records[0].n_truncated} tokens were dropped."
@@ -263,39 +281,57 @@ class AttentionView(pn.viewable.Viewer):
             with pn.io.hold():
                 self.root = (level, token)
 
-    def _root(self) -> tuple[int, int]:
-        level, token = self.root
-        return (self.n_layers if level < 0 else level, self.shown[0].root_token if token < 0 else token)
+    def _root(self, shown: tuple[AttentionRecord, ...] | None = None, root: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(level, token) of ``root`` (the current one by default) in ``shown``, the model's defaults filled in."""
+        level, token = self.root if root is None else root
+        first = (self.shown if shown is None else shown)[0]
+        return (self.n_layers if level < 0 else level, first.root_token if token < 0 else token)
 
     # ------------------------------------------------------------------ computed
+    def _computed(self, record: object, kind: object, key: object, compute: Callable[[], T]) -> T:
+        """``compute()`` for ``record``, kept (one value per record and kind) until another ``key`` asks again."""
+        slot = (id(record), kind)
+        with self._memo_lock:
+            held = self._memo.get(slot)
+        if held is None or held[0] is not record or held[1] != key:
+            held = (record, key, compute())
+            with self._memo_lock:
+                self._memo[slot] = held
+        return held[2]  # type: ignore[return-value]
+
     @property
     def shown(self) -> tuple[AttentionRecord, ...] | None:
         """The records as drawn: the input's records, or their word-level merge."""
-        if self.records is None or self.units == "word pieces":
-            return self.records
-        if self._words is None or self._words[0] is not self.records:
-            self._words = (self.records, tuple(word_level(r) for r in self.records))
-        return self._words[1]
+        return self._shown_of(self.records)
 
-    def _traces(self, *, without_top_k: bool = False) -> dict[str, AttentionTrace]:
+    def _shown_of(self, records: tuple[AttentionRecord, ...] | None) -> tuple[AttentionRecord, ...] | None:
+        if records is None or self.units == "word pieces":
+            return records
+        return self._computed(records[0], "words", None, lambda: tuple(word_level(r) for r in records))
+
+    def _measures(self, record: AttentionRecord) -> dict[str, np.ndarray]:
+        """Every head measure of ``record``, computed in one pass."""
+        return self._computed(record, "measures", None, lambda: head_measures(record.source, record.tokens, record.cls_mask, record.sep_mask))
+
+    def _mean_map(self, record: AttentionRecord) -> np.ndarray:
+        """The mean attention map of the selected heads."""
+        mask = self.head_mask
+        return self._computed(record, "mean", mask.tobytes(), lambda: record.source.mean_map(mask))
+
+    def _traces(self, *, without_top_k: bool = False, shown: tuple[AttentionRecord, ...] | None = None, root: tuple[int, int] | None = None) -> dict[str, AttentionTrace]:
         """Each model's trace for the current state (or the CLS trace without top-k), computed once per state:
         the flow diagrams, their titles and the sentence view share it."""
-        state = (self.head_mask.tobytes(), self.tau, self.alpha, self.method, self.combine, self.root, self.top_k)
-        if self._traced is None or self._traced[0] is not self.shown or self._traced[1] != state:
-            self._traced = (self.shown, state, {})
-        cache = self._traced[2]
-        if without_top_k not in cache:
-            cache[without_top_k] = {name: self._trace(record, without_top_k) for name, record in zip(self.names, self.shown, strict=True)}
-        return cache[without_top_k]
+        shown, root = self.shown if shown is None else shown, self.root if root is None else root
+        state = (self.head_mask.tobytes(), self.tau, self.alpha, self.method, self.combine, root, self.top_k)
+        at = self._root(shown, root)
+        return self._computed(shown[0], ("traces", without_top_k), state, lambda: {name: self._trace(record, without_top_k, at) for name, record in zip(self.names, shown, strict=True)})
 
-    def _trace(self, record: AttentionRecord, without_top_k: bool) -> AttentionTrace:
+    def _trace(self, record: AttentionRecord, without_top_k: bool, root: tuple[int, int]) -> AttentionTrace:
         if self.method in RESIDUAL_TRACES:
-            return RESIDUAL_TRACES[self.method](record.source, self.head_mask, tau=self.tau, root=self._root(), causal=record.causal)
-        return self._cls_trace(record, top_k=None if without_top_k else self.top_k or None)
-
-    def _cls_trace(self, record: AttentionRecord, top_k: int | None) -> AttentionTrace:
-        """The CLS trace of ``record`` (from every token for the heads' own edges) for the current settings."""
-        return trace_cls_flow(record.source, self.head_mask, tau=self.tau, alpha=self.alpha, root=self._root(), combine=self.combine, top_k=top_k, every_token=self.method == "heads")
+            return RESIDUAL_TRACES[self.method](record.source, self.head_mask, tau=self.tau, root=root, causal=record.causal)
+        return trace_cls_flow(
+            record.source, self.head_mask, tau=self.tau, alpha=self.alpha, root=root, combine=self.combine, top_k=None if without_top_k else self.top_k or None, every_token=self.method == "heads"
+        )
 
     def _method_name(self) -> str:
         """The method as titles name it: "CLS trace" only while it starts at an encoder's [CLS] in the deepest layer."""
@@ -342,9 +378,8 @@ class AttentionView(pn.viewable.Viewer):
         frames = flow_frames(self.shown[0].tokens, drawn, self.layout, self._flow_message(drawn), rooted=self.method != "heads")
         return frames, self._flow_title(shown, frames["edges"]["label"].to_numpy())
 
-    def _grid_values(self) -> np.ndarray:
-        record = self.shown[-1]
-        return head_measures(record.source, record.tokens, record.cls_mask, record.sep_mask)[self.measure]
+    def _grid_values(self, shown: tuple[AttentionRecord, ...] | None = None) -> np.ndarray:
+        return self._measures((self.shown if shown is None else shown)[-1])[self.measure]
 
     def _grid_title(self) -> str:
         return f"{MEASURE_LABELS[self.measure]} ({self.titles[self.names[-1]]})"
@@ -355,7 +390,7 @@ class AttentionView(pn.viewable.Viewer):
     def _matrix_element(self, index: int) -> object:
         record, heads = self.shown[index], np.argwhere(self.head_mask)
         label = f"mean of {len(heads)} heads" if len(heads) > 1 else f"layer {heads[0][0] + 1}, head {heads[0][1] + 1}"
-        matrix = record.source.mean_map(self.head_mask)
+        matrix = self._mean_map(record)
         size = int(np.clip(6 * record.n_tokens, 340, 560))  # long inputs get room for more token labels
         return attention_matrix(matrix, record.tokens, title=f"{self.titles[self.names[index]]}: {label}", size=size)
 

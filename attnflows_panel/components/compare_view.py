@@ -13,8 +13,8 @@ import param
 from attnflows_panel.analysis.compare import head_js_divergence
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED
-from attnflows_panel.analysis.heads import head_measures
 from attnflows_panel.components.attention_view import DIFFERENCE, MEASURE_LABELS, AttentionView
+from attnflows_panel.extract import AttentionRecord
 from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.plots import MODEL_TITLES
 
@@ -42,12 +42,11 @@ class CompareView(AttentionView):
     def _flow_layouts(self) -> list[tuple[str, ...]]:
         return [(PRETRAINED, FINETUNED)] if self.mode == "merged" else [(PRETRAINED,), (FINETUNED,)]
 
-    def _grid_values(self) -> np.ndarray:
-        pre, fine = self.shown
+    def _grid_values(self, shown: tuple[AttentionRecord, ...] | None = None) -> np.ndarray:
+        pre, fine = self.shown if shown is None else shown
         if self.measure == DIFFERENCE:
-            return head_js_divergence(pre.source, fine.source)
-        record = fine if self.grid_model == FINETUNED else pre
-        return head_measures(record.source, record.tokens, record.cls_mask, record.sep_mask)[self.measure]
+            return self._computed(pre, ("difference", id(fine)), None, lambda: head_js_divergence(pre.source, fine.source))
+        return self._measures(fine if self.grid_model == FINETUNED else pre)[self.measure]
 
     def _grid_title(self) -> str:
         return DIFFERENCE if self.measure == DIFFERENCE else f"{MEASURE_LABELS[self.measure]} ({MODEL_TITLES[self.grid_model]})"

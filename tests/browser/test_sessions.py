@@ -93,3 +93,26 @@ def test_two_sessions_ablating_and_extracting_at_once_each_get_their_own_result(
     assert f"({want.original_probabilities.max():.0%})" in before and f"({want.probabilities.max():.0%})" in after
     for got, expected in zip(second.records, extract_pair(real_pair, REVIEW), strict=True):
         np.testing.assert_allclose(got.attention, expected.attention, atol=1e-5)  # none of its heads was switched off
+
+
+def test_a_new_input_is_computed_on_the_model_thread_and_drawn_on_the_loop(page, real_pair, monkeypatch) -> None:
+    """The grid, the traces and the matrices of a new input are computed once, off the page's loop; drawing only reuses them."""
+    import attnflows_panel.components.attention_view as attention_view
+    import attnflows_panel.components.compare_view as compare_view
+
+    (view,), (one,) = serve_sessions(page, real_pair, 1)
+    calls: list[tuple[str, str]] = []
+
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            calls.append((name, threading.current_thread().name))
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(compare_view, "head_js_divergence", recorded("difference", compare_view.head_js_divergence))
+    monkeypatch.setattr(attention_view, "trace_cls_flow", recorded("trace", attention_view.trace_cls_flow))
+    type_text(one, REVIEW)
+    wait_until(lambda: view.records[0].text == REVIEW and not view.busy, one, timeout=60_000)
+    one.wait_for_function(SETTLED_JS, timeout=30_000)
+    assert sorted(calls) == sorted([("difference", "attnflows-model_0")] + [("trace", "attnflows-model_0")] * 4)  # two models, with and without top-k
