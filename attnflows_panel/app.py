@@ -53,18 +53,24 @@ def shared_default() -> Prepared:
         return _PREPARED
 
 
-def example_label(example: Example) -> str:
-    """The menu entry of an example: its task first; a pair task says the default fine-tune never learned it."""
-    untrained = "" if example.task == "sentiment" else " (not a task the default fine-tune learned)"
-    return f"{example.task}: {example.name}{untrained}"
+NO_EXAMPLE = "(choose an example)"
+
+
+def example_groups(examples: list[Example]) -> dict[str, dict[str, str]]:
+    """The examples menu: one group per task (a pair task's says the default fine-tune never learned it), entries by name."""
+    groups: dict[str, dict[str, str]] = {"": {NO_EXAMPLE: NO_EXAMPLE}}
+    for example in examples:
+        task = example.task if example.task == "sentiment" else f"{example.task} (not a task the default fine-tune learned)"
+        groups.setdefault(task, {})[example.name] = example.name
+    return groups
 
 
 def _examples_menu(view: AttentionView) -> pn.widgets.Select:
-    examples = {"(choose an example)": None} | {example_label(e): e for e in load_examples()}
-    menu = pn.widgets.Select(label="Examples", options=list(examples), sizing_mode="stretch_width")
+    examples = {e.name: e for e in load_examples()}
+    menu = pn.widgets.Select(name="Examples", groups=example_groups(list(examples.values())), value=NO_EXAMPLE, sizing_mode="stretch_width")
 
     def pick(event: object) -> None:
-        example = examples[menu.value]
+        example = examples.get(menu.value)
         if example is not None:
             view.param.update(text_pair=example.text_pair or "", text=example.text)
 
@@ -122,7 +128,8 @@ def _waiting(message: str) -> tuple[pn.pane.Markdown, pn.indicators.Progress]:
 def _corpus_card(view: AttentionView, corpus: pd.DataFrame) -> pn.Card:
     """The corpus run's sentences (most changed by fine-tuning first); choosing one shows it in every view."""
     browser = CorpusBrowser(corpus)
-    title = f"Corpus: {len(corpus)} held-out sentences, sortable and filterable; click one to show it"
+    source = f" of {corpus.attrs['source']}" if corpus.attrs.get("source") else ""
+    title = f"Corpus: {len(corpus)} held-out sentences{source}, sortable and filterable; click one to show it"
     card = pn.Card(browser, title=title, collapsed=True, sizing_mode="stretch_width")
 
     def show(event: param.parameterized.Event) -> None:

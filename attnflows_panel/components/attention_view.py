@@ -80,21 +80,22 @@ def how_to_read(pair: bool) -> str:
     sentence = "per model (darker = more, scaled to that model's largest word; hover a word for its value), with the fine-tuned model's prediction" if pair else "(darker = more, scaled to the largest word; hover a word for its value), with the model's prediction"
     return f"""
 **Grid** (layer x head, layers and heads numbered from 1): one cell per attention head, coloured by the measure
-chosen in *Grid colour*. Drag a box or click cells to select heads; every other view then uses only those heads.
+chosen in *Grid colour* (the colours scale to this input: compare inputs by the numbers in the hover, not by colour).
+Drag a box or click cells to select heads; every other view then uses only those heads.
 Heads selected elsewhere (in the head map) are outlined in red. **Head map**: {head_map}
 
-**Flow diagram**: each row is a level (*input* = the embeddings at the bottom, *layer l* = the output of
+**Flow diagram** (the CLS trace of DeRose, Wang and Berger's *Attention Flows*, IEEE VIS 2020): each row is a level (*input* = the embeddings at the bottom, *layer l* = the output of
 layer l); each column is a token. The trace starts at the black **root** ([CLS] of the deepest layer, a decoder's last token; click a
-token to start there) and walks down: an **edge** joins a token to a token of the level below that it attends to
+token to start there; drawn large to mark it, its own influence is 0) and walks down: an **edge** joins a token to a token of the level below that it attends to
 with a weight of at least **tau** in a selected head (width = weight: the strongest selected head's, or the heads' mean
 with *Heads: mean*); an edge between the rows *layer l-1* and *layer l* belongs to layer l's heads. {colours}
 **Node size** is the token's influence `I_l(w) = c_l(w) + alpha * I_(l+1)(w)`, where `c_l(w)` counts the
 edges reaching it (so the root's is 0); grey dots were not reached. Rollout and attention flow draw each edge's share of the root's
 relevance or flow instead; *heads' own edges* draws every edge of the selected heads, whether or not it reaches
 the root. Hover an edge (the query token above, the key it attends to below) or a token for its words, heads
-and weights; token positions count from 0 (`[CLS]` is 0), as the tokenizer numbers them.
+and weights; token positions count from 0 (`[CLS]` is 0), as the tokenizer numbers them (with *Units: words*, as words).
 
-**Sentence view** (always whole words): each word shaded by its influence on the input (or by the root's attention),
+**Sentence view** (always shown as whole words; the values come from the flow in the chosen units): each word shaded by its influence on the input (or by the root's attention),
 {sentence}. **Matrices**: the attention of the selected head (or the mean of the
 selected heads), query rows against key columns.
 """
@@ -146,6 +147,7 @@ class AttentionView(pn.viewable.Viewer):
         # the model thread fills it for a new input, so the page's loop only draws
         self._memo: dict[tuple[int, object], tuple[object, object, object]] = {}
         self._memo_lock = threading.Lock()
+        self._brush: str | None = None  # while a head selection is being applied: the plot it came from ("" for none)
         self._method_tau = dict(METHOD_TAU)
         self._wanted: tuple[str, str | None] | None = None  # the input whose records are on their way
         self.grid, self.map, self.sentence = LiveFigure(), LiveFigure(), LiveFigure()  # the sentence view is as wide as its characters
@@ -251,17 +253,41 @@ class AttentionView(pn.viewable.Viewer):
         """Start the trace at the default root again ([CLS] of the deepest layer, or a decoder's last token)."""
         self.root = DEFAULT_ROOT
 
-    def _on_map_selection(self, index: list[int]) -> None:
-        rows = self.head_map.points.iloc[index]
-        self.select_heads(list(zip(rows["layer"].astype(int), rows["head"].astype(int), strict=True)))
+    def _on_grid_selection(self, index: list[int], cells: dict) -> None:
+        if self._brush is None:  # not a brush this view is clearing
+            self.select_heads(heads_at(cells, index) if index else [], brush="grid")
 
-    def select_heads(self, heads: list[tuple[int, int]]) -> None:
-        """Set the head mask to ``heads`` (layer, head; numbered from 0), or to every head when empty."""
+    def _on_map_selection(self, index: list[int]) -> None:
+        if self._brush is None:
+            rows = self.head_map.points.iloc[index]
+            self.select_heads(list(zip(rows["layer"].astype(int), rows["head"].astype(int), strict=True)), brush="map")
+
+    def select_heads(self, heads: list[tuple[int, int]], brush: str = "") -> None:
+        """Set the head mask to ``heads`` (layer, head; numbered from 0), or to every head when empty.
+
+        ``brush`` names the plot whose selection chose them (``"grid"`` or ``"map"``): the other plot's brush is cleared.
+        """
         mask = np.zeros((self.n_layers, self.n_heads), dtype=bool)
         for layer, head in heads:
             mask[layer, head] = True
         with pn.io.hold():  # the panes write their sources directly: one message per brush
-            self.head_mask = mask if mask.any() else ~mask
+            self._brush = brush
+            try:
+                self.head_mask = mask if mask.any() else ~mask
+            finally:
+                self._brush = None
+
+    def _clear_brushes(self, keep: str) -> None:
+        """Clear the selection drawn by each brushed plot but ``keep`` (a stale box or lasso would dim other heads)."""
+        brushed = {"grid": (self.grid, Layer(Rect)), "map": (self.map, Layer(Scatter))}
+        previous = self._brush
+        for name, (live, layer) in brushed.items():
+            if name != keep and live.figure is not None:
+                self._brush = name  # its selection callback must not select every head
+                try:
+                    renderer(live.figure, layer).data_source.selected.indices = []
+                finally:
+                    self._brush = previous
 
     def selected_heads(self) -> list[tuple[int, int]]:
         """The (layer, head) pairs in the head mask, numbered from 0."""
@@ -349,6 +375,9 @@ class AttentionView(pn.viewable.Viewer):
         hidden = self._hidden_by_top_k(shown) - labels.size
         heads = int(self.head_mask.sum())
         title += "" if heads == self.head_mask.size else f" ({heads} of {self.head_mask.size} heads)"
+        traces = self._traces()
+        silent = [self.titles[name] for name in shown if len(shown) > 1 and not traces[name].n_edges and labels.size]
+        title += "".join(f"; {name} draws none" for name in silent)  # in the merged diagram a model may keep no edge
         return f"{title}; {hidden} weaker hidden (top {self.top_k} per token)" if hidden > 0 else title
 
     def _hidden_by_top_k(self, shown: tuple[str, ...]) -> int:
@@ -415,6 +444,7 @@ class AttentionView(pn.viewable.Viewer):
 
     # ------------------------------------------------------------------ drawing (a new figure: ranges fit the input)
     def _draw_all(self, *_: object) -> None:
+        self._ablate_button.disabled = self.records is None  # nothing to switch off without an input
         with self._push_lock:
             self._draw_grid()
             self._draw_flows()
@@ -436,7 +466,7 @@ class AttentionView(pn.viewable.Viewer):
         cells = head_grid(values, "JS (bits)" if difference else self._grid_label(), title=self._grid_title(), cmap="magma_r" if difference else "viridis", width=440, height=300)
         self.grid.draw(cells * grid_outline(heads), GRID_LAYERS, grid_frames(values, heads))
         self._grid_measure = self.measure
-        self.grid.on_select(Layer(Rect), lambda index, cells: self.select_heads(heads_at(cells, index) if index else []))
+        self.grid.on_select(Layer(Rect), self._on_grid_selection)
 
     def _draw_map(self, *_: object) -> None:
         if self.head_map is None:
@@ -494,8 +524,7 @@ class AttentionView(pn.viewable.Viewer):
         with self._push_lock:
             self.ablation.object = ""  # a result for other heads
             self.grid.write(grid_outline_frames(self._outlined()))
-            if self.head_mask.all() and self.grid.figure is not None:  # "Clear selection": the grid's own brush goes too
-                renderer(self.grid.figure, Layer(Rect)).data_source.selected.indices = []
+            self._clear_brushes(keep="" if self.head_mask.all() else self._brush or "")  # "Clear selection" clears both
             if self.head_map is not None:
                 self.map.write(highlight_frames(self.head_map.points, self._outlined()))
             if self.records is None:

@@ -9,7 +9,7 @@ import holoviews as hv
 import numpy as np
 import pandas as pd
 
-from bokeh.models import CustomJSHover, HoverTool, Scatter, Segment, Text
+from bokeh.models import CustomJS, CustomJSHover, HoverTool, Scatter, Segment, Text
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, AttentionTrace
 from attnflows_panel.plots import FINETUNED_COLOR, MODEL_TITLES, PRETRAINED_COLOR, SHARED_COLOR
@@ -181,12 +181,25 @@ def _edge_tips(models: Sequence[str]) -> list[tuple[str, str]]:
     return tips
 
 
-def _hover(tips: list[tuple[str, str]], formatters: dict[str, str], attachment: str) -> HoverTool:
-    """A hover showing the one item nearest the pointer (overlapping edges never stack tooltips); formatters as JS code.
+def _hover(tips: list[tuple[str, str]], formatters: dict[str, str], **options: object) -> HoverTool:
+    """A hover showing the one item nearest the pointer (overlapping edges never stack tooltips); formatters as JS code."""
+    return HoverTool(tooltips=tips, formatters={field: CustomJSHover(code=code) for field, code in formatters.items()}, limit=1, **options)
 
-    Edges and tokens each have one; ``attachment`` puts their tooltips on different sides, so both stay readable.
-    """
-    return HoverTool(tooltips=tips, formatters={field: CustomJSHover(code=code) for field, code in formatters.items()}, limit=1, attachment=attachment)
+
+# While the pointer is on a token, the edges' hover pauses (its renderers emptied, which also hides its
+# tooltip; emptying its tooltips would leave a shown one in place): one tooltip at a time, the token's.
+EDGES_PAUSED_ON_TOKENS = """
+const on_token = cb_data.index.indices.length > 0;
+if (on_token && edges.renderers.length > 0) { edges.paused_renderers = edges.renderers; edges.renderers = []; }
+if (!on_token && edges.renderers.length === 0 && edges.paused_renderers !== undefined) edges.renderers = edges.paused_renderers;
+"""
+
+
+def _pause_edges_on_tokens(plot: object, _: object) -> None:
+    """A HoloViews hook giving the tokens' hover a callback that pauses the edges' hover (the rendered tools: HoloViews copies them)."""
+    hovers = {tool.tooltips[0][0]: tool for tool in plot.state.toolbar.tools if isinstance(tool, HoverTool)}
+    hovers["token"].callback = CustomJS(args={"edges": hovers["layer"]}, code=EDGES_PAUSED_ON_TOKENS)
+    hovers["layer"].syncable = False  # pausing it is the page's business: no message to a server per token passed
 
 
 def _boxed(plot: object, element: object) -> None:
@@ -219,11 +232,12 @@ def flow_diagram(
     levels = int(nodes["level"].max()) + 1
     models = [m for m in (PRETRAINED, FINETUNED) if m in traces]
     segment_dims = [c for c in edges.columns if c not in ("x0", "y0", "x1", "y1")]
-    edge_hover = _hover(_edge_tips(models), {f"@{{weight_{m}}}": WEIGHT_OR_NOT_DRAWN for m in models} | {"@{layer}": LAYER_FROM_ONE}, "below")
+    # an edge's tooltip follows the pointer (snapped to the data it would sit at the segment's far end)
+    edge_hover = _hover(_edge_tips(models), {f"@{{weight_{m}}}": WEIGHT_OR_NOT_DRAWN for m in models} | {"@{layer}": LAYER_FROM_ONE}, attachment="below", point_policy="follow_mouse")
     segments = hv.Segments(edges, ["x0", "y0", "x1", "y1"], segment_dims, label="edges").opts(color="color", line_width="width", alpha=0.75, tools=[edge_hover])
     node_tips = [("token", "@{token} (@{index})"), ("level", "@{level_name}")]
     node_tips += [(f"influence, {MODEL_TITLES[m]}", f"@{{influence_{m}}}{{custom}}") for m in models]
-    node_hover = _hover(node_tips, {f"@{{influence_{m}}}": INFLUENCE_OR_NONE for m in models}, "above")
+    node_hover = _hover(node_tips, {f"@{{influence_{m}}}": INFLUENCE_OR_NONE for m in models}, attachment="above")
     points = hv.Points(nodes, ["x", "y"], [c for c in nodes.columns if c not in ("x", "y")], label="tokens").opts(
         color="color", size="size", line_color="white", tools=[node_hover, "tap"]
     )
@@ -247,4 +261,4 @@ def flow_diagram(
         layers = segments * points * message * labels * rings
     size = dict(responsive=True, min_width=380) if responsive else dict(width=width)  # two side by side fit 1280 px
     # active tools: pan only, so that the wheel scrolls the page rather than zooming the diagram
-    return layers.opts(hv.opts.Overlay(height=height, toolbar="right", active_tools=["pan"], show_legend=False, hooks=[field_legend(Segment, "legend", "edges"), caption(encoding)], **size, **axes))
+    return layers.opts(hv.opts.Overlay(height=height, toolbar="right", active_tools=["pan"], show_legend=False, hooks=[field_legend(Segment, "legend", "edges"), caption(encoding), _pause_edges_on_tokens], **size, **axes))

@@ -134,8 +134,18 @@ def real_head_map(real_pair, tmp_path_factory):
     return run_head_map(store, 24)
 
 
+MAP_SELECTION_JS = """() => {""" + PLOT_VIEWS_JS + """
+  for (const view of plotViews())
+    if (view.model.title.text.startsWith("heads over"))
+      return Array.from(view.model.renderers.find((r) => r.glyph !== undefined && r.glyph.constructor.__name__ === "Scatter").data_source.selected.indices);
+  return null;
+}"""
+
+
 def test_head_map_brush_selects_those_heads_everywhere(page, serve_page, real_pair, real_head_map, plot_point) -> None:
-    view, msgs = serve_view(serve_page, page, real_pair, head_map=real_head_map)
+    """A box in the head map selects its heads in every view; "Clear selection" then clears the box too."""
+    view, msgs = serve_view(serve_page, page, real_pair, head_map=real_head_map, controls=True)
+    assert plots_titled(page, "heads over 24 corpus sentences (drag to select)") != []
     points = real_head_map.points
     # a box over the left part of the map, cut in the widest gap between points so pixel rounding cannot matter;
     # either model's copy of a head selects it
@@ -146,10 +156,14 @@ def test_head_map_brush_selects_those_heads_everywhere(page, serve_page, real_pa
     low, high = float(points["y"].min()) - 0.01, float(points["y"].max()) + 0.01
     inside = points[points["x"] <= x_cut]
     expected = sorted({(int(layer), int(head)) for layer, head in zip(inside["layer"], inside["head"], strict=True)})
-    drag(page, plot_point(page, "heads over the corpus", float(points["x"].min()) - 0.01, high), plot_point(page, "heads over the corpus", x_cut, low))
+    drag(page, plot_point(page, "heads over", float(points["x"].min()) - 0.01, high), plot_point(page, "heads over", x_cut, low))
     wait_until(lambda: not view.head_mask.all(), page, timeout=10_000)
     assert view.selected_heads() == expected
     assert view._traces()["finetuned"].head_mask.sum() == len(expected)
+    assert len(page.evaluate(MAP_SELECTION_JS)) == len(inside)
+    page.get_by_text("Clear selection", exact=True).click()
+    wait_until(lambda: view.head_mask.all(), page, timeout=10_000)
+    wait_until(lambda: page.evaluate(MAP_SELECTION_JS) == [], page, timeout=10_000)  # no box left dimming the other heads
     assert console_errors(msgs) == []
 
 
@@ -226,16 +240,27 @@ def test_edge_hover_shows_one_tooltip_with_the_words(page, serve_page, real_pair
     title = view.flows[MERGED].figure.title.text
     i = int(np.argmax(np.abs(np.subtract(edges["x1"], edges["x0"]))))  # the most slanted edge: few others cross its middle
     page.mouse.move(0, 0)
-    page.mouse.move(*plot_point(page, title, (edges["x0"][i] + edges["x1"][i]) / 2, (edges["y0"][i] + edges["y1"][i]) / 2), steps=4)
+    pointer = plot_point(page, title, (edges["x0"][i] + edges["x1"][i]) / 2, (edges["y0"][i] + edges["y1"][i]) / 2)
+    page.mouse.move(*pointer, steps=4)
     tips = page.locator(".bk-tooltip-content")
     tips.first.wait_for(timeout=10_000)
     visible = [t for t in tips.all() if t.is_visible()]
     assert len(visible) == 1  # the nearest edge only, not a stack
+    box = visible[0].bounding_box()
+    assert abs(box["x"] + box["width"] / 2 - pointer[0]) < box["width"] and 0 < box["y"] - pointer[1] < 60  # below the pointer, not at the edge's far end
     shown = dict(line.split(":\t") for line in visible[0].inner_text().split("\n"))
     assert list(shown) == ["layer", "query", "attends to key", "pre-trained weight", "pre-trained heads", "fine-tuned weight", "fine-tuned heads"]
     words = {(f"{qt} (position {q})", f"{kt} (position {k})"): layer + 1 for kt, k, qt, q, layer in zip(edges["key_token"], edges["key"], edges["query_token"], edges["query"], edges["layer"], strict=True)}
     assert shown["layer"] == str(words[shown["query"], shown["attends to key"]])  # words and positions, the layer counted from 1
     assert all(shown[f"{m} weight"] == "not drawn" or float(shown[f"{m} weight"]) >= view.tau for m in ("pre-trained", "fine-tuned"))
+    page.mouse.move(*plot_point(page, title, 0, 6), steps=4)  # the root, [CLS] of layer 6, where many edges meet: its tooltip alone
+    page.wait_for_timeout(500)
+    visible = [t for t in tips.all() if t.is_visible()]
+    assert len(visible) == 1 and visible[0].inner_text().startswith("token:\t[CLS] (0)")
+    page.mouse.move(*pointer, steps=4)  # off the token, edges answer again
+    page.wait_for_timeout(500)
+    visible = [t for t in tips.all() if t.is_visible()]
+    assert len(visible) == 1 and visible[0].inner_text().startswith("layer:")
     assert console_errors(msgs) == []
 
 

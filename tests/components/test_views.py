@@ -316,6 +316,28 @@ def test_a_head_map_brush_selects_those_heads_in_both_models(tiny_pair) -> None:
     assert len(data(view.map, "highlight")["x"]) == 4  # both models' copies of the two heads
 
 
+def test_clear_selection_and_the_other_plot_s_brush_clear_a_brush(tiny_pair) -> None:
+    """A box left in the head map (or the grid) would keep dimming heads no longer selected."""
+    from bokeh.models import Rect, Scatter
+
+    from attnflows_panel.plots.bound import Layer, renderer
+
+    view = CompareView(tiny_pair, TEXT, head_map=head_map(2, 4))
+    rendered(view)
+    grid, points = (renderer(live.figure, Layer(glyph)).data_source.selected for live, glyph in ((view.grid, Rect), (view.map, Scatter)))
+    picked = view.head_map.points.index[view.head_map.points["layer"] == 1].tolist()
+    points.indices = picked  # a box in the head map, as the page reports it
+    assert view.selected_heads() == [(1, h) for h in range(4)] and points.indices == picked
+    grid.indices = [0]  # then a tap in the grid: the map's box goes, the grid's stays
+    assert len(view.selected_heads()) == 1 and points.indices == [] and grid.indices == [0]
+    points.indices = picked
+    assert grid.indices == [] and view.selected_heads() == [(1, h) for h in range(4)]
+    view.select_heads([])  # "Clear selection"
+    assert view.head_mask.all() and points.indices == [] and grid.indices == []
+    grid.indices = [1]  # brushing works as before
+    assert len(view.selected_heads()) == 1
+
+
 def test_a_new_input_writes_the_grid_into_its_figure_as_a_fresh_render_draws_it(tiny_pair) -> None:
     """The grid's ranges never change: a new input or grid model rewrites its cells, colour limits and title; a brush survives."""
     from bokeh.models import ColorBar
@@ -498,19 +520,28 @@ def test_the_compare_app_shows_a_chosen_corpus_sentence_in_every_view(tiny_pair)
     corpus = pd.DataFrame({"sentence_id": [0, 1], "text": ["the car was good", "i hate it"], "text_pair": [None, "it was bad"], "label": ["positive", "negative"], "difference": [0.2, 0.1], "n_tokens": [6, 9]})
     assert isinstance(create_app(tiny_pair, TEXT, corpus=corpus).main[0][0], pn.Card)  # the corpus card leads the page
     view = CompareView(tiny_pair, TEXT)
-    table = _corpus_card(view, corpus).select(pn.widgets.Tabulator)[0]
+    assert _corpus_card(view, corpus).title.startswith("Corpus: 2 held-out sentences, sortable")
+    corpus.attrs["source"] = "tweets.csv (positive vs negative)"
+    card = _corpus_card(view, corpus)
+    assert card.title.startswith("Corpus: 2 held-out sentences of tweets.csv (positive vs negative), sortable")  # where they come from
+    table = card.select(pn.widgets.Tabulator)[0]
     table.selection = [1]  # as a click on that row reports it
     assert (view.records[0].text, view.records[0].text_pair) == ("i hate it", "it was bad")
     assert view.flows[MERGED].figure.x_range.end == view.records[0].n_tokens
 
 
 def test_pair_examples_say_the_default_fine_tune_never_learned_their_task() -> None:
-    from attnflows_panel.app import example_label
+    """Examples grouped by task, each entry a short name (long entries were cut in the sidebar)."""
+    from attnflows_panel.app import NO_EXAMPLE, example_groups
     from attnflows_panel.examples import load_examples
 
-    labels = [example_label(e) for e in load_examples()]
-    assert all(label.startswith("sentiment: ") and "not a task" not in label for label in labels[:7])
-    assert all("(not a task the default fine-tune learned)" in label for label in labels if not label.startswith("sentiment"))
+    examples = load_examples()
+    groups = example_groups(examples)
+    assert list(groups["sentiment"]) == [e.name for e in examples if e.task == "sentiment"] and len(groups["sentiment"]) == 7
+    untrained = [g for g in groups if g not in ("", "sentiment")]
+    assert untrained and all(g.endswith("(not a task the default fine-tune learned)") for g in untrained)
+    assert sum(len(v) for v in groups.values()) == len(examples) + 1 and groups[""] == {NO_EXAMPLE: NO_EXAMPLE}
+    assert max(len(name) for entries in groups.values() for name in entries) <= 30
 
 
 def test_the_heads_own_edges_are_drawn_whether_or_not_they_reach_the_root(tiny_pair) -> None:
@@ -637,3 +668,23 @@ def test_the_head_map_title_says_how_many_sentences_placed_the_heads(tiny_pair) 
 
     view = CompareView(tiny_pair, TEXT, head_map=dataclasses.replace(head_map(2, 4), n_sentences=300))
     assert view.map.figure.title.text == "heads over 300 corpus sentences (drag to select)"
+
+
+def test_the_merged_title_says_when_one_model_draws_nothing(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT, top_k=0, tau=0.01)
+    assert "draws none" not in view.flows[MERGED].figure.title.text
+    root_row = {name: float(record.attention[-1][:, 0, :].max()) for name, record in zip(view.names, view.records, strict=True)}  # the trace's first step
+    weak, strong = sorted(root_row, key=root_row.get)
+    assert root_row[weak] < root_row[strong]
+    view.tau = round((root_row[weak] + root_row[strong]) / 2, 4)  # only the stronger model keeps an edge
+    assert view._traces()[strong].n_edges and not view._traces()[weak].n_edges
+    assert view.flows[MERGED].figure.title.text.endswith(f"; {view.titles[weak]} draws none")
+
+
+def test_no_input_no_ablation_button(tiny_pair) -> None:
+    view = CompareView(tiny_pair, TEXT)
+    assert not view._ablate_button.disabled
+    view.text = ""
+    assert view._ablate_button.disabled
+    view.text = TEXT
+    assert not view._ablate_button.disabled
