@@ -7,9 +7,10 @@
    tokens: extraction (``forward_sources``), the trace from the last token, the grid of a head measure
    over every head, one head's matrix (and its datashader raster), each with its time and the peak
    resident memory of the process. The dense record would not fit: its size is printed, not made.
-   The whole grid runs with numpy's BLAS held to one thread (threadpoolctl); with numpy's default
-   threads it is timed on the first ``--grid-layers`` layers (every layer has the same shape and cost),
-   since at this size it alone took about 13 minutes on 2 shared cores.
+   The grid (torch over the queries and keys, a layer per thread) has a baseline: the numpy row-chunk
+   path every source took before (``AttentionSource.row_chunks``, one BLAS thread; 279 s for the whole
+   grid here), run on the first ``--grid-layers`` layers (every layer has the same shape and cost),
+   scaled to all of them, and checked equal to the grid there.
 2. The same model at 1,024 tokens, where the dense record fits: the same computations on the source
    and on the dense array from ``forward_attention``, with their results checked equal.
 3. The offline default BERT (all-MiniLM-L6-v2) at 512 tokens: bytes held per input and the time of each
@@ -198,7 +199,7 @@ def _work(spec: dict[str, Any], log: list[dict[str, Any]], info: dict[str, Any],
         from attnflows_panel.analysis.compare import head_js_divergence
         from attnflows_panel.analysis.flows import trace_cls_flow
         from attnflows_panel.analysis.heads import MEASURES, head_measures
-        from attnflows_panel.analysis.source import QueryKeyAttention
+        from attnflows_panel.analysis.source import AttentionSource, QueryKeyAttention
         from attnflows_panel.errors import InputError
         from attnflows_panel.extract import encode, forward_attention, forward_sources
         from attnflows_panel.models import load_encoder
@@ -292,18 +293,32 @@ def _work(spec: dict[str, Any], log: list[dict[str, Any]], info: dict[str, Any],
         return head_measures(a, enc.tokens, cls, sep)
 
     grid_runs = repeat if spec.get("repeat_grid") else 1
-    part = spec.get("grid_default_layers")
+    measures = view("measure grid", grid, attention, runs=grid_runs)
+    part = spec.get("grid_row_chunk_layers")
     if part and not dense_mode:
-        # the whole grid with one BLAS thread; numpy's default threads on the first ``part`` layers only (a layer costs the same at every depth)
+
+        class RowsOnly(AttentionSource):
+            """A source read through ``rows`` alone: ``head_measures`` walks it in numpy row chunks."""
+
+            def __init__(self, source: AttentionSource) -> None:
+                self.source, self.shape = source, source.shape
+
+            @property
+            def nbytes(self) -> int:
+                return self.source.nbytes
+
+            def rows(self, layer: int, heads: Any = None, queries: Any = None) -> np.ndarray:
+                return self.source.rows(layer, heads, queries)
+
+        # the baseline: the row-chunk path on the first ``part`` layers (a layer costs the same at every depth), checked equal to the grid there
         part = min(int(part), L)
         first = QueryKeyAttention(attention.queries[:part], attention.keys[:part], attention.masks[:part], attention.scalings[:part], attention.softcaps[:part])
-        view(f"measure grid, layers 1-{part}", grid, first, runs=1)
-        info["grid_default_layers"] = part
-        with threadpool_limits(1, "blas"):
-            with step(log, "measure grid, 1 BLAS thread"):
-                measures = grid(attention)
-    else:
-        measures = view("measure grid", grid, attention, runs=grid_runs)
+        with threadpool_limits(1, "blas"), step(log, f"measure grid by row chunks, layers 1-{part}"):
+            chunked = head_measures(RowsOnly(first), enc.tokens, cls, sep)
+        rtol, atol = 1e-5, 1e-7
+        info["grid_row_chunk_layers"] = part
+        info["row_chunks_equal"] = all(np.allclose(measures[name][:part], chunked[name], rtol=rtol, atol=atol, equal_nan=True) for name in names)
+        info["row_chunks_excess"] = max(float(np.nanmax(np.abs(measures[name][:part] - chunked[name]) / (atol + rtol * np.abs(chunked[name])), initial=0)) for name in names)
     arrays.update({f"measure_{name}": np.asarray(measures[name]) for name in names})
 
     layer, head = spec["head"]
@@ -448,7 +463,9 @@ def check_equal(src: dict[str, Any], dense: dict[str, Any], what: str) -> tuple[
         checks.append((f"{what}: trace edges equal", same, detail))
     measures = sorted(k for k in a if k.startswith("measure_"))
     if measures and all(k in b for k in measures):
-        rtol, atol = 1e-5, 1e-7
+        # rtol 1e-4: the two records come from two forward passes (captured scaled_dot_product_attention against eager
+        # code) whose float32 sums drift apart with depth; on one source the fast grid equals the row-chunk path at 1e-5 (above)
+        rtol, atol = 1e-4, 1e-7
 
         def excess(k: str) -> float:  # how far past the allclose bound the worst entry is (<= 1 passes)
             return float(np.nanmax(np.abs(a[k] - b[k]) / (atol + rtol * np.abs(b[k])), initial=0))
@@ -503,7 +520,7 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--target-gb", type=float, default=4.0, help="peak the long source run should stay under")
-    parser.add_argument("--grid-layers", type=int, default=4, help="at the long size, time the grid with default BLAS threads on this many layers (0: all)")
+    parser.add_argument("--grid-layers", type=int, default=2, help="at the long size, the baseline grid (numpy row chunks) on this many layers, scaled to all (0: none)")
     parser.add_argument("--cap-gb", type=float, default=16.0, help="address-space cap of each worker (guards the shared machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -538,7 +555,7 @@ def main() -> None:
         decoder_text = long_text(DECODER_TEXTS, max(n_long, n_cmp), seed=0)  # every sentence is several tokens: always long enough
         middle = (layers // 2, 0)
         long_src = run_worker({**common, "n": n_long, "mode": "source", "texts": [decoder_text], "head": middle, "raster": True, "repeat": 3, "one_thread": True,
-                               "chunk_bench": True, "grid_default_layers": args.grid_layers}, tmp, f"decoder-{n_long}-source")
+                               "chunk_bench": True, "grid_row_chunk_layers": args.grid_layers}, tmp, f"decoder-{n_long}-source")
         cmp_src = run_worker({**common, "n": n_cmp, "mode": "source", "texts": [decoder_text], "head": middle, "raster": not args.quick, "repeat": 3, "one_thread": True,
                               "chunk_bench": True, "probes": True}, tmp, f"decoder-{n_cmp}-source")
         dense_bytes = layers * 32 * n_cmp * n_cmp * 4
@@ -569,19 +586,18 @@ def main() -> None:
     dense_long = layers * 32 * n_long * n_long * 4
     rows.append((f"{tag}: attention held, source.nbytes (dense not made)", fmt_b(info.get("held_bytes")), fmt_b(dense_long) + " (computed)", ratio(dense_long, info.get("held_bytes"))))
     rows.append((f"{tag}: attention held, distinct buffers", fmt_b(info.get("buffer_bytes")), fmt_b(dense_long) + " (computed)", ratio(dense_long, info.get("buffer_bytes"))))
-    part = info.get("grid_default_layers")
+    part = info.get("grid_row_chunk_layers")
     rows.append((f"{tag}: extraction, forward_sources", fmt_s(seconds_of(long_src, "extract")), "—", "—"))
     for label, name in (("trace from the last token", "trace"), ("one head's matrix", "head matrix")):
         rows.append((f"{tag}: {label}", fmt_s(seconds_of(long_src, name)), "—", "—"))
         rows.append((f"{tag}: {label}{one}", fmt_s(seconds_of(long_src, name + one)), "—", "—"))
+    by_chunks = seconds_of(long_src, f"measure grid by row chunks, layers 1-{part}") if part else None
+    baseline = by_chunks and by_chunks * layers / part
+    for suffix in ("", one):
+        ours = seconds_of(long_src, "measure grid" + suffix)
+        rows.append((f"{tag}: measure grid, all {layers}x32 heads{suffix}{f' (baseline: row chunks, by {layers}/{part})' if part else ''}", fmt_s(ours), fmt_s(baseline), ratio(baseline, ours)))
     if part:
-        per_layer = seconds_of(long_src, f"measure grid, layers 1-{part}")
-        rows.append((f"{tag}: measure grid, {part} of {layers} layers x 32 heads", fmt_s(per_layer), "—", "—"))
-        rows.append((f"{tag}: measure grid, {part} of {layers} layers x 32 heads{one}", fmt_s(seconds_of(long_src, f"measure grid, layers 1-{part}{one}")), "—", "—"))
-        rows.append((f"{tag}: measure grid, all {layers}x32 heads, by {layers}/{part} (extrapolated)", fmt_s(per_layer and per_layer * layers / part), "—", "—"))
-        rows.append((f"{tag}: measure grid, all {layers}x32 heads{one}", fmt_s(seconds_of(long_src, "measure grid" + one)), "—", "—"))
-    else:
-        rows.append((f"{tag}: measure grid, all {layers}x32 heads", fmt_s(seconds_of(long_src, "measure grid")), "—", "—"))
+        rows.append((f"{tag}: measure grid by row chunks (numpy{one}), {part} of {layers} layers", fmt_s(by_chunks), "—", "—"))
     rows.append((f"{tag}: its datashader raster", fmt_s(seconds_of(long_src, "raster")), "—", "—"))
     rows.append((f"{tag}: peak RSS of the process (target < {args.target_gb:g} GB)", fmt_b(info.get("peak_process")), "—", "—"))
 
@@ -616,6 +632,9 @@ def main() -> None:
     checks, notes = check_equal(cmp_src, cmp_dense, f"decoder {n_cmp} tok") if cmp_dense else ([], [])
     more_checks, more_notes = check_equal(bert_src, bert_dense, f"BERT {n_bert} tok")
     checks, notes = checks + more_checks, notes + more_notes
+    if "row_chunks_equal" in info:
+        checks.append((f"decoder {n_long} tok: measure grid equals the row-chunk path on layers 1-{part} (rtol 1e-5, atol 1e-7)", info["row_chunks_equal"],
+                       f"worst entry at {info['row_chunks_excess']:.2f} of the bound"))
 
     print()
     print(f"dense record at {n_long} tokens would be {layers} x 32 x {n_long} x {n_long} x 4 bytes = {dense_long / GB:.1f} GB")

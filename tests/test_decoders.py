@@ -160,7 +160,7 @@ def test_the_single_view_traces_a_decoder_from_its_last_token_and_ablates_its_ne
     view.tau = 0.02
     record = view.records[0]
     title = view.flows[(PRETRAINED,)].figure.title.text
-    assert title.startswith(f"tiny decoder: CLS trace from {record.tokens[-1]} (layer 2), ")
+    assert title.startswith(f"tiny decoder: trace from {record.tokens[-1]} (layer 2), ")  # a decoder has no [CLS] to name the trace by
     assert int(re.search(r", (\d+) edges", title).group(1)) > 0
     view.select_heads([(1, 0), (1, 2)])
     view._ablate()

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable, Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from attnflows_panel.analysis.flows import ROW_SUM_TOLERANCE
-from attnflows_panel.analysis.source import AttentionSource
+from attnflows_panel.analysis.source import CHUNK_BYTES, AttentionSource, QueryKeyAttention
 from attnflows_panel.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 # (name, short description) of every measure of :func:`head_measures`, in display order.
 MEASURES: tuple[tuple[str, str], ...] = (
@@ -35,6 +40,8 @@ MEASURES: tuple[tuple[str, str], ...] = (
 _PIECE_PREFIXES = ("##", "Ġ", "▁")
 # Sentences buffered by corpus_head_measures before their length buckets are computed (float64 bytes).
 BUFFER_BYTES = 64 * 2**20
+# float32 weights a thread computes at once when measuring a QueryKeyAttention; its threads hold under CHUNK_BYTES together.
+BLOCK_BYTES = 8 * 2**20
 _TINY = np.nextafter(0.0, 1.0)
 
 
@@ -86,8 +93,12 @@ def punctuation_mask(tokens: Sequence[str]) -> np.ndarray:
 def head_measures(attention: Any, tokens: Sequence[str], cls_mask: np.ndarray, sep_mask: np.ndarray) -> dict[str, np.ndarray]:
     """Every measure of :data:`MEASURES` for one sentence, each of shape ``attention.shape[:-2]``.
 
-    ``attention`` is an array or an :class:`AttentionSource`, read then one layer's row chunk at a time.
+    ``attention`` is an array or an :class:`AttentionSource`, read then one layer's row chunk at a time
+    (a :class:`QueryKeyAttention`'s in torch from its queries and keys, a layer per thread).
     """
+    if isinstance(attention, QueryKeyAttention):
+        n = attention.n_tokens
+        return _query_means(_query_key_totals(attention, _key_masks(tokens, cls_mask, sep_mask, n, "")), n)
     if isinstance(attention, AttentionSource):
         L, H, n, _ = attention.shape
         masks = _key_masks(tokens, cls_mask, sep_mask, n, "")
@@ -122,6 +133,68 @@ def _row_totals(a: np.ndarray, queries: np.ndarray, masks: tuple[np.ndarray, np.
         "max_weight": a.max(-1).sum(-1),
     }
     return {name: values[name] for name, _ in MEASURES}
+
+
+def _query_key_totals(source: QueryKeyAttention, masks: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each measure's ``[L, H]`` sum over the queries, every weight computed once: a layer per thread, each thread's torch on one core."""
+    import torch
+
+    L, H, n, _ = source.shape
+    cls, sep, punct = masks
+    key_weights = torch.from_numpy(np.stack([cls, sep, np.arange(n) == 0, punct], axis=1).astype(np.float32))
+    block_rows = max(1, BLOCK_BYTES // (H * n * 4))
+    threads = max(1, min(L, torch.get_num_threads(), CHUNK_BYTES // (2 * BLOCK_BYTES)))  # a thread holds about two blocks
+    with ThreadPoolExecutor(threads, "attnflows-measures", initializer=_one_torch_thread) as pool:
+        layers = np.stack(list(pool.map(partial(_layer_totals, source, key_weights=key_weights, block_rows=block_rows), range(L))), axis=1)
+    return {name: layers[i] for i, (name, _) in enumerate(MEASURES)}
+
+
+def _one_torch_thread() -> None:
+    """Hold this thread's torch ops to one OpenMP thread: threads of a pool then share the cores without waiting on one another."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.get_num_threads()  # torch sets a thread's OpenMP threads where it first runs: before the limit, which then holds
+    threadpool_limits(1, "openmp")
+
+
+def _layer_totals(source: QueryKeyAttention, layer: int, key_weights: torch.Tensor, block_rows: int) -> np.ndarray:
+    """``[len(MEASURES), H]``: each measure's sum over the queries of ``layer``, ``block_rows`` queries at a time.
+
+    A row's weights ``e = exp(x)`` are summed before they are divided by their sum ``z``: ``max_weight`` is ``1 / z``, ``entropy`` ``log z - sum(e x) / z``.
+    """
+    import torch
+
+    n = source.n_tokens
+    position = torch.arange(n, dtype=torch.float32)
+    totals = np.zeros((len(MEASURES), source.n_heads))
+    for a in range(0, n, block_rows):
+        b = min(n, a + block_rows)
+        keys, x = source.log_weights(layer, slice(a, b))
+        e = torch.exp(x)
+        k = position[keys]
+        # |q - k| is (q - a) + (a - k) left of the block's queries and (b - q) + (k - b) right of them: sums of e times these columns
+        left, right = (k < a).float(), (k >= b).float()
+        columns = torch.cat([torch.ones(k.shape[0], 1), key_weights[keys], torch.stack([left, (a - k) * left, right, (k - b) * right], 1)], 1)
+        sums = torch.matmul(e, columns)  # [H, r, 9]: z, [CLS], [SEP], first, punctuation, left, left distance, right, right distance
+        z = sums[..., 0]
+        q = torch.arange(a, b, dtype=torch.float32)
+        inner = slice(max(a, keys.start), min(b, keys.stop))
+        distance = (e[..., inner.start - keys.start : inner.stop - keys.start] * (q[:, None] - position[inner]).abs()).sum(-1)
+        distance += (q - a) * sums[..., 5] + sums[..., 6] + (b - q) * sums[..., 7] + sums[..., 8]
+        rows, width = torch.arange(b - a), k.shape[0]
+        neighbours, missing = [], []
+        for offset in (0, -1, 1):  # self, previous, next
+            key = rows + (a + offset - keys.start)
+            neighbours.append(e[:, rows, key.clamp(0, width - 1)])
+            missing.append((key < 0) | (key >= width))  # no such token, or one of weight 0
+        e_x = x.mul_(e).sum(-1)  # in x's memory: x is not read again
+        per_row = torch.stack([e_x, *sums[..., 1:5].unbind(-1), *neighbours, distance, torch.ones_like(z)]) / z  # [10, H, r]
+        per_row[0] = z.log() - per_row[0]
+        per_row[1:5].masked_fill_(~columns[:, 1:5].any(0)[:, None, None], 0.0)  # a sum over no key is 0, in a NaN row too
+        per_row[5:8].masked_fill_(torch.stack(missing)[:, None], 0.0)
+        totals += per_row.double().sum(-1).numpy()
+    return totals
 
 
 def _query_means(totals: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:

@@ -1,19 +1,25 @@
 """Attention ``[L, H, n, n]`` read in blocks: from a dense array, or computed on demand from queries and keys.
 
 Consumers ask for the rows (queries) or columns (keys) of some heads of one layer, or walk a layer
-in row chunks; :class:`QueryKeyAttention` computes only those, so an input of n tokens holds
-``O(L * H * n * d)`` numbers instead of ``L * H * n * n``.
+in row chunks; :class:`QueryKeyAttention` computes only those (or, in torch, their logs: what head
+measures read), so an input of n tokens holds ``O(L * H * n * d)`` numbers instead of ``L * H * n * n``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
+
 CHUNK_BYTES = 64 * 2**20  # largest float32 block a row walk computes at once
+# An additive mask at or below this hides a key (transformers masks with the dtype's minimum): beside any key a
+# query sees, its weight is exactly 0 in float32.
+HIDDEN = -1e30
 
 
 class AttentionSource(ABC):
@@ -155,6 +161,39 @@ class QueryKeyAttention(AttentionSource):
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         return scores.reshape(len(heads), -1, n)
+
+    def log_weights(self, layer: int, queries: slice) -> tuple[slice, torch.Tensor]:
+        """``(keys, x)``: ``x[H, queries, keys]`` (float32, torch) is the log of each weight :meth:`rows` gives, less its row's largest.
+
+        ``keys`` leaves out the keys no query of the slice sees (their weights are exactly 0); -inf in the mask
+        becomes the float32 minimum (its exp is 0 all the same), so ``x * exp(x)`` is finite wherever the row is.
+        """
+        import torch
+
+        keys, mask = slice(0, self.n_tokens), self.masks[layer]
+        if mask is not None:
+            mask = mask[queries]
+            seen = mask > HIDDEN
+            if seen.any(axis=1).all():
+                columns = np.flatnonzero(seen.any(axis=0))
+                keys = slice(int(columns[0]), int(columns[-1]) + 1)
+        q = torch.from_numpy(self.queries[layer][:, queries]) * self.scalings[layer]  # [H, r, d]
+        k = torch.from_numpy(self.keys[layer][:, keys])  # [H_kv, m, d]; query head h reads key head h // (H / H_kv)
+        H, r, d = q.shape
+        x = torch.bmm(q.reshape(k.shape[0], -1, d), k.transpose(1, 2)).view(H, r, -1)
+        softcap = self.softcaps[layer]
+        if softcap is not None:
+            x.div_(softcap).tanh_().mul_(softcap)
+        if mask is not None:
+            mask = mask[:, keys]
+            columns = np.flatnonzero(mask.any(axis=0))  # the mask is added only where it is not 0
+            if columns.size:
+                added = slice(int(columns[0]), int(columns[-1]) + 1)
+                x[..., added] += torch.from_numpy(mask[:, added])
+        x -= x.amax(-1, keepdim=True)
+        if mask is not None and np.isneginf(mask).any():
+            x.clamp_(min=torch.finfo(x.dtype).min)  # x * exp(x) is then 0 there, not NaN
+        return keys, x
 
 
 class WordAttention(AttentionSource):

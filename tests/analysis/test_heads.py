@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from attnflows_panel.analysis.heads import (
     is_punctuation,
     punctuation_mask,
 )
+from attnflows_panel.analysis.source import DenseAttention, QueryKeyAttention
 from attnflows_panel.errors import InputError
 
 NAMES = [name for name, _ in MEASURES]
@@ -212,3 +214,77 @@ def test_corpus_errors_name_the_sentence() -> None:
         corpus_head_measures([42])
     with pytest.raises(InputError, match=r"sentence 0: cls_mask has shape \(4,\)"):
         corpus_head_measures([(good[0][0], good[0][1], good[0][2][:4], good[0][3])])
+
+
+HIDE = float(np.finfo(np.float32).min)  # what transformers' eager masks hide a key with
+
+
+def query_key_mask(kind: str, n: int) -> np.ndarray | None:
+    """An additive ``[n, n]`` mask of one kind, or None."""
+    i, j = np.ogrid[:n, :n]
+    hidden = {
+        "none": None,
+        "causal": j > i,
+        "causal -inf": j > i,
+        "sliding window": (j > i) | (j < i - 2),
+        "hidden ends": (j < 2) | (j >= n - 2) if n > 4 else None,  # keys no query sees, on both sides
+        "a query sees nothing": (j > i) | (i == n // 2),  # that row is uniform (hidden by the float32 minimum)
+        "a query sees nothing, -inf": (j > i) | (i == n // 2),  # that row is NaN, and so is every measure of its heads
+    }[kind]
+    if hidden is None:
+        return None
+    return np.where(np.broadcast_to(hidden, (n, n)), -np.inf if "-inf" in kind else HIDE, 0.0).astype(np.float32)
+
+
+def random_query_keys(rng: np.random.Generator, n: int, kind: str, heads: int = 4, kv_heads: int = 2, softcap: float | None = None) -> QueryKeyAttention:
+    """Two layers of random queries and keys (grouped-query heads), sharp enough that some weights underflow to 0."""
+    queries = [rng.normal(size=(heads, n, 8)).astype(np.float32) * 3 for _ in range(2)]
+    keys = [rng.normal(size=(kv_heads, n, 8)).astype(np.float32) for _ in range(2)]
+    mask = query_key_mask(kind, n)
+    return QueryKeyAttention(queries, keys, [mask, mask], [8**-0.5, 0.5], [softcap, softcap])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")  # rows() of a query that sees nothing (-inf)
+@pytest.mark.parametrize("n", [1, 2, 7, 33])
+@pytest.mark.parametrize("kind", ["none", "causal", "causal -inf", "sliding window", "hidden ends", "a query sees nothing", "a query sees nothing, -inf"])
+def test_query_key_sources_are_measured_as_their_rows(n: int, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch path (blocks of 3 queries) equals the row chunks of the same weights (the numpy path), NaN where they are NaN."""
+    rng = np.random.default_rng(n)
+    tokens = [str(t) for t in rng.choice(VOCAB, size=n)]
+    cls, sep = np.array([t == "[CLS]" for t in tokens]), np.array([t == "[SEP]" for t in tokens])
+    monkeypatch.setattr(heads, "BLOCK_BYTES", 4 * 4 * n * 3)
+    for source in (random_query_keys(rng, n, kind), random_query_keys(rng, n, kind, heads=6, kv_heads=1, softcap=2.0)):
+        got = head_measures(source, tokens, cls, sep)
+        want = head_measures(DenseAttention(source.dense()), tokens, cls, sep)
+        assert list(got) == NAMES
+        for name in NAMES:
+            assert got[name].shape == (2, source.n_heads)
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=f"{kind}: {name}")
+        if n == 1:
+            assert np.isnan(got["attn_prev"]).all() and np.isnan(got["attn_next"]).all()
+        assert np.isnan(got["entropy"]).all() == (kind == "a query sees nothing, -inf")
+
+
+def test_query_key_sources_are_measured_from_the_dense_definitions() -> None:
+    """On a causal source: the torch path against every head, query and key visited in Python."""
+    rng = np.random.default_rng(5)
+    n = 40
+    tokens = [str(t) for t in rng.choice(VOCAB, size=n)]
+    cls, sep = np.array([t == "[CLS]" for t in tokens]), np.array([t == "[SEP]" for t in tokens])
+    source = random_query_keys(rng, n, "causal")
+    got, want = head_measures(source, tokens, cls, sep), loop_measures(source.dense(), tokens, cls, sep)
+    for name in NAMES:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert (got["max_weight"] > 0.5).any() and (got["attn_punct"] > 0).all()
+
+
+def test_measuring_a_query_key_source_leaves_torch_s_threads_as_they_were() -> None:
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    rng = np.random.default_rng(0)
+    head_measures(random_query_keys(rng, 9, "causal"), ["a"] * 9, np.zeros(9, bool), np.zeros(9, bool))
+    seen = []
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    assert torch.get_num_threads() == before and seen == [before]
