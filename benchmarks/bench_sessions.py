@@ -18,10 +18,12 @@ without a browser (``protocol_client.py``) and reads the server's resident memor
    ``--minutes``, reading each picture for ``--think`` seconds on average; the server's CPU use is printed.
 
 A browser's update is timed in the page, from the key press or pointerup until the flow diagram's edges (or its
-title) have changed, no spinner is left and two frames have passed; a protocol client's, from the change it sends
-(the sentence box's value, the grid's selected cells: what BokehJS sends for a typed input or a box drag) until the
-server's patches have changed the flow diagram's edges and no spinner is left. Errors are counted: console errors
-and page errors, server error replies, updates or pages that never arrive (120 s), and error lines in the server's log.
+title) have changed, no spinner is left and two frames have passed (a box drag's press and moves reach chromium in
+one burst: BokehJS reads a press not followed by a move within 300 ms as a press-and-hold, which selects nothing);
+a protocol client's, from the change it sends (the sentence box's value, the grid's selected cells: what BokehJS
+sends for a typed input or a box drag) until the server's patches have changed the flow diagram's edges and no
+spinner is left. Errors are counted: console errors and page errors, server error replies, updates or pages that
+never arrive (120 s), drags that selected nothing, and error lines in the server's log.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ CLIENT_GONE = re.compile(r"WebSocketClosedError|StreamClosedError|Failed sending
 
 # Installed in every page. `arm()` notes the flow diagram (its view, title and edge source) before an action;
 # `settled()` resolves with the milliseconds since once the diagram has changed, no spinner is left and two frames passed.
+# `arm(grid)` before a drag on the grid titled `grid...` also notes its selected cells and watches the pointer: BokehJS
+# (UIGestures: press_threshold 300 ms, move_threshold 5 px) reads a press whose pointer has not moved 5 px within
+# 300 ms as a press-and-hold, not a drag, and the box select then selects nothing, so no update can come: if the
+# drag left the grid's selection as it was, `settled()` says so at once (with the press-to-move time it measured).
 PAGE_JS = """
 window.loadtest = (() => {
   function* walk(view, seen) {
@@ -93,9 +99,18 @@ window.loadtest = (() => {
   const idle = () => window.Bokeh != null && Bokeh.documents.length > 0 &&
     Bokeh.documents.every((d) => d.is_idle && [...d.all_models].every((m) => !(m.css_classes || []).includes("pn-loading")));
   const frame = () => new Promise((resolve) => requestAnimationFrame(resolve));
+  const PRESS_MS = 300, MOVE_PX = 5;  // BokehJS's UIGestures.press_threshold and move_threshold
   let armed = null;
-  function arm() {
-    const view = flow(), source = edges(view).data_source, state = {view, title: view.model.title.text, data: source.data, changed: false, start: performance.now()};
+  window.addEventListener("pointerdown", (event) => { if (armed != null && armed.down == null) armed.down = {at: performance.now(), x: event.clientX, y: event.clientY}; }, true);
+  window.addEventListener("pointermove", (event) => {
+    const down = armed == null ? null : armed.down;
+    if (down != null && armed.moved == null && (event.clientX - down.x) ** 2 + (event.clientY - down.y) ** 2 > MOVE_PX ** 2) armed.moved = performance.now() - down.at;
+  }, true);
+  window.addEventListener("pointerup", () => { if (armed != null && armed.down != null) armed.up = true; }, true);
+  const cells = (view) => view.model.renderers.find((r) => r.data_source != null && r.data_source.data.head != null).data_source;
+  function arm(prefix) {
+    const view = flow(), source = edges(view).data_source, state = {view, title: view.model.title.text, data: source.data, changed: false, start: performance.now(), down: null, moved: null};
+    if (prefix != null) { state.cells = cells(grid(prefix)); state.selected = String(state.cells.selected.indices); }
     const mark = () => { state.changed = true; };
     for (const signal of [source.properties.data.change, source.streaming, source.patching]) signal.connect(mark);
     state.stop = () => { for (const signal of [source.properties.data.change, source.streaming, source.patching]) signal.disconnect(mark); };
@@ -108,6 +123,11 @@ window.loadtest = (() => {
   async function settled(timeout) {
     const state = armed;
     try {
+      while (state.cells != null && !state.up && performance.now() - state.start < timeout) await new Promise((resolve) => setTimeout(resolve, 20));
+      if (state.cells != null && String(state.cells.selected.indices) === state.selected) {
+        const moved = state.down == null ? "no press seen" : state.moved == null ? `no move past ${MOVE_PX} px` : `moved ${MOVE_PX} px ${Math.round(state.moved)} ms after the press`;
+        throw new Error(`the drag selected nothing (${moved}; BokehJS takes a press without a move within ${PRESS_MS} ms for a press-and-hold)`);
+      }
       while (!(changed(state) && idle())) {
         if (performance.now() - state.start > timeout) throw new Error("no update within " + timeout + " ms");
         await new Promise((resolve) => setTimeout(resolve, 50));  // each check walks the page's views: 25 pages polling faster load the browsers
@@ -180,6 +200,7 @@ class Session:
         self.context = await self.browser.new_context(viewport=VIEWPORT)
         await self.context.add_init_script(PAGE_JS)
         self.page: Page = await self.context.new_page()
+        self.cdp = await self.context.new_cdp_session(self.page)  # a drag's mouse events, sent without a round trip between them
         self.page.on("console", lambda m: m.type == "error" and self.results.errors.append(f"{self.app}: console error: {m.text[:200]}"))
         self.page.on("pageerror", lambda e: self.results.errors.append(f"{self.app}: page error: {str(e)[:200]}"))
         self.page.on("requestfailed", lambda r: self.results.errors.append(f"{self.app}: request failed: {r.url[:120]} ({r.failure})"))
@@ -199,15 +220,16 @@ class Session:
         self.results.add(phase, "open page", (time.monotonic() - start) * 1000)
         return True
 
-    async def _timed(self, phase: str, kind: str, action) -> None:
-        await self.page.evaluate("window.loadtest.arm()")
+    async def _timed(self, phase: str, kind: str, action, grid: str | None = None) -> bool:
+        await self.page.evaluate("(grid) => window.loadtest.arm(grid)", grid)
         try:
             await action()
             ms = await self.page.evaluate(f"window.loadtest.settled({TIMEOUT_MS})")
         except Exception as error:
             self.results.errors.append(f"{self.app}: {kind}: {str(error).splitlines()[0][:200]}")
-            return
+            return False
         self.results.add(phase, kind, ms)
+        return True
 
     async def type_text(self, phase: str, text: str) -> None:
         box = self.page.locator("textarea").first
@@ -219,26 +241,36 @@ class Session:
 
         await self._timed(phase, "new input", submit)
 
+    async def _mouse(self, kind: str, x: float, y: float, pressed: bool = False) -> None:
+        """One mouse event through chromium's input pipeline (trusted, as Playwright's ``page.mouse`` sends them)."""
+        button = kind != "mouseMoved" or pressed
+        event = {"type": kind, "x": x, "y": y, "button": "left" if button else "none", "buttons": 1 if kind == "mousePressed" or pressed else 0}
+        await self.cdp.send("Input.dispatchMouseEvent", event | ({"clickCount": 1} if kind != "mouseMoved" else {}))
+
     async def brush(self, phase: str) -> None:
-        """Drag a box over a random block of cells, never the same number of cells as the last brush (so the title changes)."""
+        """Drag a box over a random block of cells, never the same number of cells as the last brush shown (so the title changes)."""
         while True:
             heads, layers = sorted(self.rng.sample(range(1, 13), 2)), sorted(self.rng.sample(range(1, 7), 2))
             cells = (heads[1] - heads[0] + 1) * (layers[1] - layers[0] + 1)
             if cells != self.cells:
                 break
-        self.cells = cells
         prefix = GRID[self.app]
         start = await self.page.evaluate("([p, x, y]) => window.loadtest.point(p, x, y)", [prefix, heads[0] - 0.4, layers[1] + 0.4])
         end = await self.page.evaluate("([p, x, y]) => window.loadtest.point(p, x, y)", [prefix, heads[1] + 0.4, layers[0] - 0.4])
+        path = [(start[0] + (end[0] - start[0]) * k / 6, start[1] + (end[1] - start[1]) * k / 6) for k in range(1, 7)]
 
         async def drag() -> None:
-            await self.page.mouse.move(*start)
-            await self.page.mouse.down()
-            await self.page.mouse.move(*end, steps=6)
+            # BokehJS takes a press whose pointer has not moved 5 px within 300 ms for a press-and-hold, and the box
+            # select then selects nothing. page.mouse.down() and page.mouse.move() are a round trip apart (Python, the
+            # Playwright driver, chromium): 0.74 s on two loaded cores, so one browser brush in a few dozen never
+            # reached the server. The press and the moves are sent at once (in order), as a hand moves on pressing.
+            await self._mouse("mouseMoved", *start)
+            await asyncio.gather(self._mouse("mousePressed", *start), *(self._mouse("mouseMoved", x, y, pressed=True) for x, y in path))
             await self.page.evaluate("window.loadtest.start()")  # timed from the pointerup
-            await self.page.mouse.up()
+            await self._mouse("mouseReleased", *end)
 
-        await self._timed(phase, "head brush", drag)
+        if await self._timed(phase, "head brush", drag, prefix):
+            self.cells = cells  # a brush that selected nothing left the last one on the page
 
 
 class ProtocolUser:
