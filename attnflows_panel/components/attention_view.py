@@ -56,6 +56,7 @@ METHOD_ENCODING = {  # what node size and edge width mean, written under the flo
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 FLOW_HEIGHT = 520
+COUNT_HIDDEN_UP_TO = 1024  # tokens; a longer input's title says top-k hides weaker edges without counting them
 MAX_TEXT_ROWS = 14
 
 
@@ -207,7 +208,7 @@ class AttentionView(pn.viewable.Viewer):
         self._grid_values(shown)
         for record in shown:
             self._mean_map(record)
-        for without_top_k in (False, True) if self.method in TOP_K_METHODS and self.top_k else (False,):
+        for without_top_k in (False, True) if self._counts_hidden(shown) else (False,):
             self._traces(without_top_k=without_top_k, shown=shown, root=DEFAULT_ROOT)
         return records
 
@@ -372,18 +373,23 @@ class AttentionView(pn.viewable.Viewer):
         models = " vs ".join(self.titles[name] for name in shown)
         start = "of every token" if self.method == "heads" else f"from {self.shown[0].tokens[token]} ({level_name(level)})"
         title = f"{models}: {self._method_name()} {start}, {labels.size} edges"
-        hidden = self._hidden_by_top_k(shown) - labels.size
         heads = int(self.head_mask.sum())
         title += "" if heads == self.head_mask.size else f" ({heads} of {self.head_mask.size} heads)"
         traces = self._traces()
         silent = [self.titles[name] for name in shown if len(shown) > 1 and not traces[name].n_edges and labels.size]
         title += "".join(f"; {name} draws none" for name in silent)  # in the merged diagram a model may keep no edge
+        if not self._counts_hidden():
+            return f"{title}; weaker edges hidden (top {self.top_k} per token)" if self.method in TOP_K_METHODS and self.top_k else title
+        hidden = self._hidden_by_top_k(shown) - labels.size
         return f"{title}; {hidden} weaker hidden (top {self.top_k} per token)" if hidden > 0 else title
 
+    def _counts_hidden(self, shown: tuple[AttentionRecord, ...] | None = None) -> bool:
+        """Whether the title counts the edges top-k hides: for inputs up to COUNT_HIDDEN_UP_TO tokens (beyond, counting
+        them traces every edge of at least tau, nearly all of a long input's attention)."""
+        return self.method in TOP_K_METHODS and bool(self.top_k) and (self.shown if shown is None else shown)[0].n_tokens <= COUNT_HIDDEN_UP_TO
+
     def _hidden_by_top_k(self, shown: tuple[str, ...]) -> int:
-        """Distinct edges of at least tau the CLS trace would draw without top-k (0 for other methods)."""
-        if self.method not in TOP_K_METHODS or not self.top_k:
-            return 0
+        """Distinct edges of at least tau the CLS trace would draw without top-k."""
         full = self._traces(without_top_k=True)
         return int(np.unique(np.concatenate([full[name].edge_ids() for name in shown])).size)
 

@@ -688,3 +688,16 @@ def test_no_input_no_ablation_button(tiny_pair) -> None:
     assert view._ablate_button.disabled
     view.text = TEXT
     assert not view._ablate_button.disabled
+
+
+def test_a_long_input_s_title_says_top_k_hides_edges_without_counting_them(tiny_pair, monkeypatch) -> None:
+    import attnflows_panel.components.attention_view as attention_view
+
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    assert "weaker hidden (top 3 per token)" in view.flows[MERGED].figure.title.text
+    monkeypatch.setattr(attention_view, "COUNT_HIDDEN_UP_TO", view.records[0].n_tokens - 1)  # as if the input were long
+    traced = []
+    monkeypatch.setattr(attention_view, "trace_cls_flow", lambda *a, **k: traced.append(k["top_k"]) or trace_cls_flow(*a, **k))
+    view.text = TEXT + " again"
+    assert view.flows[MERGED].figure.title.text.endswith("; weaker edges hidden (top 3 per token)")
+    assert traced == [3, 3]  # no trace without top-k: counting would trace nearly every weight of a long input
