@@ -67,6 +67,9 @@ CLEANUP_S = 40  # Bokeh discards a closed session within 15 s unused + a 17 s ch
 SERVER_ERROR = re.compile(r"\b(ERROR|Traceback|Exception)\b")
 # Tornado's words when a browser left while the server was still writing to it: the client's doing, counted apart.
 CLIENT_GONE = re.compile(r"WebSocketClosedError|StreamClosedError|Failed sending message as connection was closed")
+# Bokeh's `assert self._session is not None` (bokeh/server/connection.py) when a websocket closes, or its queued
+# messages are handled, after the browser left and before the session was attached (bokeh/bokeh#14720): counted apart
+SESSION_NOT_ATTACHED = re.compile(r"assert self\._session is not None")
 
 # Installed in every page. `arm()` notes the flow diagram (its view, title and edge source) before an action;
 # `settled()` resolves with the milliseconds since once the diagram has changed, no spinner is left and two frames passed.
@@ -385,16 +388,18 @@ async def open_and_close(browser: Browser, url: str, apps: list[str], results: R
     await asyncio.gather(*(worker() for _ in range(parallel)))
 
 
-def log_entries(lines: list[str]) -> tuple[list[str], int]:
-    """The server log's entries (a line with its traceback) split into the lines of those not about a browser that had left, and the count of those."""
+def log_entries(lines: list[str]) -> tuple[list[str], int, int]:
+    """The server log's entries (a line with its traceback): the lines of those not about a browser that had left, the
+    count of writes to one that had, and the count of Bokeh's assertion for a session not yet attached (bokeh/bokeh#14720)."""
     entries: list[list[str]] = []
     for line in lines:
         if entries and (not line or line[:1].isspace() or line.startswith(("Traceback", "During handling", "The above exception", "future:", "tornado."))):
             entries[-1].append(line)
         else:
             entries.append([line])
-    kept = [entry for entry in entries if not any(CLIENT_GONE.search(line) for line in entry)]
-    return [line for entry in kept for line in entry], len(entries) - len(kept)
+    unattached = [entry for entry in entries if any(SESSION_NOT_ATTACHED.search(line) for line in entry)]
+    kept = [entry for entry in entries if entry not in unattached and not any(CLIENT_GONE.search(line) for line in entry)]
+    return [line for entry in kept for line in entry], len(entries) - len(kept) - len(unattached), len(unattached)
 
 
 def quantiles(values: list[float]) -> tuple[float, float]:
@@ -458,7 +463,7 @@ async def run(args: argparse.Namespace, server: subprocess.Popen, port: int) -> 
 
 
 def report(results: Results, memory: dict[str, float], log: Path, args: argparse.Namespace) -> int:
-    lines, gone = log_entries(log.read_text(errors="replace").splitlines())
+    lines, gone, unattached = log_entries(log.read_text(errors="replace").splitlines())
     server_errors = [line for line in lines if SERVER_ERROR.search(line)]
     errors = results.errors + [f"server: {line[:200]}" for line in server_errors]
     print("\n== update times (ms, in the page): phase, kind, n, p50, p95 ==")
@@ -476,7 +481,8 @@ def report(results: Results, memory: dict[str, float], log: Path, args: argparse
     print("\n== server resident memory (MB; name, MB, baseline, ratio, difference) ==")
     for label, mb in memory.items():
         print(f"  {label:40s} {mb:7.0f} {before:7.0f} {mb / before:6.3f}x {mb - before:+7.0f}")
-    print(f"\n(server log: {gone} writes to a browser that had left, not counted as errors)")
+    print(f"\n(server log: {gone} writes to a browser that had left, and {unattached} of Bokeh's assertions for a browser that left before its"
+          " session was attached (bokeh/bokeh#14720), not counted as errors)")
     print(f"\n== errors: {len(errors)} ==")
     for error in errors[:40]:
         print("  " + error)
