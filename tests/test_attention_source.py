@@ -74,6 +74,21 @@ def test_head_measures_of_captured_sources_equal_those_of_their_rows(model_dir: 
         assert (got["attn_punct"] > 0).any() == bool(heads_module.punctuation_mask(tokens).any())
 
 
+def test_mean_maps_of_captured_sources_equal_the_mean_of_their_rows(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every family, padded batches: layers with many selected heads (torch, blocks of 3 queries) and with few (row chunks) together."""
+    from attnflows_panel.analysis import source as source_module
+
+    lm = load_encoder(model_dir)
+    encodings = [encode(lm, text) for text in TEXTS]
+    rng = np.random.default_rng(0)
+    for encoding, (source, _) in zip(encodings, forward_sources(lm, encodings, max_batch=8), strict=True):
+        monkeypatch.setattr(source_module, "MAP_BLOCK_BYTES", 4 * source.n_heads * source.n_tokens * 3)
+        A = source.dense()
+        for mask in (np.ones(A.shape[:2], bool), rng.random(A.shape[:2]) < 0.4, np.eye(*A.shape[:2], dtype=bool)):
+            if mask.any():
+                np.testing.assert_allclose(source.mean_map(mask), A[mask].mean(axis=0), rtol=1e-5, atol=1e-7)
+
+
 def test_sliding_windows_and_soft_caps_are_honoured(tmp_path: Path) -> None:
     lm = load_encoder(save_tiny_decoder(tmp_path / "gemma2", "gemma2"))
     ((source, _),) = forward_sources(lm, [encode(lm, TEXTS[-1])])

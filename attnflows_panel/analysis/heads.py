@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from attnflows_panel.analysis.flows import ROW_SUM_TOLERANCE
-from attnflows_panel.analysis.source import CHUNK_BYTES, AttentionSource, QueryKeyAttention
+from attnflows_panel.analysis.source import AttentionSource, QueryKeyAttention, layer_threads
 from attnflows_panel.errors import InputError
 
 if TYPE_CHECKING:
@@ -143,19 +142,9 @@ def _query_key_totals(source: QueryKeyAttention, masks: tuple[np.ndarray, np.nda
     cls, sep, punct = masks
     key_weights = torch.from_numpy(np.stack([cls, sep, np.arange(n) == 0, punct], axis=1).astype(np.float32))
     block_rows = max(1, BLOCK_BYTES // (H * n * 4))
-    threads = max(1, min(L, torch.get_num_threads(), CHUNK_BYTES // (2 * BLOCK_BYTES)))  # a thread holds about two blocks
-    with ThreadPoolExecutor(threads, "attnflows-measures", initializer=_one_torch_thread) as pool:
+    with layer_threads(L, BLOCK_BYTES, "attnflows-measures") as pool:
         layers = np.stack(list(pool.map(partial(_layer_totals, source, key_weights=key_weights, block_rows=block_rows), range(L))), axis=1)
     return {name: layers[i] for i, (name, _) in enumerate(MEASURES)}
-
-
-def _one_torch_thread() -> None:
-    """Hold this thread's torch ops to one OpenMP thread: threads of a pool then share the cores without waiting on one another."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.get_num_threads()  # torch sets a thread's OpenMP threads where it first runs: before the limit, which then holds
-    threadpool_limits(1, "openmp")
 
 
 def _layer_totals(source: QueryKeyAttention, layer: int, key_weights: torch.Tensor, block_rows: int) -> np.ndarray:

@@ -7,8 +7,10 @@ measures read), so an input of n tokens holds ``O(L * H * n * d)`` numbers inste
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 CHUNK_BYTES = 64 * 2**20  # largest float32 block a row walk computes at once
+MAP_BLOCK_BYTES = 8 * 2**20  # float32 weights a thread computes at once for QueryKeyAttention.mean_map
 # An additive mask at or below this hides a key (transformers masks with the dtype's minimum): beside any key a
 # query sees, its weight is exactly 0 in float32.
 HIDDEN = -1e30
@@ -58,6 +61,10 @@ class AttentionSource(ABC):
 
     def mean_map(self, head_mask: np.ndarray) -> np.ndarray:
         """``[n, n]`` float32: the mean map of the heads ``head_mask[L, H]`` selects (zeros when none is)."""
+        return (self._map_sum(head_mask) / max(1, int(np.count_nonzero(head_mask)))).astype(np.float32)
+
+    def _map_sum(self, head_mask: np.ndarray) -> np.ndarray:
+        """``[n, n]`` float64: the sum of the maps of the selected heads, read in row chunks."""
         n = self.n_tokens
         total = np.zeros((n, n), dtype=np.float64)
         for layer in range(self.n_layers):
@@ -65,7 +72,7 @@ class AttentionSource(ABC):
             if heads.size:
                 for queries, block in self.row_chunks(layer, heads):
                     total[queries] += block.sum(axis=0, dtype=np.float64)
-        return (total / max(1, int(np.count_nonzero(head_mask)))).astype(np.float32)
+        return total
 
     def row_chunks(self, layer: int, heads: Sequence[int] | np.ndarray | None = None, chunk_bytes: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
         """``(queries, block)`` pairs covering every row of ``heads`` of ``layer``, each block under ``chunk_bytes`` (default :data:`CHUNK_BYTES`)."""
@@ -162,6 +169,32 @@ class QueryKeyAttention(AttentionSource):
         scores /= scores.sum(axis=-1, keepdims=True)
         return scores.reshape(len(heads), -1, n)
 
+    def _map_sum(self, head_mask: np.ndarray) -> np.ndarray:
+        """As :meth:`AttentionSource._map_sum`; a layer with a quarter of its heads selected or more is computed in torch
+        from :meth:`log_weights` (a layer per thread), the others in row chunks of their heads only."""
+        import torch
+
+        H, n = self.n_heads, self.n_tokens
+        many = [layer for layer in range(self.n_layers) if 4 * np.count_nonzero(head_mask[layer]) >= H]
+        few = np.array(head_mask, dtype=bool)
+        few[many] = False
+        total = super()._map_sum(few)
+        lock = threading.Lock()
+
+        def add(layer: int) -> None:
+            heads = torch.from_numpy(np.flatnonzero(head_mask[layer]))
+            step = max(1, MAP_BLOCK_BYTES // (H * n * 4))
+            for start in range(0, n, step):
+                keys, x = self.log_weights(layer, slice(start, min(n, start + step)))
+                e = torch.exp(x[heads])
+                part = (e / e.sum(-1, keepdim=True)).sum(0).numpy()
+                with lock:
+                    total[start : start + part.shape[0], keys] += part
+
+        with layer_threads(len(many), MAP_BLOCK_BYTES, "attnflows-maps") as pool:
+            list(pool.map(add, many))
+        return total
+
     def log_weights(self, layer: int, queries: slice) -> tuple[slice, torch.Tensor]:
         """``(keys, x)``: ``x[H, queries, keys]`` (float32, torch) is the log of each weight :meth:`rows` gives, less its row's largest.
 
@@ -194,6 +227,24 @@ class QueryKeyAttention(AttentionSource):
         if mask is not None and np.isneginf(mask).any():
             x.clamp_(min=torch.finfo(x.dtype).min)  # x * exp(x) is then 0 there, not NaN
         return keys, x
+
+
+def one_torch_thread() -> None:
+    """Hold this thread's torch ops to one OpenMP thread: threads of a pool then share the cores without waiting on one another."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.get_num_threads()  # torch sets a thread's OpenMP threads where it first runs: before the limit, which then holds
+    threadpool_limits(1, "openmp")
+
+
+def layer_threads(layers: int, block_bytes: int, name: str) -> ThreadPoolExecutor:
+    """A pool for work a layer at a time: at most one thread per layer and per torch thread, each held to one
+    OpenMP thread, and few enough that their blocks (about two of ``block_bytes`` each) stay under :data:`CHUNK_BYTES`."""
+    import torch
+
+    threads = max(1, min(layers, torch.get_num_threads(), CHUNK_BYTES // (2 * block_bytes)))
+    return ThreadPoolExecutor(threads, name, initializer=one_torch_thread)
 
 
 class WordAttention(AttentionSource):

@@ -288,3 +288,20 @@ def test_measuring_a_query_key_source_leaves_torch_s_threads_as_they_were() -> N
     fresh.start()
     fresh.join()
     assert torch.get_num_threads() == before and seen == [before]
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "sliding window", "hidden ends"])
+def test_a_query_key_mean_map_equals_the_mean_of_its_rows(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers with a quarter of their heads selected or more go through torch (blocks of 3 queries), the others through
+    row chunks of their heads; together they equal the mean of the dense maps."""
+    from attnflows_panel.analysis import source as source_module
+
+    n, rng = 17, np.random.default_rng(5)
+    source = random_query_keys(rng, n, kind, heads=8, kv_heads=2)
+    monkeypatch.setattr(source_module, "MAP_BLOCK_BYTES", 4 * 8 * n * 3)
+    A = source.dense()
+    mask = np.zeros((2, 8), dtype=bool)
+    mask[0, [1, 2, 6]] = True  # 3 of 8: torch
+    mask[1, 5] = True  # 1 of 8: row chunks
+    for selected in (mask, np.ones_like(mask), ~mask):
+        np.testing.assert_allclose(source.mean_map(selected), A[selected].mean(axis=0), rtol=1e-5, atol=1e-7)
