@@ -70,6 +70,9 @@ CLIENT_GONE = re.compile(r"WebSocketClosedError|StreamClosedError|Failed sending
 # Bokeh's `assert self._session is not None` (bokeh/server/connection.py) when a websocket closes, or its queued
 # messages are handled, after the browser left and before the session was attached (bokeh/bokeh#14720): counted apart
 SESSION_NOT_ATTACHED = re.compile(r"assert self\._session is not None")
+# lines that continue a log entry: its traceback, the request it was handling, the exception that ends it
+CONTINUED = ("Traceback", "During handling", "The above exception", "future:", "tornado.", "HTTPServerRequest(")
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)(:|$)")
 
 # Installed in every page. `arm()` notes the flow diagram (its view, title and edge source) before an action;
 # `settled()` resolves with the milliseconds since once the diagram has changed, no spinner is left and two frames passed.
@@ -393,7 +396,7 @@ def log_entries(lines: list[str]) -> tuple[list[str], int, int]:
     count of writes to one that had, and the count of Bokeh's assertion for a session not yet attached (bokeh/bokeh#14720)."""
     entries: list[list[str]] = []
     for line in lines:
-        if entries and (not line or line[:1].isspace() or line.startswith(("Traceback", "During handling", "The above exception", "future:", "tornado."))):
+        if entries and (not line or line[:1].isspace() or line.startswith(CONTINUED) or EXCEPTION_LINE.match(line)):
             entries[-1].append(line)
         else:
             entries.append([line])
