@@ -151,14 +151,15 @@ class AttentionView(pn.viewable.Viewer):
         self._brush: str | None = None  # while a head selection is being applied: the plot it came from ("" for none)
         self._method_tau = dict(METHOD_TAU)
         self._wanted: tuple[str, str | None] | None = None  # the input whose records are on their way
-        self.grid, self.map, self.sentence = LiveFigure(), LiveFigure(), LiveFigure()  # the sentence view is as wide as its characters
+        self.grid, self.sentence = LiveFigure(), LiveFigure()  # the sentence view is as wide as its characters
+        self.map = LiveFigure(sizing_mode="stretch_width")  # the head map takes the rest of the grid's row
         self._grid_measure: str | None = None  # the measure the grid's figure was drawn for
         self.flows: dict[tuple[str, ...], LiveFigure] = {}
         self.matrices = {name: LiveFigure() for name in self.names}
         self._flow_row = pn.Row(sizing_mode="stretch_width")
         self._matrix_box = pn.Row(*(m.pane for m in self.matrices.values()), sizing_mode="stretch_width")  # a FlexBox (ReactiveHTML) inside the template drew them squashed
         self._figure_box = pn.Column(  # one spinner over it while the models run (a figure's own would stay on the next figure)
-            pn.Row(pn.Column(self.grid.pane, self._ablate_button, self.ablation, width=460), self.map.pane),
+            pn.Row(pn.Column(self.grid.pane, self._ablate_button, self.ablation, width=460), self.map.pane, sizing_mode="stretch_width"),
             self.sentence.pane, self._flow_row, self._matrix_box, sizing_mode="stretch_width",
         )
         # a notebook may run a brush's callback on a comm thread while a cell calls select_heads
@@ -478,7 +479,7 @@ class AttentionView(pn.viewable.Viewer):
         if self.head_map is None:
             return
         over = f"{self.head_map.n_sentences} corpus sentences" if self.head_map.n_sentences else "the corpus"
-        overlay = head_embedding(self.head_map.points, self.head_map.moves, color_by=self.map_color, titles=self.titles, title=f"heads over {over} (drag to select)", width=460, height=330)
+        overlay = head_embedding(self.head_map.points, self.head_map.moves, color_by=self.map_color, titles=self.titles, title=f"heads over {over} (drag to select)", width=460, height=330, responsive=True)
         self.map.draw(overlay, HIGHLIGHT_LAYERS, highlight_frames(self.head_map.points, self._outlined()))
         self.map.on_select(Layer(Scatter), lambda index, _: self._on_map_selection(index))  # the heads, drawn before the highlight
 

@@ -26,10 +26,12 @@ def head_embedding(
     title: str = "",
     width: int = 460,
     height: int = 420,
+    responsive: bool = False,
 ) -> hv.Overlay:
     """``points`` (model, layer, head, x, y) as hv.Points; ``moves`` (x_from, y_from, x_to, y_to) as segments.
 
-    ``titles`` names the models in the hover (default: their keys).
+    ``titles`` names the models in the hover (default: their keys); a ``responsive`` map takes its container's width
+    (at least ``width``) instead of ``width``.
     """
     if color_by not in ("layer", "model"):
         raise ValueError(f"color_by must be 'layer' or 'model', got {color_by!r}")
@@ -53,7 +55,8 @@ def head_embedding(
         layers.append(hv.Segments(moves, ["x_from", "y_from", "x_to", "y_to"], ["layer", "head", "distance"], label="moves").opts(color="#b5b5b5", line_width=1, alpha=0.7))
     layers.append(dots)
     layers.append(hv.Points(highlight_frames(points, [])["highlight"], ["x", "y"], label="highlight").opts(size=13, fill_alpha=0, line_color="#d62728", line_width=2))
-    return hv.Overlay(layers).opts(hv.opts.Overlay(width=width, height=height, title=title, xaxis=None, yaxis=None, show_legend=False, hooks=[field_legend(Scatter, "model", "model")] if color_by == "model" else []))
+    size = dict(responsive=True, min_width=width) if responsive else dict(width=width)
+    return hv.Overlay(layers).opts(hv.opts.Overlay(height=height, title=title, **size, xaxis=None, yaxis=None, show_legend=False, hooks=[field_legend(Scatter, "model", "model")] if color_by == "model" else []))
 
 
 HIGHLIGHT_LAYERS = {"highlight": Layer(Scatter, {"x": "x", "y": "y"}, nth=1)}
