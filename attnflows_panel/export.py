@@ -293,10 +293,10 @@ def shipped_heads(counts: np.ndarray, order: np.ndarray, budget: int) -> np.ndar
     if flat.sum() <= budget:
         return np.ones(counts.shape, dtype=bool)
     ranked = np.asarray(order)
-    fits = np.cumsum(flat[ranked]) <= budget
+    fits = np.cumsum(flat[ranked]) <= budget  # counts are never negative: true for a prefix of ``order``
     fits[0] = True
     shipped = np.zeros(flat.size, dtype=bool)
-    shipped[ranked[fits & np.logical_and.accumulate(fits)]] = True
+    shipped[ranked[fits]] = True
     return shipped.reshape(counts.shape)
 
 
