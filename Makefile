@@ -36,6 +36,7 @@ bench: install browser
 	$(PY) benchmarks/bench_heads.py
 	$(PY) benchmarks/bench_embedding.py
 	$(PY) benchmarks/bench_long_context.py
+	$(PY) benchmarks/bench_long_app.py
 	$(PY) benchmarks/bench_dashboard.py
 	$(PY) benchmarks/bench_browser.py
 	$(PY) benchmarks/bench_sessions.py

@@ -39,7 +39,20 @@ from attnflows_panel.paths import atomic_file
 from attnflows_panel.plots import MODEL_TITLES, short_name
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_frames
 from attnflows_panel.plots.bound import render_bound
-from attnflows_panel.plots.flow_diagram import EDGE_COLUMNS, LABEL_COLORS, LABEL_ORDER, LEGEND_NAMES, ROOT_COLOR, UNREACHED_COLOR, edge_counts, flow_diagram, flow_frames, flow_layers
+from attnflows_panel.plots.flow_diagram import (
+    COUNT_HIDDEN_UP_TO,
+    EDGE_COLUMNS,
+    LABEL_COLORS,
+    LABEL_ORDER,
+    LEGEND_NAMES,
+    ROOT_COLOR,
+    UNREACHED_COLOR,
+    edge_counts,
+    flow_diagram,
+    flow_frames,
+    flow_layers,
+    hidden_text,
+)
 from attnflows_panel.plots.head_grid import head_grid, heads_at
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
 
@@ -117,8 +130,8 @@ const pair = models.finetuned !== undefined;
 const pre = trace(models.pretrained, top_k);
 const fine = pair ? trace(models.finetuned, top_k) : none;
 const ids = Array.from(new Set([...pre.edges.keys(), ...fine.edges.keys()])).sort((a, b) => a - b);
-let hidden = 0;
-if (top_k > 0) {
+let hidden = top_k > 0 && n > count_hidden_up_to ? null : 0;  // as in Python: past that many tokens, not counted
+if (hidden === 0 && top_k > 0) {
   const all = new Set([...trace(models.pretrained, 0).edges.keys(), ...(pair ? trace(models.finetuned, 0) : none).edges.keys()]);
   hidden = all.size - ids.length;
 }
@@ -193,7 +206,10 @@ status.text = status_html(tally, n_selected, L * H, hidden, top_k);
 STATUS_JS = """
 function split(counts) { return models.finetuned === undefined ? "" : ` (${label_order.map((label) => `${counts[label]} ${legend_names[label]}`).join(", ")})`; }
 function total(counts) { return label_order.reduce((sum, label) => sum + counts[label], 0); }
-function hidden_text(hidden, k) { return hidden > 0 ? `; ${hidden} weaker hidden (top ${k} per token)` : ""; }
+function hidden_text(hidden, k) {
+  if (hidden === null) return k > 0 ? `; weaker edges hidden (top ${k} per token)` : "";
+  return hidden > 0 ? `; ${hidden} weaker hidden (top ${k} per token)` : "";
+}
 function flow_title(counts, hidden, k, model) { return `${model === null ? pair_name : model} from ${root_name}: ${total(counts)} edges${split(counts)}${hidden_text(hidden, k)}`; }
 function status_html(counts, selected, heads, hidden, k) {
   const which = selected === heads ? `all ${heads} heads` : `${selected} of ${heads} heads selected`;
@@ -207,29 +223,27 @@ def _split(counts: Mapping[str, int], pair: bool = True) -> str:
     return f" ({', '.join(f'{counts[label]} {LEGEND_NAMES[label]}' for label in LABEL_ORDER)})" if pair else ""
 
 
-def _hidden_text(hidden: int, top_k: int | None) -> str:
-    """``"; M weaker hidden (top k per token)"`` as the app's title says it, ``""`` when top-k hides nothing."""
-    return f"; {hidden} weaker hidden (top {top_k} per token)" if hidden > 0 else ""
-
-
-def flow_title(counts: Mapping[str, int], hidden: int = 0, top_k: int | None = None, root_name: str = "[CLS]", model: str | None = None) -> str:
+def flow_title(counts: Mapping[str, int], hidden: int | None = 0, top_k: int | None = None, root_name: str = "[CLS]", model: str | None = None) -> str:
     """The flow diagram's title from the edges per label and the ``hidden`` ones top-k drops (the browser writes the same through ``STATUS_JS``).
 
     ``model`` names the one model of a single-model export (None: the pair).
     """
-    return f"{PAIR_NAME if model is None else model} from {root_name}: {sum(counts.values())} edges{_split(counts, model is None)}{_hidden_text(hidden, top_k)}"
+    return f"{PAIR_NAME if model is None else model} from {root_name}: {sum(counts.values())} edges{_split(counts, model is None)}{hidden_text(hidden, top_k)}"
 
 
-def status_html(counts: Mapping[str, int], selected: int, heads: int, hidden: int = 0, top_k: int | None = None, pair: bool = True) -> str:
+def status_html(counts: Mapping[str, int], selected: int, heads: int, hidden: int | None = 0, top_k: int | None = None, pair: bool = True) -> str:
     """The edge and head count line above the flow diagram, numbers only (the browser mirrors it)."""
     which = f"all {heads} heads" if selected == heads else f"{selected} of {heads} heads selected"
-    return f"<b>{sum(counts.values())}</b> edges{_split(counts, pair)}{_hidden_text(hidden, top_k)}; {which}"
+    return f"<b>{sum(counts.values())}</b> edges{_split(counts, pair)}{hidden_text(hidden, top_k)}; {which}"
 
 
-def hidden_by_top_k(attentions: Sequence[Any], mask: np.ndarray, tau: float, alpha: float, top_k: int | None, shown: int, root: tuple[int, int] | None = None) -> int:
-    """Distinct edges of at least ``tau`` the union traces of ``attentions`` draw without top-k, minus the ``shown`` ones (0 when top-k is off)."""
+def hidden_by_top_k(attentions: Sequence[Any], mask: np.ndarray, tau: float, alpha: float, top_k: int | None, shown: int, root: tuple[int, int] | None = None) -> int | None:
+    """Distinct edges of at least ``tau`` the union traces of ``attentions`` draw without top-k, minus the ``shown`` ones
+    (0 when top-k is off; None, not counted, past :data:`COUNT_HIDDEN_UP_TO` tokens)."""
     if not top_k:
         return 0
+    if as_source(attentions[0]).n_tokens > COUNT_HIDDEN_UP_TO:
+        return None
     full = [trace_cls_flow(attention, mask, tau=tau, alpha=alpha, combine="union", root=root).edge_ids() for attention in attentions]
     return int(np.unique(np.concatenate(full)).size) - shown
 
@@ -439,7 +453,7 @@ def dashboard_layout(
     callback = CustomJS(
         args=dict(
             grid=grid, edges=flow["edges"], nodes=flow["nodes"], message=flow["message"], words=word_source, title=flow_fig.title, status=status,
-            L=L, H=H, n=n, root=pre.root_token, root_name=name_of_root, alpha=alpha, top_k=top_k, cell_layer=cells[:, 0], cell_head=cells[:, 1], tokens=list(pre.tokens),
+            L=L, H=H, n=n, count_hidden_up_to=COUNT_HIDDEN_UP_TO, root=pre.root_token, root_name=name_of_root, alpha=alpha, top_k=top_k, cell_layer=cells[:, 0], cell_head=cells[:, 1], tokens=list(pre.tokens),
             word_index=word_index.astype(np.int32), n_words=len(words),
             models={name: pack_entries(e, pre.source.shape, shipped) for name, e in entries.items()}, shipped=shipped.ravel().astype(np.uint8),
             pair_name=PAIR_NAME, models_name=model or PAIR_NAME,

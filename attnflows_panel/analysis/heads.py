@@ -99,17 +99,23 @@ def head_measures(attention: Any, tokens: Sequence[str], cls_mask: np.ndarray, s
         n = attention.n_tokens
         return _query_means(_query_key_totals(attention, _key_masks(tokens, cls_mask, sep_mask, n, "")), n)
     if isinstance(attention, AttentionSource):
-        L, H, n, _ = attention.shape
+        L, n = attention.n_layers, attention.n_tokens
         masks = _key_masks(tokens, cls_mask, sep_mask, n, "")
-        totals = {name: np.zeros((L, H)) for name, _ in MEASURES}
-        for layer in range(L):
-            for queries, block in attention.row_chunks(layer):
-                for name, total in _row_totals(np.asarray(block, dtype=np.float64), np.arange(queries.start, queries.stop), masks).items():
-                    totals[name][layer] += total
-        return _query_means(totals, n)
+        with layer_threads(L, BLOCK_BYTES, "attnflows-measures") as pool:
+            layers = list(pool.map(partial(_source_layer_totals, attention, masks), range(L)))
+        return _query_means({name: np.stack([layer[name] for layer in layers]) for name, _ in MEASURES}, n)
     a = _check_attention(attention, "attention")
     n = a.shape[-1]
     return _query_means(_row_totals(a, np.arange(n), _key_masks(tokens, cls_mask, sep_mask, n, "")), n)
+
+
+def _source_layer_totals(attention: AttentionSource, masks: tuple[np.ndarray, np.ndarray, np.ndarray], layer: int) -> dict[str, np.ndarray]:
+    """Each measure's ``[H]`` sum over the queries of one layer of a source, read in blocks of :data:`BLOCK_BYTES`."""
+    totals = {name: np.zeros(attention.n_heads) for name, _ in MEASURES}
+    for queries, block in attention.row_chunks(layer, chunk_bytes=BLOCK_BYTES):
+        for name, total in _row_totals(np.asarray(block, dtype=np.float64), np.arange(queries.start, queries.stop), masks).items():
+            totals[name] += total
+    return totals
 
 
 def _row_totals(a: np.ndarray, queries: np.ndarray, masks: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:

@@ -150,24 +150,22 @@ class QueryKeyAttention(AttentionSource):
         return int(sum(a.nbytes for a in arrays.values()))
 
     def rows(self, layer: int, heads: Any = None, queries: Any = None) -> np.ndarray:
+        """As :meth:`AttentionSource.rows`, computed in torch (its threads stay busy where a loaded machine stalls numpy's BLAS)."""
+        import torch
+
         H, n = self.n_heads, self.n_tokens
         heads = np.arange(H) if heads is None else np.asarray(heads, dtype=np.int64)
         rows = slice(None) if queries is None else np.asarray(queries, dtype=np.int64)
-        q = self.queries[layer][heads][:, rows]  # [h, r, d]
-        k = self.keys[layer][heads // (H // self.keys[layer].shape[0])]  # [h, n, d]
-        scores = np.matmul(q, k.transpose(0, 2, 1))
-        scores *= np.float32(self.scalings[layer])
+        q = torch.from_numpy(self.queries[layer][heads][:, rows])  # [h, r, d]
+        k = torch.from_numpy(self.keys[layer][heads // (H // self.keys[layer].shape[0])])  # [h, n, d]
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(self.scalings[layer])
         softcap = self.softcaps[layer]
         if softcap is not None:
-            np.tanh(scores / np.float32(softcap), out=scores)
-            scores *= np.float32(softcap)
+            scores.div_(softcap).tanh_().mul_(softcap)
         mask = self.masks[layer]
         if mask is not None:
-            scores += mask[rows]
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        return scores.reshape(len(heads), -1, n)
+            scores += torch.from_numpy(mask[rows])
+        return torch.softmax(scores, -1).numpy().reshape(len(heads), -1, n)  # exp_ after a max shift is ~4x slower on masked keys
 
     def _map_sum(self, head_mask: np.ndarray) -> np.ndarray:
         """As :meth:`AttentionSource._map_sum`; a layer with a quarter of its heads selected or more is computed in torch
@@ -257,17 +255,22 @@ class WordAttention(AttentionSource):
         self.tokens, self.groups = tokens, np.asarray(groups, dtype=np.int64)
         L, H, n, _ = tokens.shape
         self.shape = (L, H, units, units)
-        self._keys = np.zeros((n, units))  # token key -> its word
-        self._keys[np.arange(n), self.groups] = 1.0
-        self._sizes = self._keys.sum(axis=0)
+        self._sizes = np.bincount(self.groups, minlength=units).astype(np.float32)
 
     @property
     def nbytes(self) -> int:
-        return self.tokens.nbytes + int(self._keys.nbytes)
+        return self.tokens.nbytes + int(self.groups.nbytes + self._sizes.nbytes)
 
     def rows(self, layer: int, heads: Any = None, queries: Any = None) -> np.ndarray:
+        import torch
+
         units = np.arange(self.n_tokens) if queries is None else np.asarray(queries, dtype=np.int64)
-        members = np.flatnonzero(np.isin(self.groups, units))  # the tokens of the words asked for
-        block = self.tokens.rows(layer, heads, members).astype(np.float64) @ self._keys  # [h, tokens, words]
-        average = (self.groups[members][:, None] == units[None, :]) / self._sizes[units]  # [tokens, asked words]
-        return np.swapaxes(np.swapaxes(block, -1, -2) @ average, -1, -2).astype(np.float32)
+        asked, back = np.unique(units, return_inverse=True)
+        members = np.flatnonzero(np.isin(self.groups, asked))  # the tokens of the words asked for
+        block = torch.from_numpy(self.tokens.rows(layer, heads, members))  # [h, tokens, n]
+        words = block.new_zeros((block.shape[0], members.size, self.n_tokens)).index_add_(2, torch.from_numpy(self.groups), block)
+        slots = torch.from_numpy(np.searchsorted(asked, self.groups[members]))  # each member's word among those asked
+        # summed along the first axis: index_add_ along a middle one is up to 20x slower
+        sums = words.new_zeros((asked.size, *words.shape[::2])).index_add_(0, slots, words.transpose(0, 1).contiguous())
+        sums /= torch.from_numpy(self._sizes[asked])[:, None, None]
+        return sums.numpy().transpose(1, 0, 2)[:, back]

@@ -30,7 +30,7 @@ from attnflows_panel.models.pair import ModelPair
 from attnflows_panel.plots import short_name
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_clim, matrix_frames
 from attnflows_panel.plots.bound import Layer, renderer, two_lines
-from attnflows_panel.plots.flow_diagram import TRACE_ENCODING, flow_diagram, flow_frames, flow_layers
+from attnflows_panel.plots.flow_diagram import COUNT_HIDDEN_UP_TO, TRACE_ENCODING, flow_diagram, flow_frames, flow_layers, hidden_text
 from attnflows_panel.plots.head_embedding import HIGHLIGHT_LAYERS, head_embedding, highlight_frames
 from attnflows_panel.plots.head_grid import GRID_LAYERS, grid_clim, grid_frames, grid_outline, grid_outline_frames, head_grid, heads_at
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
@@ -56,7 +56,6 @@ METHOD_ENCODING = {  # what node size and edge width mean, written under the flo
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 FLOW_HEIGHT = 520
-COUNT_HIDDEN_UP_TO = 1024  # tokens; a longer input's title says top-k hides weaker edges without counting them
 MAX_TEXT_ROWS = 14
 
 
@@ -146,7 +145,7 @@ class AttentionView(pn.viewable.Viewer):
         self.head_map = head_map
         # what a record's views computed (measures, traces, matrices, word merge): (id(record), kind) -> (record, key, value);
         # the model thread fills it for a new input, so the page's loop only draws
-        self._memo: dict[tuple[int, object], tuple[object, object, object]] = {}
+        self._memo: dict[tuple[int, object], tuple[object, dict[object, object]]] = {}
         self._memo_lock = threading.Lock()
         self._brush: str | None = None  # while a head selection is being applied: the plot it came from ("" for none)
         self._method_tau = dict(METHOD_TAU)
@@ -241,10 +240,27 @@ class AttentionView(pn.viewable.Viewer):
         self._figure_box.loading = busy
 
     def _on_units(self, *_: object) -> None:
-        """Word pieces or words: token positions change, so the trace starts again at the default root."""
+        """Word pieces or words: the merge and what its views need are computed with the model's work (a long input's take
+        minutes), then drawn; token positions change, so the trace starts again at the default root."""
+        records = self.records
+        if records is None:
+            self.root = DEFAULT_ROOT
+            return
+        self._set_busy(True)
+        run_model_work(lambda: self._prime(records), partial(self._draw_units, records), partial(self._units_failed, records))
+
+    def _draw_units(self, records: tuple[AttentionRecord, ...], _: object) -> None:
+        if records is not self.records:
+            return  # a newer input is drawn by its own request
         with pn.io.hold():
             self.param.update(root=DEFAULT_ROOT)
             self._draw_all()
+        self._set_busy(False)
+
+    def _units_failed(self, records: tuple[AttentionRecord, ...], exc: Exception) -> None:
+        if records is self.records:
+            self._set_busy(False)
+        raise exc
 
     def _on_method(self, event: param.parameterized.Event) -> None:
         """Each flow method keeps a tau of its own (their weights have different scales)."""
@@ -317,15 +333,18 @@ class AttentionView(pn.viewable.Viewer):
 
     # ------------------------------------------------------------------ computed
     def _computed(self, record: object, kind: object, key: object, compute: Callable[[], T]) -> T:
-        """``compute()`` for ``record``, kept (one value per record and kind) until another ``key`` asks again."""
+        """``compute()`` for ``record``, kept per record and kind for two keys: the first asked (the state an input is
+        drawn in, which Clear selection returns to; a long input's takes a minute) and the latest."""
         slot = (id(record), kind)
         with self._memo_lock:
             held = self._memo.get(slot)
-        if held is None or held[0] is not record or held[1] != key:
-            held = (record, key, compute())
-            with self._memo_lock:
-                self._memo[slot] = held
-        return held[2]  # type: ignore[return-value]
+        values = held[1] if held is not None and held[0] is record else {}
+        if key in values:
+            return values[key]
+        value = compute()
+        with self._memo_lock:
+            self._memo[slot] = (record, {**dict(list(values.items())[:1]), key: value})
+        return value
 
     @property
     def shown(self) -> tuple[AttentionRecord, ...] | None:
@@ -379,10 +398,9 @@ class AttentionView(pn.viewable.Viewer):
         traces = self._traces()
         silent = [self.titles[name] for name in shown if len(shown) > 1 and not traces[name].n_edges and labels.size]
         title += "".join(f"; {name} draws none" for name in silent)  # in the merged diagram a model may keep no edge
-        if not self._counts_hidden():
-            return f"{title}; weaker edges hidden (top {self.top_k} per token)" if self.method in TOP_K_METHODS and self.top_k else title
-        hidden = self._hidden_by_top_k(shown) - labels.size
-        return f"{title}; {hidden} weaker hidden (top {self.top_k} per token)" if hidden > 0 else title
+        if self.method not in TOP_K_METHODS:
+            return title
+        return title + hidden_text(self._hidden_by_top_k(shown) - labels.size if self._counts_hidden() else None, self.top_k)
 
     def _counts_hidden(self, shown: tuple[AttentionRecord, ...] | None = None) -> bool:
         """Whether the title counts the edges top-k hides: for inputs up to COUNT_HIDDEN_UP_TO tokens (beyond, counting

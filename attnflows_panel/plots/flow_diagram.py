@@ -23,6 +23,14 @@ TRACE_ENCODING = "node size: influence (I = c + alpha × I above; c: edges arriv
 NOT_DRAWN = -1.0  # a model's weight for an edge it does not draw (Bokeh shows NaN as "NaN" before any formatter runs)
 LABEL_ORDER = (SHARED, PRETRAINED, FINETUNED)  # legend order; model-only edges drawn over shared ones
 LEGEND_NAMES = {SHARED: "shared", PRETRAINED: "pre-trained only", FINETUNED: "fine-tuned only"}
+COUNT_HIDDEN_UP_TO = 1024  # tokens; past it titles say top-k hides weaker edges without counting them (nearly all of the attention)
+
+
+def hidden_text(hidden: int | None, top_k: int | None) -> str:
+    """``"; M weaker hidden (top k per token)"``; without a count when ``hidden`` is None; ``""`` when top-k hides nothing."""
+    if hidden is None:
+        return f"; weaker edges hidden (top {top_k} per token)" if top_k else ""
+    return f"; {hidden} weaker hidden (top {top_k} per token)" if hidden > 0 else ""
 
 
 def heads_text(edge_heads: np.ndarray) -> np.ndarray:

@@ -116,3 +116,10 @@ def test_a_new_input_is_computed_on_the_model_thread_and_drawn_on_the_loop(page,
     wait_until(lambda: view.records[0].text == REVIEW and not view.busy, one, timeout=60_000)
     one.wait_for_function(SETTLED_JS, timeout=30_000)
     assert sorted(calls) == sorted([("difference", "attnflows-model_0")] + [("trace", "attnflows-model_0")] * 4)  # two models, with and without top-k
+
+    words = len(attention_view.word_level(view.records[0]).tokens)
+    calls.clear()
+    monkeypatch.setattr(attention_view, "word_level", recorded("words", attention_view.word_level))
+    one.get_by_role("button", name="words", exact=True).click()  # whole words: merged and traced off the loop too
+    wait_until(lambda: [live.figure.x_range.end for live in view.flows.values() if live.figure] == [words] and not view.busy, one, timeout=60_000)
+    assert {thread for _, thread in calls} == {"attnflows-model_0"} and sorted(name for name, _ in calls).count("words") == 2

@@ -87,7 +87,7 @@ def test_word_level_merges_a_source_as_it_merges_an_array(both) -> None:
     assert isinstance(words.source, WordAttention) and words.n_tokens < pre.n_tokens
     expected = merge_word_pieces(dense_pre.attention, dense_pre.word_ids.tolist())
     np.testing.assert_allclose(words.attention, expected, atol=1e-6)
-    np.testing.assert_allclose(words.source.rows(1, [3, 1], [4, 0]), expected[1][[3, 1]][:, [4, 0]], atol=1e-6)
+    np.testing.assert_allclose(words.source.rows(1, [3, 1], [4, 0, 4]), expected[1][[3, 1]][:, [4, 0, 4]], atol=1e-6)
     np.testing.assert_allclose(words.attention.sum(-1), 1.0, atol=1e-5)
 
 

@@ -12,6 +12,7 @@ from bokeh.document import Document
 from attnflows_panel.analysis.compare import head_js_divergence
 from attnflows_panel.analysis.embedding import HeadEmbedding
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, flow_trace, rollout_trace, trace_cls_flow
+from attnflows_panel.analysis.source import AttentionSource
 from attnflows_panel.app import create_app, create_single_app
 from attnflows_panel.components import CompareView, SingleView
 from attnflows_panel.components.attention_view import DIFFERENCE
@@ -701,3 +702,22 @@ def test_a_long_input_s_title_says_top_k_hides_edges_without_counting_them(tiny_
     view.text = TEXT + " again"
     assert view.flows[MERGED].figure.title.text.endswith("; weaker edges hidden (top 3 per token)")
     assert traced == [3, 3]  # no trace without top-k: counting would trace nearly every weight of a long input
+
+
+def test_clearing_a_selection_reuses_what_the_input_was_first_drawn_with(tiny_pair, monkeypatch) -> None:
+    """A long input's all-heads traces and mean maps take a minute: brushing keeps them for Clear selection."""
+    import attnflows_panel.components.attention_view as attention_view
+
+    view = CompareView(tiny_pair, TEXT, tau=0.05)
+    first = view.flows[MERGED].figure.title.text
+    computed = []
+    monkeypatch.setattr(attention_view, "trace_cls_flow", lambda *a, **k: computed.append("trace") or trace_cls_flow(*a, **k))
+    source_type = type(view.records[0].source)
+    monkeypatch.setattr(source_type, "mean_map", lambda self, mask: computed.append("mean") or AttentionSource.mean_map(self, mask))
+    view.select_heads([(1, 0), (1, 2)])
+    assert sorted(set(computed)) == ["mean", "trace"]
+    brushed = len(computed)
+    view.select_heads([])  # Clear selection: every head, as first drawn
+    assert view.flows[MERGED].figure.title.text == first
+    view.select_heads([(1, 0), (1, 2)])  # and the latest brush again
+    assert len(computed) == brushed
