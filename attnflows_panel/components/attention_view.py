@@ -20,7 +20,7 @@ from attnflows_panel.analysis.flows import AttentionTrace, flow_trace, rollout_t
 from attnflows_panel.analysis.heads import MEASURES, head_measures
 from attnflows_panel.analysis.words import word_level
 from attnflows_panel.components.live_figure import LiveFigure
-from attnflows_panel.components.model_work import run_model_work
+from attnflows_panel.components.model_work import on_server, run_model_work
 from attnflows_panel.components.records import cached_records
 from attnflows_panel.components.submit_keys import SubmitKeys
 from attnflows_panel.errors import AttnflowsError
@@ -38,6 +38,7 @@ from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames
 T = TypeVar("T")
 DIFFERENCE = "model difference (JS, bits)"
 DEFAULT_ROOT = (-1, -1)  # the deepest level, the model's default token
+INLINE_UP_TO = 512  # tokens; a served page computes a brush or a setting of a longer input off its loop
 MEASURE_LABELS = {
     "entropy": "entropy (nats)", "attn_cls": "attention to [CLS]", "attn_sep": "attention to [SEP]",
     "attn_first": "attention to the first token (sink)", "attn_punct": "attention to punctuation",
@@ -202,15 +203,36 @@ class AttentionView(pn.viewable.Viewer):
         self._set_busy(True)
         run_model_work(lambda: self._prime(cached_records(self._source, text, pair_text)), partial(self._show_records, request), partial(self._records_failed, request))
 
-    def _prime(self, records: tuple[AttentionRecord, ...]) -> tuple[AttentionRecord, ...]:
+    def _prime(self, records: tuple[AttentionRecord, ...], root: tuple[int, int] = DEFAULT_ROOT) -> tuple[AttentionRecord, ...]:
         """Compute what drawing ``records`` in the current state needs (off a served page's loop); the draw then reuses it."""
         shown = self._shown_of(records)
         self._grid_values(shown)
         for record in shown:
             self._mean_map(record)
         for without_top_k in (False, True) if self._counts_hidden(shown) else (False,):
-            self._traces(without_top_k=without_top_k, shown=shown, root=DEFAULT_ROOT)
+            self._traces(without_top_k=without_top_k, shown=shown, root=root)
         return records
+
+    def _state(self) -> tuple[object, ...]:
+        """What the flows, the sentence and the matrices of the records are computed from."""
+        return (self.units, self.head_mask.tobytes(), self.tau, self.alpha, self.method, self.combine, self.root, self.top_k)
+
+    def _when_computed(self, write: Callable[[], None]) -> None:
+        """``write()`` now; on a served page, for an input longer than :data:`INLINE_UP_TO` tokens, once what it reads is
+        computed with the model's work (a long input's trace or mean map takes seconds, which would hold every session)."""
+        records = self.records
+        if records is None or records[0].n_tokens <= INLINE_UP_TO or not on_server():
+            write()
+            return
+        state = self._state()
+        self._set_busy(True)
+
+        def done(_: object) -> None:
+            if records is self.records and state == self._state():  # else a newer change writes
+                write()
+                self._set_busy(False)
+
+        run_model_work(lambda: self._prime(records, self.root), done, partial(self._work_failed, records))
 
     def _show_records(self, request: tuple[str, str | None], records: tuple[AttentionRecord, ...]) -> None:
         """Show the records of ``request`` unless a newer input was asked for meanwhile."""
@@ -247,7 +269,7 @@ class AttentionView(pn.viewable.Viewer):
             self.root = DEFAULT_ROOT
             return
         self._set_busy(True)
-        run_model_work(lambda: self._prime(records), partial(self._draw_units, records), partial(self._units_failed, records))
+        run_model_work(lambda: self._prime(records), partial(self._draw_units, records), partial(self._work_failed, records))
 
     def _draw_units(self, records: tuple[AttentionRecord, ...], _: object) -> None:
         if records is not self.records:
@@ -257,7 +279,7 @@ class AttentionView(pn.viewable.Viewer):
             self._draw_all()
         self._set_busy(False)
 
-    def _units_failed(self, records: tuple[AttentionRecord, ...], exc: Exception) -> None:
+    def _work_failed(self, records: tuple[AttentionRecord, ...], exc: Exception) -> None:
         if records is self.records:
             self._set_busy(False)
         raise exc
@@ -552,14 +574,21 @@ class AttentionView(pn.viewable.Viewer):
             self._clear_brushes(keep="" if self.head_mask.all() else self._brush or "")  # "Clear selection" clears both
             if self.head_map is not None:
                 self.map.write(highlight_frames(self.head_map.points, self._outlined()))
-            if self.records is None:
-                return
-            self._write_traced()
+        self._when_computed(self._write_selected)
+
+    def _write_selected(self) -> None:
+        if self.records is None:
+            return
+        with self._push_lock:
+            self._write_flows()
             for index, live in enumerate(self.matrices.values()):
                 element = self._matrix_element(index)
                 live.write(matrix_frames(element), title=element.opts.get("plot").kwargs["title"], clim=matrix_clim(element))
 
     def _write_traced(self, *_: object) -> None:
+        self._when_computed(self._write_flows)
+
+    def _write_flows(self) -> None:
         if self.records is None:
             return
         with self._push_lock:

@@ -95,8 +95,9 @@ def test_two_sessions_ablating_and_extracting_at_once_each_get_their_own_result(
         np.testing.assert_allclose(got.attention, expected.attention, atol=1e-5)  # none of its heads was switched off
 
 
-def test_a_new_input_is_computed_on_the_model_thread_and_drawn_on_the_loop(page, real_pair, monkeypatch) -> None:
-    """The grid, the traces and the matrices of a new input are computed once, off the page's loop; drawing only reuses them."""
+def test_a_new_input_is_computed_on_the_model_thread_and_drawn_on_the_loop(page, real_pair, plot_point, monkeypatch) -> None:
+    """The grid, the traces and the matrices of a new input are computed once, off the page's loop; drawing only reuses them.
+    So are the word-level merge, and a long input's brushes."""
     import attnflows_panel.components.attention_view as attention_view
     import attnflows_panel.components.compare_view as compare_view
 
@@ -123,3 +124,10 @@ def test_a_new_input_is_computed_on_the_model_thread_and_drawn_on_the_loop(page,
     one.get_by_role("button", name="words", exact=True).click()  # whole words: merged and traced off the loop too
     wait_until(lambda: [live.figure.x_range.end for live in view.flows.values() if live.figure] == [words] and not view.busy, one, timeout=60_000)
     assert {thread for _, thread in calls} == {"attnflows-model_0"} and sorted(name for name, _ in calls).count("words") == 2
+
+    calls.clear()
+    monkeypatch.setattr(attention_view, "INLINE_UP_TO", 0)  # as if the input were long
+    drag_over_heads(one, plot_point, (1, 12), (4, 6))
+    flow = next(iter(view.flows.values()))
+    wait_until(lambda: "(36 of 72 heads)" in flow.figure.title.text and not view.busy, one, timeout=60_000)
+    assert ("trace", "attnflows-model_0") in calls and {thread for _, thread in calls} == {"attnflows-model_0"}
