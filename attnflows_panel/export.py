@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import os
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from bokeh.resources import INLINE
 from attnflows_panel.analysis.compare import head_js_divergence, require_same_shape
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, AttentionTrace, as_source, trace_cls_flow, validate_alpha, validate_head_mask, validate_tau
 from attnflows_panel.analysis.heads import head_measures
+from attnflows_panel.analysis.source import MAP_BLOCK_BYTES, AttentionSource, layer_threads
 from attnflows_panel.errors import InputError
 from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.paths import atomic_file
@@ -275,15 +277,20 @@ def sparse_attention(attention: Any, tau: float, heads: np.ndarray | None = None
 
 
 def attention_entries(attention: Any, tau: float) -> tuple[np.ndarray, ...]:
-    """(layer, head, query, key, weight) of every entry ``A[l, h, q, k] >= tau``, read a row chunk at a time."""
+    """(layer, head, query, key, weight) of every entry ``A[l, h, q, k] >= tau``, read in row chunks, a layer per thread."""
     source = as_source(attention)
     tau = validate_tau(tau)
-    found = []
-    for layer in range(source.n_layers):
-        for queries, block in source.row_chunks(layer):
-            head, query, key = np.nonzero(block >= tau)  # the comparison trace_cls_flow makes on the same values
-            found.append((np.full(head.size, layer), head, query + queries.start, key, block[head, query, key]))
+    with layer_threads(source.n_layers, MAP_BLOCK_BYTES, "attnflows-entries") as pool:
+        found = [entries for layer in pool.map(partial(_layer_entries, source, tau), range(source.n_layers)) for entries in layer]
     return tuple(np.concatenate(column) for column in zip(*found, strict=True))
+
+
+def _layer_entries(source: AttentionSource, tau: float, layer: int) -> list[tuple[np.ndarray, ...]]:
+    found = []
+    for queries, block in source.row_chunks(layer, chunk_bytes=MAP_BLOCK_BYTES):
+        head, query, key = np.nonzero(block >= tau)  # the comparison trace_cls_flow makes on the same values
+        found.append((np.full(head.size, layer), head, query + queries.start, key, block[head, query, key]))
+    return found
 
 
 def pack_entries(entries: tuple[np.ndarray, ...], shape: tuple[int, ...], heads: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from scipy import stats
 from scipy.special import entr
 
 from attnflows_panel.analysis.flows import as_source, validate_attention
-from attnflows_panel.analysis.source import AttentionSource
+from attnflows_panel.analysis.source import MAP_BLOCK_BYTES, AttentionSource, layer_threads
 from attnflows_panel.errors import InputError
 
 if TYPE_CHECKING:
@@ -66,12 +67,16 @@ def head_js_divergence(A: Any, B: Any) -> np.ndarray:
         return row_js_divergence(*validate_pair_attention(A, B)).mean(-1)
     a, b = as_source(A), as_source(B)
     require_same_shape(a.shape, b.shape)
-    L, H, n, _ = a.shape
-    total = np.zeros((L, H))
-    for layer in range(L):
-        for queries, block in a.row_chunks(layer):
-            total[layer] += row_js_divergence(block, b.rows(layer, None, np.arange(queries.start, queries.stop))).sum(-1)
-    return total / n
+    with layer_threads(a.n_layers, MAP_BLOCK_BYTES, "attnflows-js") as pool:
+        return np.stack(list(pool.map(partial(_layer_js_divergence, a, b), range(a.n_layers)))) / a.n_tokens
+
+
+def _layer_js_divergence(a: AttentionSource, b: AttentionSource, layer: int) -> np.ndarray:
+    """``[H]``: the JS divergence of one layer's heads summed over the queries, read in row chunks."""
+    total = np.zeros(a.n_heads)
+    for queries, block in a.row_chunks(layer, chunk_bytes=MAP_BLOCK_BYTES):
+        total += row_js_divergence(block, b.rows(layer, None, np.arange(queries.start, queries.stop))).sum(-1)
+    return total
 
 
 def head_cosine_similarity(A: Any, B: Any) -> np.ndarray:
