@@ -7,10 +7,11 @@
    tokens: extraction (``forward_sources``), the trace from the last token, the grid of a head measure
    over every head, one head's matrix (and its datashader raster), each with its time and the peak
    resident memory of the process. The dense record would not fit: its size is printed, not made.
-   The grid (torch over the queries and keys, a layer per thread) has a baseline: the numpy row-chunk
-   path every source took before (``AttentionSource.row_chunks``, one BLAS thread; 279 s for the whole
-   grid here), run on the first ``--grid-layers`` layers (every layer has the same shape and cost),
-   scaled to all of them, and checked equal to the grid there.
+   The grid (torch over the queries and keys, a layer per thread) has a baseline: the generic row-chunk
+   path any other source takes (``AttentionSource.row_chunks`` read into numpy measures; the path every
+   source took before, 279 s for the whole grid here when its rows were numpy too), run on the first
+   ``--grid-layers`` layers (every layer has the same shape and cost), scaled to all of them, and checked
+   equal to the grid there.
 2. The same model at 1,024 tokens, where the dense record fits: the same computations on the source
    and on the dense array from ``forward_attention``, with their results checked equal.
 3. The offline default BERT (all-MiniLM-L6-v2) at 512 tokens: bytes held per input and the time of each
