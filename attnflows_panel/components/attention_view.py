@@ -144,7 +144,7 @@ class AttentionView(pn.viewable.Viewer):
         self._ablate_button = pn.widgets.Button(label="Switch selected heads off", color="primary")
         self._ablate_button.on_click(self._ablate)
         self.head_map = head_map
-        # what a record's views computed (measures, traces, matrices, word merge): (id(record), kind) -> (record, key, value);
+        # what a record's views computed (measures, traces, matrices, word merge): (id(record), kind) -> (record, {key: value});
         # the model thread fills it for a new input, so the page's loop only draws
         self._memo: dict[tuple[int, object], tuple[object, dict[object, object]]] = {}
         self._memo_lock = threading.Lock()
