@@ -57,6 +57,7 @@ METHOD_ENCODING = {  # what node size and edge width mean, written under the flo
 RESIDUAL_TRACES = {"rollout": rollout_trace, "flow": flow_trace}  # Abnar & Zuidema's, on attention plus the residual
 DEFAULT_TEXT = "The self-driving car stopped safely, and I finally felt relaxed."
 FLOW_HEIGHT = 520
+SENTENCE_MAX_HEIGHT = 460  # px; a longer sentence view scrolls (a 3,000-token input's words took 2,000 px)
 MAX_TEXT_ROWS = 14
 
 
@@ -160,7 +161,8 @@ class AttentionView(pn.viewable.Viewer):
         self._matrix_box = pn.Row(*(m.pane for m in self.matrices.values()), sizing_mode="stretch_width")  # a FlexBox (ReactiveHTML) inside the template drew them squashed
         self._figure_box = pn.Column(  # one spinner over it while the models run (a figure's own would stay on the next figure)
             pn.Row(pn.Column(self.grid.pane, self._ablate_button, self.ablation, width=460), self.map.pane, sizing_mode="stretch_width"),
-            self.sentence.pane, self._flow_row, self._matrix_box, sizing_mode="stretch_width",
+            pn.Column(self.sentence.pane, scroll=True, max_height=SENTENCE_MAX_HEIGHT, sizing_mode="stretch_width"),  # a long input's words scroll
+            self._flow_row, self._matrix_box, sizing_mode="stretch_width",
         )
         # a notebook may run a brush's callback on a comm thread while a cell calls select_heads
         self._push_lock = threading.RLock()

@@ -13,6 +13,7 @@ from bokeh.models import CustomJS, CustomJSHover, HoverTool, Scatter, Segment, T
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, AttentionTrace
 from attnflows_panel.plots import FINETUNED_COLOR, MODEL_TITLES, PRETRAINED_COLOR, SHARED_COLOR
+from attnflows_panel.plots.attention_matrix import token_axis
 from attnflows_panel.plots.bound import Layer, caption, field_legend
 
 ROOT_COLOR = "#303030"
@@ -23,6 +24,8 @@ TRACE_ENCODING = "node size: influence (I = c + alpha × I above; c: edges arriv
 NOT_DRAWN = -1.0  # a model's weight for an edge it does not draw (Bokeh shows NaN as "NaN" before any formatter runs)
 LABEL_ORDER = (SHARED, PRETRAINED, FINETUNED)  # legend order; model-only edges drawn over shared ones
 LEGEND_NAMES = {SHARED: "shared", PRETRAINED: "pre-trained only", FINETUNED: "fine-tuned only"}
+NAME_EVERY_TOKEN_UP_TO = 120  # tokens on the layered diagram's axis (about 10 px each on a 1280 px window)
+NAMED_TOKENS = 100  # about this many names on the axis of a longer input
 COUNT_HIDDEN_UP_TO = 1024  # tokens; past it titles say top-k hides weaker edges without counting them (nearly all of the attention)
 
 
@@ -254,7 +257,12 @@ def flow_diagram(
         # token names as x ticks rather than a Labels layer: one element fewer to update on every brush
         levels_ticks = [(i, "input" if i == 0 else f"layer {i}") for i in range(levels)]
         label_size = "9pt" if n <= 40 else "8pt" if n <= 80 else "7pt"  # a token has about 12 px at 80 tokens on a 1280 px window
-        axes = dict(xticks=[(i, str(t)) for i, t in enumerate(tokens)], xrotation=60 if n <= 40 else 90, fontsize={"xticks": label_size}, xlabel="", yticks=levels_ticks, ylabel="", ylim=(-0.6, levels - 0.6), xlim=(-1, n))
+        if n <= NAME_EVERY_TOKEN_UP_TO:
+            xticks: dict[str, object] = dict(xticks=[(i, str(t)) for i, t in enumerate(tokens)])
+        else:  # every 2nd, 5th, 10th... token named, every token once zoomed in
+            ticker, names = token_axis(tokens, NAMED_TOKENS)
+            xticks = dict(xticks=ticker, xformatter=names)
+        axes = dict(**xticks, xrotation=60 if n <= 40 else 90, fontsize={"xticks": label_size}, xlabel="", yticks=levels_ticks, ylabel="", ylim=(-0.6, levels - 0.6), xlim=(-1, n))
         layers = segments * points * message
     else:
         outer = nodes[nodes["level"] == levels - 1]

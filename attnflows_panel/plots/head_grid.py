@@ -39,6 +39,13 @@ def grid_clim(values: np.ndarray) -> tuple[float, float]:
     return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
 
 
+def numbered_ticks(count: int, most: int = 16) -> list[int]:
+    """Ticks numbering 1 .. ``count``: every one up to ``most``, else every other one, or 1 and every 4th, 5th, 8th...
+    (a 32-layer grid's labels overlapped)."""
+    step = next((s for s in (1, 2, 4, 5, 8, 10, 16, 20, 25, 50, 100) if count / s <= most), -(-count // most))
+    return list(range(1, count + 1, step)) if step <= 2 else [1, *range(step, count + 1, step)]
+
+
 def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str = "viridis", symmetric: bool = False, width: int = 420, height: int = 300) -> hv.HeatMap:
     """One HeatMap cell per head (deepest layer on top), with tap and box select for brushing."""
     frame = head_grid_frame(values, "value")
@@ -51,8 +58,8 @@ def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str = 
         active_tools=["box_select"],
         xlabel="head",
         ylabel="layer",
-        xticks=list(range(1, int(frame["head"].max()) + 1)),
-        yticks=list(range(1, int(levels) + 1)),
+        xticks=numbered_ticks(int(frame["head"].max())),
+        yticks=numbered_ticks(int(levels)),
         title=title,
         width=width,
         height=height,

@@ -81,3 +81,15 @@ def test_empty_trace_draws_tokens_without_edges() -> None:
     element = flow_diagram(["[CLS]", "a", "b", "[SEP]"], {"finetuned": empty})
     assert len(element.get(0).dframe()) == 0
     assert len(element.get(1).dframe()) == 3 * 4
+
+
+def test_a_long_input_names_some_tokens_on_the_axis_and_every_one_zoomed_in() -> None:
+    n = 300
+    tokens = [f"t{i}" for i in range(n)]
+    rng = np.random.default_rng(0)
+    attention = rng.random((2, 2, n, n))
+    attention /= attention.sum(-1, keepdims=True)
+    trace = trace_cls_flow(attention, None, tau=0.02, top_k=2)
+    axis = hv.render(flow_diagram(tokens, {"pretrained": trace}), backend="bokeh").xaxis[0]
+    assert axis.ticker.desired_num_ticks == 100 and axis.ticker.min_interval == 1  # about 100 names, 1 apart once zoomed in
+    assert axis.formatter.args["names"] == tokens  # each tick named by its token

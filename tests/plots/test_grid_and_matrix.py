@@ -9,7 +9,7 @@ from bokeh.models import BoxSelectTool, CustomJSHover, HoverTool, TapTool
 from conftest import BOKEH_IDLE_JS
 
 from attnflows_panel.plots.attention_matrix import attention_matrix
-from attnflows_panel.plots.head_grid import head_grid, head_grid_frame
+from attnflows_panel.plots.head_grid import head_grid, head_grid_frame, numbered_ticks
 
 hv.extension("bokeh")
 
@@ -171,6 +171,15 @@ def test_selection_indices_map_to_the_cells_bokeh_draws() -> None:
     for index in (0, 5, 52, 71):
         layer, head = heads_at(source.data, [index])[0]
         assert source.data["zvalues"][index] == values[layer, head]
+
+
+
+def test_a_grid_of_many_layers_numbers_every_other_or_every_4th_cell() -> None:
+    assert numbered_ticks(12) == list(range(1, 13))  # the default model's: every one
+    assert numbered_ticks(32) == list(range(1, 32, 2))  # 32 labels in 230 px overlapped
+    assert numbered_ticks(80) == [1, *range(5, 81, 5)]
+    figure = hv.render(head_grid(np.zeros((32, 32)), "v"))
+    assert list(figure.yaxis[0].ticker.ticks) == list(range(1, 32, 2)) and list(figure.xaxis[0].ticker.ticks) == list(range(1, 32, 2))
 
 
 WARM_CHECK = """
