@@ -208,14 +208,14 @@ status.text = status_html(tally, n_selected, L * H, hidden, top_k);
 STATUS_JS = """
 function split(counts) { return models.finetuned === undefined ? "" : ` (${label_order.map((label) => `${counts[label]} ${legend_names[label]}`).join(", ")})`; }
 function total(counts) { return label_order.reduce((sum, label) => sum + counts[label], 0); }
-function hidden_text(hidden, k) {
-  if (hidden === null) return k > 0 ? `; weaker edges hidden (top ${k} per token)` : "";
+function hidden_text(hidden, k, shown) {
+  if (hidden === null) return k > 0 && shown > 0 ? `; weaker edges hidden (top ${k} per token)` : "";
   return hidden > 0 ? `; ${hidden} weaker hidden (top ${k} per token)` : "";
 }
-function flow_title(counts, hidden, k, model) { return `${model === null ? pair_name : model} from ${root_name}: ${total(counts)} edges${split(counts)}${hidden_text(hidden, k)}`; }
+function flow_title(counts, hidden, k, model) { return `${model === null ? pair_name : model} from ${root_name}: ${total(counts)} edges${split(counts)}${hidden_text(hidden, k, total(counts))}`; }
 function status_html(counts, selected, heads, hidden, k) {
   const which = selected === heads ? `all ${heads} heads` : `${selected} of ${heads} heads selected`;
-  return `<b>${total(counts)}</b> edges${split(counts)}${hidden_text(hidden, k)}; ${which}`;
+  return `<b>${total(counts)}</b> edges${split(counts)}${hidden_text(hidden, k, total(counts))}; ${which}`;
 }
 """
 
@@ -230,13 +230,13 @@ def flow_title(counts: Mapping[str, int], hidden: int | None = 0, top_k: int | N
 
     ``model`` names the one model of a single-model export (None: the pair).
     """
-    return f"{PAIR_NAME if model is None else model} from {root_name}: {sum(counts.values())} edges{_split(counts, model is None)}{hidden_text(hidden, top_k)}"
+    return f"{PAIR_NAME if model is None else model} from {root_name}: {sum(counts.values())} edges{_split(counts, model is None)}{hidden_text(hidden, top_k, sum(counts.values()))}"
 
 
 def status_html(counts: Mapping[str, int], selected: int, heads: int, hidden: int | None = 0, top_k: int | None = None, pair: bool = True) -> str:
     """The edge and head count line above the flow diagram, numbers only (the browser mirrors it)."""
     which = f"all {heads} heads" if selected == heads else f"{selected} of {heads} heads selected"
-    return f"<b>{sum(counts.values())}</b> edges{_split(counts, pair)}{hidden_text(hidden, top_k)}; {which}"
+    return f"<b>{sum(counts.values())}</b> edges{_split(counts, pair)}{hidden_text(hidden, top_k, sum(counts.values()))}; {which}"
 
 
 def hidden_by_top_k(attentions: Sequence[Any], mask: np.ndarray, tau: float, alpha: float, top_k: int | None, shown: int, root: tuple[int, int] | None = None) -> int | None:

@@ -424,7 +424,7 @@ class AttentionView(pn.viewable.Viewer):
         title += "".join(f"; {name} draws none" for name in silent)  # in the merged diagram a model may keep no edge
         if self.method not in TOP_K_METHODS:
             return title
-        return title + hidden_text(self._hidden_by_top_k(shown) - labels.size if self._counts_hidden() else None, self.top_k)
+        return title + hidden_text(self._hidden_by_top_k(shown) - labels.size if self._counts_hidden() else None, self.top_k, labels.size)
 
     def _counts_hidden(self, shown: tuple[AttentionRecord, ...] | None = None) -> bool:
         """Whether the title counts the edges top-k hides: for inputs up to COUNT_HIDDEN_UP_TO tokens (beyond, counting

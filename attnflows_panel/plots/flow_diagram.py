@@ -29,10 +29,11 @@ NAMED_TOKENS = 100  # about this many names on the axis of a longer input
 COUNT_HIDDEN_UP_TO = 1024  # tokens; past it titles say top-k hides weaker edges without counting them (nearly all of the attention)
 
 
-def hidden_text(hidden: int | None, top_k: int | None) -> str:
-    """``"; M weaker hidden (top k per token)"``; without a count when ``hidden`` is None; ``""`` when top-k hides nothing."""
+def hidden_text(hidden: int | None, top_k: int | None, shown: int) -> str:
+    """``"; M weaker hidden (top k per token)"``; without a count when ``hidden`` is None; ``""`` when top-k hides nothing
+    (or nothing is drawn: top-k keeps an edge of every token that has one)."""
     if hidden is None:
-        return f"; weaker edges hidden (top {top_k} per token)" if top_k else ""
+        return f"; weaker edges hidden (top {top_k} per token)" if top_k and shown else ""
     return f"; {hidden} weaker hidden (top {top_k} per token)" if hidden > 0 else ""
 
 
@@ -188,8 +189,13 @@ INFLUENCE_OR_NONE = 'return Number.isFinite(value) ? value.toFixed(2) : "—";'
 def _edge_tips(models: Sequence[str]) -> list[tuple[str, str]]:
     tips = [("layer", "@{layer}{custom}"), ("query", "@{query_token} (position @{query})"), ("attends to key", "@{key_token} (position @{key})")]  # the attention's own reading, whichever way the diagram is drawn; positions from 0 as the tokenizer counts
     for model in models:
-        tips += [(f"{MODEL_TITLES[model]} weight", f"@{{weight_{model}}}{{custom}}"), (f"{MODEL_TITLES[model]} heads", f"@{{heads_{model}}}")]
+        tips += [(f"{_named(model, models)}weight", f"@{{weight_{model}}}{{custom}}"), (f"{_named(model, models)}heads", f"@{{heads_{model}}}")]
     return tips
+
+
+def _named(model: str, models: Sequence[str]) -> str:
+    """``"pre-trained "``: how a tooltip names a model's values, unless the diagram draws one model (whose title names it)."""
+    return "" if len(models) == 1 else f"{MODEL_TITLES[model]} "
 
 
 def _hover(tips: list[tuple[str, str]], formatters: dict[str, str], **options: object) -> HoverTool:
@@ -247,7 +253,7 @@ def flow_diagram(
     edge_hover = _hover(_edge_tips(models), {f"@{{weight_{m}}}": WEIGHT_OR_NOT_DRAWN for m in models} | {"@{layer}": LAYER_FROM_ONE}, attachment="below", point_policy="follow_mouse")
     segments = hv.Segments(edges, ["x0", "y0", "x1", "y1"], segment_dims, label="edges").opts(color="color", line_width="width", alpha=0.75, tools=[edge_hover])
     node_tips = [("token", "@{token} (@{index})"), ("level", "@{level_name}")]
-    node_tips += [(f"influence, {MODEL_TITLES[m]}", f"@{{influence_{m}}}{{custom}}") for m in models]
+    node_tips += [(f"{_named(m, models)}influence", f"@{{influence_{m}}}{{custom}}") for m in models]
     node_hover = _hover(node_tips, {f"@{{influence_{m}}}": INFLUENCE_OR_NONE for m in models}, attachment="above")
     points = hv.Points(nodes, ["x", "y"], [c for c in nodes.columns if c not in ("x", "y")], label="tokens").opts(
         color="color", size="size", line_color="white", tools=[node_hover, "tap"]

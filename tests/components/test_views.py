@@ -702,6 +702,8 @@ def test_a_long_input_s_title_says_top_k_hides_edges_without_counting_them(tiny_
     view.text = TEXT + " again"
     assert view.flows[MERGED].figure.title.text.endswith("; weaker edges hidden (top 3 per token)")
     assert traced == [3, 3]  # no trace without top-k: counting would trace nearly every weight of a long input
+    view.select_heads([(0, 0)])  # no head of the root's layer: nothing drawn, so nothing said hidden
+    assert view.flows[MERGED].figure.title.text.endswith(" 0 edges (1 of 8 heads)")
 
 
 def test_clearing_a_selection_reuses_what_the_input_was_first_drawn_with(tiny_pair, monkeypatch) -> None:

@@ -93,3 +93,12 @@ def test_a_long_input_names_some_tokens_on_the_axis_and_every_one_zoomed_in() ->
     axis = hv.render(flow_diagram(tokens, {"pretrained": trace}), backend="bokeh").xaxis[0]
     assert axis.ticker.desired_num_ticks == 100 and axis.ticker.min_interval == 1  # about 100 names, 1 apart once zoomed in
     assert axis.formatter.args["names"] == tokens  # each tick named by its token
+
+
+def test_one_model_s_tooltips_do_not_call_it_pre_trained(traces) -> None:
+    figure = hv.render(flow_diagram(TOKENS, {"pretrained": traces["pretrained"]}), backend="bokeh")
+    names = [name for tool in figure.tools if isinstance(tool, HoverTool) for name, _ in tool.tooltips]
+    assert "weight" in names and "heads" in names and "influence" in names
+    assert not any("pre-trained" in name for name in names)
+    pair = hv.render(flow_diagram(TOKENS, traces), backend="bokeh")
+    assert "pre-trained weight" in [name for tool in pair.tools if isinstance(tool, HoverTool) for name, _ in tool.tooltips]
