@@ -557,7 +557,8 @@ def _matrix_rows(records: Mapping[str, AttentionRecord], values: np.ndarray, top
 
 def _matrix_figure(attention: np.ndarray, tokens: Sequence[str], title: str, size: int) -> Plot:
     """One head's matrix, shipped as uint8 (weight * 255); its colours, colour bar and hover still show weights."""
-    element = attention_matrix(attention, tokens, title=title, size=size)  # a long input's through datashader: the file carries its pixels, not n x n
+    # a long input's through datashader: the file carries its pixels, not n x n (linear colours: the uint8 weights below)
+    element = attention_matrix(attention, tokens, title=title, size=size, by_rank=False)
     frames = matrix_frames(element)
     frames["image"]["image"] = [np.round(np.clip(frames["image"]["image"][0], 0.0, 1.0) * 255).astype(np.uint8)]
     fig, _ = render_bound(element, MATRIX_LAYERS, frames)

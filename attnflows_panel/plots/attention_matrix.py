@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import holoviews as hv
 import numpy as np
-from bokeh.models import BasicTicker, CustomJSHover, CustomJSTickFormatter
+from bokeh.models import BasicTicker, CustomJSHover, CustomJSTickFormatter, PrintfTickFormatter
 from bokeh.models import Image as ImageGlyph
 
 from attnflows_panel.plots.bound import Layer
@@ -46,11 +46,13 @@ def attention_matrix(
     size: int = 360,
     rasterize: bool | None = None,
     max_labels: int | None = None,
+    by_rank: bool = True,
 ) -> hv.Element:
     """An ``[n, n]`` map: key ``j`` at x = j, query ``i`` at y = i, query 0 at the top; token labels on both axes.
 
     The hover names the key and query tokens with their indices and gives the weight. About
     ``max_labels`` tick labels per axis in view (default: one per 12 pixels of ``size``); zooming in labels every token.
+    A rasterized map is coloured by rank (``by_rank``), a smaller one linearly up to its largest weight.
     """
     a = np.asarray(attention, dtype=np.float32)
     n = len(tokens)
@@ -84,6 +86,9 @@ def attention_matrix(
     )
     if rasterize if rasterize is not None else n > RASTERIZE_ABOVE:
         from holoviews.operation.datashader import rasterize as ds_rasterize
+
+        if by_rank:  # a long input's weights are mostly near 1/n, and a few near 1 (a decoder's first row) left it blank
+            plot_opts.update(cnorm="eq_hist", clabel="weight (colours by rank)", colorbar_opts={"formatter": PrintfTickFormatter(format="%.2g")})
 
         # dynamic=False: an Image, not a DynamicMap, so views may return it from their own DynamicMaps
         return ds_rasterize(image, aggregator="mean", dynamic=False).opts(**plot_opts)

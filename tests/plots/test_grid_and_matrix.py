@@ -210,3 +210,16 @@ def test_warming_the_rasterizer_compiles_what_matrices_need() -> None:
     out = subprocess.run([sys.executable, "-c", WARM_CHECK], capture_output=True, text=True, check=True, timeout=300)
     warmed, after = map(int, out.stdout.split())
     assert warmed > 0 and after == warmed
+
+
+def test_a_long_input_s_matrix_colours_weights_by_rank() -> None:
+    """A decoder's first row (all on itself) made a long map blank on a linear scale up to 1."""
+    from bokeh.models import EqHistColorMapper, LinearColorMapper
+
+    def mapper(n: int) -> object:
+        a = np.tril(np.ones((n, n)))
+        a /= a.sum(-1, keepdims=True)
+        figure = hv.render(attention_matrix(a, [f"t{i}" for i in range(n)]))
+        return next(r.glyph.color_mapper for r in figure.renderers if hasattr(r.glyph, "color_mapper"))
+
+    assert isinstance(mapper(200), EqHistColorMapper) and type(mapper(40)) is LinearColorMapper
