@@ -24,7 +24,7 @@ TRACE_ENCODING = "node size: influence (I = c + alpha × I above; c: edges arriv
 NOT_DRAWN = -1.0  # a model's weight for an edge it does not draw (Bokeh shows NaN as "NaN" before any formatter runs)
 LABEL_ORDER = (SHARED, PRETRAINED, FINETUNED)  # legend order; model-only edges drawn over shared ones
 LEGEND_NAMES = {SHARED: "shared", PRETRAINED: "pre-trained only", FINETUNED: "fine-tuned only"}
-NAME_EVERY_TOKEN_UP_TO = 120  # tokens on the layered diagram's axis (about 10 px each on a 1280 px window)
+NAME_EVERY_TOKEN_UP_TO = 120  # tokens on the layered diagram's axis (about 10 px each on a 1280 px window); past it, unreached nodes are not drawn
 NAMED_TOKENS = 100  # about this many names on the axis of a longer input
 COUNT_HIDDEN_UP_TO = 1024  # tokens; past it titles say top-k hides weaker edges without counting them (nearly all of the attention)
 
@@ -175,7 +175,10 @@ def flow_frames(tokens: Sequence[str], traces: Mapping[str, AttentionTrace], lay
     edges["width"] = 0.5 + 4.5 * edges["weight"]
     middle = ((n - 1) / 2, (levels - 1) / 2) if layout == "layered" else (0.0, 0.0)
     text = pd.DataFrame({"x": [middle[0]], "y": [middle[1]], "text": np.array([message], dtype=object)})
-    return {"edges": pd.DataFrame(edges), "nodes": pd.DataFrame(nodes), "message": text}
+    nodes = pd.DataFrame(nodes)
+    if n > NAME_EVERY_TOKEN_UP_TO:  # a long input's unreached dots fill no gap (99,000 at 3,000 tokens: 13 MB a brush)
+        nodes = nodes[reached | is_root].reset_index(drop=True)
+    return {"edges": pd.DataFrame(edges), "nodes": nodes, "message": text}
 
 
 # Bokeh formats hover values in the browser: layers from 1, "not drawn" where a model has no such edge

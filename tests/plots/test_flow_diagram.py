@@ -9,7 +9,7 @@ from bokeh.models import HoverTool
 
 from attnflows_panel.analysis.flows import trace_cls_flow
 from attnflows_panel.plots import FINETUNED_COLOR, PRETRAINED_COLOR, SHARED_COLOR
-from attnflows_panel.plots.flow_diagram import flow_diagram, flow_edges, flow_nodes
+from attnflows_panel.plots.flow_diagram import flow_diagram, flow_edges, flow_frames, flow_nodes
 
 hv.extension("bokeh")
 
@@ -102,3 +102,15 @@ def test_one_model_s_tooltips_do_not_call_it_pre_trained(traces) -> None:
     assert not any("pre-trained" in name for name in names)
     pair = hv.render(flow_diagram(TOKENS, traces), backend="bokeh")
     assert "pre-trained weight" in [name for tool in pair.tools if isinstance(tool, HoverTool) for name, _ in tool.tooltips]
+
+
+def test_a_long_input_draws_only_the_nodes_its_trace_reaches() -> None:
+    n = 300
+    rng = np.random.default_rng(1)
+    attention = rng.random((2, 2, n, n)) ** 8
+    attention /= attention.sum(-1, keepdims=True)
+    trace = trace_cls_flow(attention, None, tau=0.05, top_k=2)
+    nodes = flow_frames([f"t{i}" for i in range(n)], {"pretrained": trace})["nodes"]
+    reached = flow_nodes([f"t{i}" for i in range(n)], {"pretrained": trace})["label"] != ""
+    assert 0 < len(nodes) == reached.sum() < 3 * n  # the root is reached
+    assert (nodes["label"] != "").all()
