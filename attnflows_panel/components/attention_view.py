@@ -161,7 +161,7 @@ class AttentionView(pn.viewable.Viewer):
         self._matrix_box = pn.Row(*(m.pane for m in self.matrices.values()), sizing_mode="stretch_width")  # a FlexBox (ReactiveHTML) inside the template drew them squashed
         self._figure_box = pn.Column(  # one spinner over it while the models run (a figure's own would stay on the next figure)
             pn.Row(pn.Column(self.grid.pane, self._ablate_button, self.ablation, width=460), self.map.pane, sizing_mode="stretch_width"),
-            pn.Column(self.sentence.pane, scroll=True, max_height=SENTENCE_MAX_HEIGHT, sizing_mode="stretch_width"),  # a long input's words scroll
+            pn.Column(self.sentence.pane, scroll=True, styles={"max-height": f"{SENTENCE_MAX_HEIGHT}px"}, sizing_mode="stretch_width"),  # a long input's words scroll
             self._flow_row, self._matrix_box, sizing_mode="stretch_width",
         )
         # a notebook may run a brush's callback on a comm thread while a cell calls select_heads
