@@ -33,7 +33,6 @@ input's token count and x range, the export's header) and the run fails loudly w
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -48,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_long_context import DECODER_TEXTS, GB, fmt_b, fmt_s, library_fingerprint, long_text, ratio, save_decoder, status_bytes, step  # noqa: E402
+from bench_long_context import DECODER_TEXTS, GB, decoder_arguments, decoder_sizes, fmt_b, fmt_s, library_fingerprint, long_text, ratio, save_decoder, status_bytes, step  # noqa: E402
 
 ENTRY_BYTES = 16  # an exported entry: int32 head + int32 key + float32 weight, base64 (4/3) in the HTML
 WARM_TOKENS = 128  # over 96 tokens, so the warm-up view's matrix goes through datashader too
@@ -271,22 +270,13 @@ def get(report: dict[str, Any] | None, key: str) -> Any:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 layers, 512 and 256 tokens (a minute or two)")
-    parser.add_argument("--tokens", type=int, help="long input (default 4096; 512 with --quick)")
-    parser.add_argument("--dense-tokens", type=int, help="baseline size, where the dense record fits (default 1024; 256 with --quick)")
-    parser.add_argument("--layers", type=int, help="decoder layers (default 32; 8 with --quick)")
-    parser.add_argument("--init", type=float, default=0.1, help="initializer_range of the random decoder (as bench_long_context)")
-    parser.add_argument("--cap-gb", type=float, default=16.0, help="address-space cap of each worker (guards the shared machine)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = decoder_arguments(__doc__.splitlines()[0], "8 layers, 512 and 256 tokens (a minute or two)").parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
 
     started = time.perf_counter()
-    n_long, n_cmp = args.tokens or (512 if args.quick else 4096), args.dense_tokens or (256 if args.quick else 1024)
-    layers = args.layers or (8 if args.quick else 32)
+    n_long, n_cmp, layers = decoder_sizes(args)
     print(f"long-input app benchmark: decoder {layers} layers x 32 heads (8 kv heads) at {n_long} and {n_cmp} tokens (second inputs {n_long // 2} and {n_cmp // 2})")
     print(f"library files measured: {fingerprint()}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)", flush=True)

@@ -510,29 +510,38 @@ def library_fingerprint(root: Path | None = None) -> str:
     return " ".join(parts)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="512 and 256 tokens, 8 layers, BERT at 128 tokens (about a minute)")
+def decoder_arguments(description: str, quick: str) -> argparse.ArgumentParser:
+    """The options of both long-input benchmarks: the sizes, the random decoder and each worker's memory cap."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--tokens", type=int, help="long input (default 4096; 512 with --quick)")
     parser.add_argument("--dense-tokens", type=int, help="size compared with the dense record (default 1024; 256 with --quick)")
     parser.add_argument("--layers", type=int, help="decoder layers (default 32; 8 with --quick)")
-    parser.add_argument("--bert-tokens", type=int, help="default BERT input (default 512; 128 with --quick)")
     parser.add_argument("--init", type=float, default=0.1, help="initializer_range of the random decoder")
+    parser.add_argument("--cap-gb", type=float, default=16.0, help="address-space cap of each worker (guards the shared machine)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def decoder_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(long tokens, tokens compared with the dense record, decoder layers) the options ask for."""
+    return args.tokens or (512 if args.quick else 4096), args.dense_tokens or (256 if args.quick else 1024), args.layers or (8 if args.quick else 32)
+
+
+def main() -> None:
+    parser = decoder_arguments(__doc__.splitlines()[0], "512 and 256 tokens, 8 layers, BERT at 128 tokens (about a minute)")
+    parser.add_argument("--bert-tokens", type=int, help="default BERT input (default 512; 128 with --quick)")
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--target-gb", type=float, default=4.0, help="peak the long source run should stay under")
     parser.add_argument("--grid-layers", type=int, default=2, help="at the long size, the baseline grid (numpy row chunks) on this many layers, scaled to all (0: none)")
-    parser.add_argument("--cap-gb", type=float, default=16.0, help="address-space cap of each worker (guards the shared machine)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
 
     started = time.perf_counter()
-    n_long = args.tokens or (512 if args.quick else 4096)
-    n_cmp = args.dense_tokens or (256 if args.quick else 1024)
-    layers = args.layers or (8 if args.quick else 32)
+    n_long, n_cmp, layers = decoder_sizes(args)
     n_bert = args.bert_tokens or (128 if args.quick else 512)
     cap = int(args.cap_gb * GB)
     print(f"long-context benchmark: decoder {layers} layers x 32 heads (8 kv heads, hidden 512, head_dim 16) at {n_long} and {n_cmp} tokens; default BERT at {n_bert}")
