@@ -34,7 +34,7 @@ from bokeh.resources import INLINE
 from attnflows_panel.analysis.compare import head_js_divergence, require_same_shape
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, AttentionTrace, as_source, trace_cls_flow, validate_alpha, validate_head_mask, validate_tau
 from attnflows_panel.analysis.heads import head_measures
-from attnflows_panel.analysis.source import MAP_BLOCK_BYTES, AttentionSource, layer_threads
+from attnflows_panel.analysis.source import MAP_BLOCK_BYTES, AttentionSource, map_layers
 from attnflows_panel.errors import InputError
 from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.paths import atomic_file
@@ -280,8 +280,8 @@ def attention_entries(attention: Any, tau: float) -> tuple[np.ndarray, ...]:
     """(layer, head, query, key, weight) of every entry ``A[l, h, q, k] >= tau``, read in row chunks, a layer per thread."""
     source = as_source(attention)
     tau = validate_tau(tau)
-    with layer_threads(source.n_layers, MAP_BLOCK_BYTES, "attnflows-entries") as pool:
-        found = [entries for layer in pool.map(partial(_layer_entries, source, tau), range(source.n_layers)) for entries in layer]
+    layers = map_layers(partial(_layer_entries, source, tau), range(source.n_layers), MAP_BLOCK_BYTES, "attnflows-entries")
+    found = [entries for layer in layers for entries in layer]
     return tuple(np.concatenate(column) for column in zip(*found, strict=True))
 
 

@@ -17,7 +17,7 @@ from scipy import stats
 from scipy.special import entr
 
 from attnflows_panel.analysis.flows import as_source, validate_attention
-from attnflows_panel.analysis.source import MAP_BLOCK_BYTES, AttentionSource, layer_threads
+from attnflows_panel.analysis.source import MAP_BLOCK_BYTES, AttentionSource, map_layers
 from attnflows_panel.errors import InputError
 
 if TYPE_CHECKING:
@@ -67,8 +67,7 @@ def head_js_divergence(A: Any, B: Any) -> np.ndarray:
         return row_js_divergence(*validate_pair_attention(A, B)).mean(-1)
     a, b = as_source(A), as_source(B)
     require_same_shape(a.shape, b.shape)
-    with layer_threads(a.n_layers, MAP_BLOCK_BYTES, "attnflows-js") as pool:
-        return np.stack(list(pool.map(partial(_layer_js_divergence, a, b), range(a.n_layers)))) / a.n_tokens
+    return np.stack(map_layers(partial(_layer_js_divergence, a, b), range(a.n_layers), MAP_BLOCK_BYTES, "attnflows-js")) / a.n_tokens
 
 
 def _layer_js_divergence(a: AttentionSource, b: AttentionSource, layer: int) -> np.ndarray:

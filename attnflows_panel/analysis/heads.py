@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from attnflows_panel.analysis.flows import ROW_SUM_TOLERANCE
-from attnflows_panel.analysis.source import AttentionSource, QueryKeyAttention, layer_threads
+from attnflows_panel.analysis.source import AttentionSource, QueryKeyAttention, map_layers
 from attnflows_panel.errors import InputError
 
 if TYPE_CHECKING:
@@ -101,8 +101,7 @@ def head_measures(attention: Any, tokens: Sequence[str], cls_mask: np.ndarray, s
     if isinstance(attention, AttentionSource):
         L, n = attention.n_layers, attention.n_tokens
         masks = _key_masks(tokens, cls_mask, sep_mask, n, "")
-        with layer_threads(L, BLOCK_BYTES, "attnflows-measures") as pool:
-            layers = list(pool.map(partial(_source_layer_totals, attention, masks), range(L)))
+        layers = map_layers(partial(_source_layer_totals, attention, masks), range(L), BLOCK_BYTES, "attnflows-measures")
         return _query_means({name: np.stack([layer[name] for layer in layers]) for name, _ in MEASURES}, n)
     a = _check_attention(attention, "attention")
     n = a.shape[-1]
@@ -148,8 +147,7 @@ def _query_key_totals(source: QueryKeyAttention, masks: tuple[np.ndarray, np.nda
     cls, sep, punct = masks
     key_weights = torch.from_numpy(np.stack([cls, sep, np.arange(n) == 0, punct], axis=1).astype(np.float32))
     block_rows = max(1, BLOCK_BYTES // (H * n * 4))
-    with layer_threads(L, BLOCK_BYTES, "attnflows-measures") as pool:
-        layers = np.stack(list(pool.map(partial(_layer_totals, source, key_weights=key_weights, block_rows=block_rows), range(L))), axis=1)
+    layers = np.stack(map_layers(partial(_layer_totals, source, key_weights=key_weights, block_rows=block_rows), range(L), BLOCK_BYTES, "attnflows-measures"), axis=1)
     return {name: layers[i] for i, (name, _) in enumerate(MEASURES)}
 
 

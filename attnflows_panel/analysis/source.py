@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
 
+T = TypeVar("T")
 CHUNK_BYTES = 64 * 2**20  # largest float32 block a row walk computes at once
 MAP_BLOCK_BYTES = 8 * 2**20  # float32 weights a thread computes at once for QueryKeyAttention.mean_map
 # An additive mask at or below this hides a key (transformers masks with the dtype's minimum): beside any key a
@@ -189,8 +190,7 @@ class QueryKeyAttention(AttentionSource):
                 with lock:
                     total[start : start + part.shape[0], keys] += part
 
-        with layer_threads(len(many), MAP_BLOCK_BYTES, "attnflows-maps") as pool:
-            list(pool.map(add, many))
+        map_layers(add, many, MAP_BLOCK_BYTES, "attnflows-maps")
         return total
 
     def log_weights(self, layer: int, queries: slice) -> tuple[slice, torch.Tensor]:
@@ -236,13 +236,14 @@ def one_torch_thread() -> None:
     threadpool_limits(1, "openmp")
 
 
-def layer_threads(layers: int, block_bytes: int, name: str) -> ThreadPoolExecutor:
-    """A pool for work a layer at a time: at most one thread per layer and per torch thread, each held to one
-    OpenMP thread, and few enough that their blocks (about two of ``block_bytes`` each) stay under :data:`CHUNK_BYTES`."""
+def map_layers(work: Callable[[int], T], layers: Sequence[int], block_bytes: int, name: str) -> list[T]:
+    """``[work(layer) for layer in layers]``, a layer per thread: at most one thread per layer and per torch thread,
+    each held to one OpenMP thread, and few enough that their blocks (about two of ``block_bytes`` each) stay under :data:`CHUNK_BYTES`."""
     import torch
 
-    threads = max(1, min(layers, torch.get_num_threads(), CHUNK_BYTES // (2 * block_bytes)))
-    return ThreadPoolExecutor(threads, name, initializer=one_torch_thread)
+    threads = max(1, min(len(layers), torch.get_num_threads(), CHUNK_BYTES // (2 * block_bytes)))
+    with ThreadPoolExecutor(threads, name, initializer=one_torch_thread) as pool:
+        return list(pool.map(work, layers))
 
 
 class WordAttention(AttentionSource):
