@@ -32,6 +32,7 @@ test: install browser
 	$(PY) -m pytest || { status=$$?; $(PY) -c 'import json; print("failed:", " ".join(json.load(open(".pytest_cache/v/cache/lastfailed"))))' || true; exit $$status; }
 
 bench: install browser
+	$(PY) -m pip install --quiet --no-warn-script-location -e ".[dev,bench]"
 	$(PY) benchmarks/bench_flows.py
 	$(PY) benchmarks/bench_heads.py
 	$(PY) benchmarks/bench_embedding.py
