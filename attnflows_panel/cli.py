@@ -43,6 +43,17 @@ def _rate(value: str) -> float:
     return number
 
 
+def _weight(value: str) -> float:
+    """An attention weight in (0, 1]."""
+    try:
+        weight = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0 < weight <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}")
+    return weight
+
+
 def _whole_number_or_text(value: str) -> int | str:
     """An ``int`` when ``value`` is one, else ``value`` itself for the command to refuse in one line."""
     try:
@@ -106,6 +117,7 @@ def _default_run_dir(corpus_path: Path | None) -> Path:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from attnflows_panel.cluster import cluster_client
     from attnflows_panel.corpus import heldout_sentiment_corpus, read_corpus
     from attnflows_panel.store import extract_corpus
 
@@ -114,8 +126,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
         corpus = corpus.subset(range(min(args.limit, len(corpus))))
     corpus.check_texts(args.corpus.name if args.corpus else "the default corpus")  # before any model loads
     output = Path(args.output) if args.output else _default_run_dir(args.corpus)
-    models = _models_for(args, progress=not args.quiet)
-    store = extract_corpus(models, corpus, output, shard_size=args.shard_size, max_batch=args.batch_size, progress=not args.quiet)
+    with cluster_client(args.scheduler, args.workers) as client:  # a bad address or count fails before any model loads
+        models = _models_for(args, progress=not args.quiet)
+        store = extract_corpus(
+            models, corpus, output, shard_size=args.shard_size, max_batch=args.batch_size, progress=not args.quiet,
+            tau_min=args.tau_min, client=client, verify=args.verify,
+        )
     print(f"{output}: {store.describe()}")
     return 0
 
@@ -266,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--limit", type=_positive_int, help="only the first N sentences")
     ex.add_argument("--shard-size", type=_positive_int, default=128, help="sentences per stored shard (default 128)")
     ex.add_argument("--batch-size", type=_positive_int, default=32, help="largest forward batch (default 32)")
-    ex.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ex.add_argument("--device", default="cpu", help="torch device (default cpu; on a cluster, a worker's $ATTNFLOWS_DEVICE overrides it)")
+    ex.add_argument("--tau-min", type=_weight, default=0.1, help="store attention entries of at least this weight, in (0, 1] (default 0.1: a row keeps at most 10)")
+    ex.add_argument("--workers", type=_positive_int, help="compute shards on a local Dask cluster of N worker processes")
+    ex.add_argument("--scheduler", metavar="ADDRESS", help="compute shards on the Dask cluster of this scheduler (tcp://host:8786); the models' paths must exist on its workers")
+    ex.add_argument("--verify", action="store_true", help="re-hash every finished shard before resuming (by default their sizes and times are checked)")
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
     ex.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     ex.set_defaults(func=cmd_extract)
@@ -323,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        _quiet_transformers()
+        if args.func is not cmd_info:  # info only reads the cache: importing transformers would be most of its time
+            _quiet_transformers()
         return int(args.func(args))
     except (AttnflowsError, InputError) as exc:
         print(f"attnflows: error: {exc}", file=sys.stderr)

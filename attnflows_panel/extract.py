@@ -168,7 +168,7 @@ def encode(lm: LoadedModel, text: str, text_pair: str | None = None, warn: bool 
     return Encoding(ids, types, word_ids, segment, tok.convert_ids_to_tokens(ids.tolist()), n_truncated)
 
 
-def _batches(lengths: Sequence[int], per_token_pair_bytes: int, max_batch: int) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], per_token_pair_bytes: int, max_batch: int) -> list[list[int]]:
     """Group indices of similar length (sorted) so a batch's attention stays under the byte budget."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
@@ -239,7 +239,7 @@ def forward_attention(lm: LoadedModel, encodings: Sequence[Encoding], max_batch:
 
     results: list[tuple[np.ndarray, np.ndarray | None]] = [None] * len(encodings)  # type: ignore[list-item]
     per_pair = lm.n_layers * lm.n_heads * 4
-    for batch in _batches([len(e.input_ids) for e in encodings], per_pair, max_batch):
+    for batch in length_batches([len(e.input_ids) for e in encodings], per_pair, max_batch):
         inputs = padded_inputs(lm, [encodings[i] for i in batch])
         with torch.inference_mode():
             out = lm.model(**inputs, output_attentions=True, return_dict=True)
@@ -273,7 +273,7 @@ def forward_sources(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: i
     from attnflows_panel.models.capture import IMPLEMENTATION, capturing
 
     results: list[tuple[QueryKeyAttention, np.ndarray | None]] = [None] * len(encodings)  # type: ignore[list-item]
-    for batch in _batches([len(e.input_ids) for e in encodings], 4, max_batch):  # the additive mask: 4 bytes a token pair
+    for batch in length_batches([len(e.input_ids) for e in encodings], 4, max_batch):  # the additive mask: 4 bytes a token pair
         inputs = padded_inputs(lm, [encodings[i] for i in batch])
         with torch.inference_mode(), capturing() as layers:
             out = lm.model(**inputs, return_dict=True)

@@ -1,4 +1,4 @@
-"""A run's corpus head map (Clark et al.'s distances, then MDS), cached beside the run so the app opens fast."""
+"""A run's corpus head map (Clark et al.'s distances, summed at extraction, then MDS), cached beside the run."""
 
 from __future__ import annotations
 
@@ -13,34 +13,42 @@ from attnflows_panel.analysis.compare import model_names
 from attnflows_panel.analysis.embedding import HeadEmbedding, embed_head_distances, store_head_distances
 from attnflows_panel.errors import StoreError
 from attnflows_panel.paths import sha256_json, write_json_atomic
-from attnflows_panel.store import RunStore
+from attnflows_panel.store import HEAD_MAP_SENTENCES, RunStore
 
-HEAD_MAP_SENTENCES = 300  # about 15 s of distances on two cores; the picture is stable well before that
-CACHE_VERSION = 2  # 2: the number of sentences stored with the map
+CACHE_VERSION = 3  # 3: distances summed at extraction
 
 
-def run_head_map(store: RunStore, n_sentences: int = HEAD_MAP_SENTENCES, *, models: Sequence[str] | None = None, seed: int = 0) -> HeadEmbedding:
-    """The MDS head map of the run's first ``n_sentences`` extracted sentences, computed once and cached."""
+def run_head_map(store: RunStore, n_sentences: int | None = None, *, models: Sequence[str] | None = None, seed: int = 0) -> HeadEmbedding:
+    """The MDS head map of the run's first ``n_sentences`` extracted sentences (default: its head map's), computed once and cached.
+
+    Exact from the distances summed at extraction when those are the sentences; else from the attention its entries rebuild.
+    """
     names, ids, key, path = _cache_entry(store, n_sentences, models, seed)
     cached = _read(path, key)
     if cached is not None:
         return cached
-    embedding = dataclasses.replace(embed_head_distances(store_head_distances(store, names, ids), seed=seed), n_sentences=len(ids))
+    summed = ids == [i for i in _extracted(store) if i < store.manifest["head_map_sentences"]]
+    distances = store.head_distances(names) if summed else store_head_distances(store, names, ids)
+    embedding = dataclasses.replace(embed_head_distances(distances, seed=seed), n_sentences=len(ids))
     payload = {"key": key, "method": embedding.method, "stress": embedding.stress, "n_sentences": len(ids), "points": _table(embedding.points), "moves": _table(embedding.moves)}
     write_json_atomic(path, payload)
     return embedding
 
 
-def cached_head_map(store: RunStore, n_sentences: int = HEAD_MAP_SENTENCES, *, models: Sequence[str] | None = None, seed: int = 0) -> HeadEmbedding | None:
+def cached_head_map(store: RunStore, n_sentences: int | None = None, *, models: Sequence[str] | None = None, seed: int = 0) -> HeadEmbedding | None:
     """The head map :func:`run_head_map` would return, if it is already cached; never computes it."""
     _, _, key, path = _cache_entry(store, n_sentences, models, seed)
     return _read(path, key)
 
 
-def _cache_entry(store: RunStore, n_sentences: int, models: Sequence[str] | None, seed: int) -> tuple[tuple[str, ...], list[int], str, Path]:
+def _extracted(store: RunStore) -> list[int]:
+    return sorted(store.tokens()["sentence_id"].astype(int).tolist())
+
+
+def _cache_entry(store: RunStore, n_sentences: int | None, models: Sequence[str] | None, seed: int) -> tuple[tuple[str, ...], list[int], str, Path]:
     """The models, sentence ids, cache key and cache file of one head map of a run."""
     names = model_names(store, models)
-    ids = sorted(store.tokens()["sentence_id"].astype(int).tolist())[:n_sentences]
+    ids = _extracted(store)[: store.manifest["head_map_sentences"] or HEAD_MAP_SENTENCES if n_sentences is None else n_sentences]
     if not ids:
         raise StoreError(f"{store.path} has no extracted sentences to place heads by")
     key = sha256_json({"run": store.manifest.get("fingerprint"), "models": names, "ids": ids, "seed": seed, "version": CACHE_VERSION})

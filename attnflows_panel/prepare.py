@@ -44,6 +44,6 @@ def prepare_default(*, progress: bool = True, report: Callable[[str], None] = la
     report("Placing every head by its behaviour over the corpus (once: under a minute)…")
     head_map = run_head_map(store)
     report("Comparing the two models sentence by sentence (once: under a minute)…")
-    table = corpus_table(store, progress=progress)
+    table = corpus_table(store)
     table.attrs["source"] = str(store.manifest["corpus"]["source"]).removesuffix(" [held-out]")  # the page names where its sentences come from
     return Prepared(pair, store, head_map, table)

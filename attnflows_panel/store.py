@@ -1,45 +1,63 @@
-"""A run directory: attention and per-head statistics of a corpus, written shard by shard, atomically.
+"""A run directory: per-head statistics and sparse attention of a corpus, written shard by shard, atomically.
 
-Layout (readable by pandas, pyarrow and dask; every shard file is hashed in the manifest)::
+Layout (tidy Parquet, readable by pandas, pyarrow and ``dask.dataframe``; every file hashed in its shard's record)::
 
-    RUN_DIR/manifest.json             models, corpus, versions, finished shards and their sha256
-    RUN_DIR/sentences.parquet         sentence_id, text, text_pair, label
-    RUN_DIR/stats/part-NNNNN.parquet  tidy: sentence_id, model, layer, head, entropy, max_weight, attn_cls, attn_sep
-    RUN_DIR/tokens/part-NNNNN.parquet sentence_id, tokens, input_ids, word_ids, segment_ids, n_truncated, predictions
-    RUN_DIR/attention/part-NNNNN.npz  per model a flat float16 array of every sentence's [L, H, n, n], plus offsets
+    RUN_DIR/manifest.json                  models, corpus, settings, versions (written once)
+    RUN_DIR/sentences.parquet              sentence_id, text, text_pair, label
+    RUN_DIR/shards/part-NNNNN.json         a finished shard: its sentences, and each file's sha256, size and mtime
+    RUN_DIR/stats/part-NNNNN.parquet       sentence_id, model, layer, head, entropy, max_weight, attn_cls, attn_sep
+    RUN_DIR/differences/part-NNNNN.parquet sentence_id, layer, head, js, cosine (the first two models; runs of two or more)
+    RUN_DIR/tokens/part-NNNNN.parquet      sentence_id, n_tokens, tokens, input_ids, word_ids, segment_ids, predictions
+    RUN_DIR/entries/part-NNNNN.parquet     sentence_id, model, layer, head, query, key, weight (float16, at least tau_min)
+    RUN_DIR/distances/part-NNNNN.parquet   i, j, total, n_sentences, n_tokens: head distances over the head map's sentences
+
+A shard is committed by its record, written after its files: a killed run leaves no half-written shard.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from attnflows_panel.analysis.heads import basic_head_stats
 from attnflows_panel.corpus import Corpus
 from attnflows_panel.errors import InputError, StoreError, TruncationWarning
-from attnflows_panel.extract import Encoding, encode, forward_attention
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import validate_pair
 from attnflows_panel.paths import atomic_file, remove_stale_temporaries, sha256_file, sha256_json, write_json_atomic
+from attnflows_panel.shard import TAU_MIN, ShardTables, compute_shard
+
+if TYPE_CHECKING:
+    import dask.dataframe as dd
+    from distributed import Client
+
+    from attnflows_panel.analysis.embedding import HeadDistances
+    from attnflows_panel.extract import AttentionRecord
 
 FORMAT = "attnflows-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sparse entries of at least tau_min, model differences, a record per shard
 MANIFEST = "manifest.json"
-PARTS = ("stats", "tokens", "attention")
+RECORDS = "shards"
+PARTS = ("stats", "differences", "tokens", "entries", "distances")
+HEAD_MAP_SENTENCES = 300  # the head map's sentences (the first ones): its distances are summed at extraction
 
 
 def _part_name(part: str, shard: int) -> str:
-    return f"{part}/part-{shard:05d}.{'npz' if part == 'attention' else 'parquet'}"
+    return f"{part}/part-{shard:05d}.parquet"
+
+
+def _record_path(run_dir: Path, shard: int) -> Path:
+    return run_dir / RECORDS / f"part-{shard:05d}.json"
 
 
 def _versions() -> dict[str, str]:
@@ -63,13 +81,24 @@ def _read_manifest(run_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise StoreError(f"{path} is corrupted: {exc}") from exc
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{path} is not an attnflows run of format version {FORMAT_VERSION}")
+        raise StoreError(f"{path} is not an attnflows run of format version {FORMAT_VERSION}; run `attnflows extract` again to remake it")
     return manifest
+
+
+def _read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of the finished shards, in shard order (unreadable ones are skipped: their shard is recomputed)."""
+    records = []
+    for path in sorted((run_dir / RECORDS).glob("part-*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return records
 
 
 @dataclass
 class RunStore:
-    """Read access to a run directory; every shard is checked against its hash before use."""
+    """Read access to a run directory; every file is checked against its recorded hash before its first use."""
 
     path: Path
     manifest: dict[str, Any]
@@ -79,18 +108,13 @@ class RunStore:
         run_dir = Path(path).expanduser()
         if not run_dir.is_dir():
             raise StoreError(f"run directory does not exist: {run_dir}")
-        return cls(run_dir, _read_manifest(run_dir))
+        manifest = _read_manifest(run_dir)
+        manifest["shards"] = _read_records(run_dir)
+        return cls(run_dir, manifest)
 
     def __post_init__(self) -> None:
         self._verified: set[str] = set()
-        self._loaded: tuple[int, dict[str, np.ndarray]] | None = None  # the last attention shard read
-
-    def _attention_shard(self, shard: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Every array of one attention shard, kept until another shard is read."""
-        if self._loaded is None or self._loaded[0] != shard["shard"]:
-            with np.load(self._file(shard, "attention")) as data:
-                self._loaded = (shard["shard"], {key: data[key] for key in data.files})
-        return self._loaded[1]
+        self._loaded: tuple[int, dict[str, np.ndarray]] | None = None  # the last entries shard read
 
     @property
     def models(self) -> list[str]:
@@ -105,23 +129,50 @@ class RunStore:
         return int(self.manifest["n_heads"])
 
     @property
+    def tau_min(self) -> float:
+        """Entries below this weight are not stored (a row keeps at most ``1 / tau_min`` of them)."""
+        return float(self.manifest["tau_min"])
+
+    @property
+    def compared(self) -> tuple[str, str] | None:
+        """The two models whose differences the run holds, or None for a one-model run."""
+        return tuple(self.models[:2]) if len(self.models) > 1 else None  # type: ignore[return-value]
+
+    @property
     def complete(self) -> bool:
         return sum(s["stop"] - s["start"] for s in self.manifest["shards"]) == self.manifest["n_sentences"]
+
+    def files(self, part: str) -> list[Path]:
+        """Every finished shard's file of ``part``, each verified against its hash."""
+        return [self._file(shard, part) for shard in self.manifest["shards"]]
 
     def _file(self, shard: dict[str, Any], part: str) -> Path:
         name = _part_name(part, shard["shard"])
         path = self.path / name
         if name not in self._verified:
+            if part not in shard["files"]:
+                raise StoreError(f"{self.path} has no {part} (a run of one model has no differences)")
             if not path.is_file():
                 raise StoreError(f"{path} is missing; run `attnflows extract` again to recompute it")
-            if sha256_file(path) != shard["sha256"][part]:
+            if sha256_file(path) != shard["files"][part]["sha256"]:
                 raise StoreError(f"{path} is corrupted (hash mismatch); run `attnflows extract` again to recompute it")
             self._verified.add(name)
         return path
 
     def _concat(self, part: str) -> pd.DataFrame:
-        frames = [pd.read_parquet(self._file(s, part)) for s in self.manifest["shards"]]
+        frames = [pd.read_parquet(path) for path in self.files(part)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def dataframe(self, part: str) -> dd.DataFrame:
+        """A part of every finished shard as one lazy ``dask.dataframe`` (a partition a shard): out of core at any run size."""
+        import dask.dataframe as dd
+
+        if part not in PARTS:
+            raise InputError(f"unknown part {part!r}; a run has {', '.join(PARTS)}")
+        files = self.files(part)
+        if not files:
+            raise StoreError(f"{self.path} has no extracted sentences yet")
+        return dd.from_map(pd.read_parquet, [str(f) for f in files])
 
     def sentences(self) -> pd.DataFrame:
         """Every sentence of the corpus (extracted or not yet)."""
@@ -131,34 +182,134 @@ class RunStore:
         return pd.read_parquet(path)
 
     def head_stats(self) -> pd.DataFrame:
-        """Tidy per-(sentence, model, layer, head) statistics of the extracted sentences."""
+        """Tidy per-(sentence, model, layer, head) statistics of the extracted sentences, in memory (see :meth:`dataframe`)."""
         return self._concat("stats")
+
+    def differences(self) -> pd.DataFrame:
+        """Tidy per-(sentence, layer, head) JS divergence and cosine between the first two models, in memory."""
+        return self._concat("differences")
 
     def tokens(self) -> pd.DataFrame:
         """Tokens, ids, word and segment ids and predictions of the extracted sentences."""
         return self._concat("tokens")
 
-    def attention(self, sentence_id: int, model: str) -> np.ndarray:
-        """Attention ``[L, H, n, n]`` (float32 from the stored float16) of one sentence through one model."""
-        if model not in self.models:
-            raise InputError(f"unknown model {model!r}; this run has {', '.join(self.models)}")
+    def head_distances(self, models: Sequence[str] | None = None) -> HeadDistances:
+        """Clark et al.'s distances between the heads of ``models`` (default all) over the head map's sentences, as summed at extraction."""
+        from attnflows_panel.analysis.embedding import HeadDistances, head_labels
+
+        names = list(self.models if models is None else models)
+        for name in names:
+            self._check_model(name)
+        shards = [shard for shard in self.manifest["shards"] if "distances" in shard["files"]]
+        if not shards:
+            raise StoreError(f"{self.path} holds no head distances (extracted with head_map_sentences=0)")
+        k, per_model = len(self.models) * self.n_layers * self.n_heads, self.n_layers * self.n_heads
+        total, n_sentences, n_tokens = np.zeros((k, k)), 0, 0
+        for shard in shards:
+            frame = pd.read_parquet(self._file(shard, "distances"))
+            total[frame["i"].to_numpy(), frame["j"].to_numpy()] += frame["total"].to_numpy()
+            n_sentences += int(frame["n_sentences"].iloc[0])
+            n_tokens += int(frame["n_tokens"].iloc[0])
+        keep = np.concatenate([np.arange(per_model) + self.models.index(name) * per_model for name in names])
+        return HeadDistances(total[np.ix_(keep, keep)], n_sentences, n_tokens, head_labels(names, self.n_layers, self.n_heads))
+
+    def _shard_of(self, sentence_id: int) -> dict[str, Any]:
         for shard in self.manifest["shards"]:
             if shard["start"] <= sentence_id < shard["stop"]:
-                data = self._attention_shard(shard)
-                k = int(sentence_id - shard["start"])
-                n = int(data["n_tokens"][k])
-                flat = data[model][data["offsets"][k] : data["offsets"][k + 1]]
-                return flat.astype(np.float32).reshape(self.n_layers, self.n_heads, n, n)
+                return shard
         raise InputError(f"sentence {sentence_id} is not in this run (extracted: {self.describe()})")
+
+    def _entries_shard(self, shard: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Every column of one shard's entries, kept until another shard is read."""
+        if self._loaded is None or self._loaded[0] != shard["shard"]:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(self._file(shard, "entries"))
+            columns = {name: table.column(name).to_numpy() for name in ("sentence_id", "layer", "head", "query", "key", "weight")}
+            model = table.column("model").combine_chunks()
+            columns["model"] = np.asarray(model.dictionary.to_pylist(), dtype=object)[model.indices.to_numpy()] if len(model) else np.empty(0, object)
+            self._loaded = (shard["shard"], columns)
+        return self._loaded[1]
+
+    def entries(self, sentence_id: int, model: str) -> pd.DataFrame:
+        """The stored attention entries (layer, head, query, key, weight) of one sentence through one model."""
+        self._check_model(model)
+        columns = self._entries_shard(self._shard_of(sentence_id))
+        lo, hi = np.searchsorted(columns["sentence_id"], [sentence_id, sentence_id + 1])
+        keep = slice(lo, hi)
+        chosen = columns["model"][keep] == model
+        return pd.DataFrame({name: columns[name][keep][chosen] for name in ("layer", "head", "query", "key", "weight")})
+
+    def n_tokens(self, sentence_id: int) -> int:
+        """How many tokens the stored sentence has."""
+        tokens = pd.read_parquet(self._file(self._shard_of(sentence_id), "tokens"), columns=["sentence_id", "n_tokens"])
+        return int(tokens.loc[tokens["sentence_id"] == sentence_id, "n_tokens"].iloc[0])
+
+    def attention(self, sentence_id: int, model: str) -> np.ndarray:
+        """Attention ``[L, H, n, n]`` of one sentence rebuilt from its entries: each row's weight below ``tau_min``
+        (1 minus its stored entries) is spread evenly over the keys not stored (those the query may see)."""
+        frame = self.entries(sentence_id, model)
+        return dense_from_entries(frame, self.n_layers, self.n_heads, self.n_tokens(sentence_id), causal=bool(self.manifest.get("causal")))
+
+    def record(self, sentence_id: int, model: str) -> AttentionRecord:
+        """The stored sentence as a record every view takes (attention rebuilt as in :meth:`attention`)."""
+        from attnflows_panel.extract import AttentionRecord
+
+        shard = self._shard_of(sentence_id)
+        tokens = pd.read_parquet(self._file(shard, "tokens")).set_index("sentence_id").loc[sentence_id]
+        text = self.sentences().set_index("sentence_id").loc[sentence_id]
+        described = self.manifest["models"][self.models.index(model)]
+        ids = np.asarray(tokens["input_ids"], dtype=np.int64)
+        special = self.manifest.get("special_ids", {})
+        probabilities = tokens.get(f"probabilities_{model}")
+        return AttentionRecord(
+            text=str(text["text"]),
+            text_pair=None if text["text_pair"] is None else str(text["text_pair"]),
+            model_id=described["model_id"],
+            tokens=list(tokens["tokens"]),
+            input_ids=ids,
+            word_ids=np.asarray(tokens["word_ids"], dtype=np.int32),
+            segment_ids=np.asarray(tokens["segment_ids"], dtype=np.int8),
+            cls_mask=ids == special.get("cls", -1),
+            sep_mask=ids == special.get("sep", -1),
+            source=_dense(self.attention(sentence_id, model)),
+            logits=None if probabilities is None else np.log(np.asarray(probabilities, dtype=np.float64)),
+            labels=tuple(described["labels"]) if described.get("labels") else None,
+            n_truncated=int(tokens["n_truncated"]),
+            causal=bool(self.manifest.get("causal")),
+        )
+
+    def _check_model(self, model: str) -> None:
+        if model not in self.models:
+            raise InputError(f"unknown model {model!r}; this run has {', '.join(self.models)}")
 
     def describe(self) -> str:
         done = sum(s["stop"] - s["start"] for s in self.manifest["shards"])
         return f"{done} of {self.manifest['n_sentences']} sentences, models {', '.join(self.models)}"
 
 
-def _fingerprint(models: Mapping[str, LoadedModel], corpus: Corpus, shard_size: int) -> tuple[str, list[dict[str, Any]]]:
+def _dense(attention: np.ndarray) -> Any:
+    from attnflows_panel.analysis.source import DenseAttention
+
+    return DenseAttention(attention)
+
+
+def dense_from_entries(entries: pd.DataFrame, n_layers: int, n_heads: int, n: int, *, causal: bool = False) -> np.ndarray:
+    """``[L, H, n, n]`` float32 from sparse entries; each row's remaining weight spread evenly over its other visible keys."""
+    dense = np.zeros((n_layers, n_heads, n, n), dtype=np.float32)
+    index = tuple(entries[c].to_numpy(np.int64) for c in ("layer", "head", "query", "key"))
+    dense[index] = entries["weight"].to_numpy(np.float32)
+    visible = np.tril(np.ones((n, n), dtype=bool)) if causal else np.ones((n, n), dtype=bool)
+    missing = visible & (dense == 0)
+    free = missing.sum(-1, keepdims=True)
+    rest = np.clip(1.0 - dense.sum(-1, keepdims=True), 0.0, None)
+    dense += np.where(missing, rest / np.maximum(free, 1), 0.0).astype(np.float32)
+    return dense
+
+
+def _fingerprint(models: Mapping[str, LoadedModel], corpus: Corpus, settings: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     described = [
-        {"name": name, "model_id": lm.model_id, "checkpoint_sha256": lm.checkpoint_hash, "max_tokens": lm.max_tokens}
+        {"name": name, "model_id": lm.model_id, "checkpoint_sha256": lm.checkpoint_hash, "max_tokens": lm.max_tokens, "labels": lm.labels}
         for name, lm in models.items()
     ]
     key = {
@@ -166,10 +317,15 @@ def _fingerprint(models: Mapping[str, LoadedModel], corpus: Corpus, shard_size: 
         "models": [{k: v for k, v in model.items() if k != "model_id"} for model in described],
         "corpus_sha256": corpus.sha256 or sha256_json([corpus.texts, corpus.text_pairs]),
         "n_sentences": len(corpus),
-        "shard_size": shard_size,
         "format_version": FORMAT_VERSION,
-    }
+    } | settings
     return sha256_json(key), described
+
+
+def _clear(run_dir: Path) -> None:
+    for part in (*PARTS, RECORDS, "attention"):  # attention: format 1's dense shards
+        shutil.rmtree(run_dir / part, ignore_errors=True)
+    (run_dir / MANIFEST).unlink(missing_ok=True)
 
 
 def _prepare_run_dir(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -191,21 +347,30 @@ def _prepare_run_dir(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
         return manifest
     if manifest is not None:
         warnings.warn(f"{run_dir} was made from other models, corpus or settings; recomputing it", stacklevel=3)
-    for part in PARTS:
-        shutil.rmtree(run_dir / part, ignore_errors=True)
-    (run_dir / MANIFEST).unlink(missing_ok=True)
+    _clear(run_dir)
     return None
 
 
-def _valid_shards(run_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The finished shards whose files are all present and match their hashes."""
+def _unchanged(path: Path, recorded: dict[str, Any], verify: bool) -> bool:
+    """Whether a shard's file is as recorded: hashed when asked or when its size or mtime changed, else trusted."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    if not verify and stat.st_size == recorded["bytes"] and stat.st_mtime_ns == recorded["mtime_ns"]:
+        return True
+    return stat.st_size == recorded["bytes"] and sha256_file(path) == recorded["sha256"]
+
+
+def _valid_shards(run_dir: Path, verify: bool) -> list[dict[str, Any]]:
+    """The finished shards whose files are all present and as recorded; the others' records are removed."""
     valid = []
-    for shard in manifest["shards"]:
-        paths = {part: run_dir / _part_name(part, shard["shard"]) for part in PARTS}
-        if all(p.is_file() and sha256_file(p) == shard["sha256"][part] for part, p in paths.items()):
-            valid.append(shard)
+    for record in _read_records(run_dir):
+        if all(_unchanged(run_dir / _part_name(part, record["shard"]), entry, verify) for part, entry in record["files"].items()):
+            valid.append(record)
         else:
-            warnings.warn(f"shard {shard['shard']} of {run_dir} is missing or corrupted; recomputing it", stacklevel=3)
+            warnings.warn(f"shard {record['shard']} of {run_dir} is missing or corrupted; recomputing it", stacklevel=3)
+            _record_path(run_dir, record["shard"]).unlink(missing_ok=True)
     return valid
 
 
@@ -224,53 +389,49 @@ def _write_sentences(run_dir: Path, corpus: Corpus) -> str:
     return sha256_file(path)
 
 
-def _shard_frames(
-    models: Mapping[str, LoadedModel], start: int, encodings: list[Encoding], outputs: dict[str, list[tuple[np.ndarray, np.ndarray | None]]]
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray]]:
+def commit_shard(run_dir: Path, tables: ShardTables) -> dict[str, Any]:
+    """Write a shard's files atomically, then its record (the commit); return the record."""
+    import pyarrow.parquet as pq
+
+    files = {}
+    for part, table in tables.parts().items():
+        path = run_dir / _part_name(part, tables.shard)
+        with atomic_file(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        stat = path.stat()
+        files[part] = {"sha256": sha256_file(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record = {"shard": tables.shard, "start": tables.start, "stop": tables.stop, "files": files}
+    write_json_atomic(_record_path(run_dir, tables.shard), record)
+    return record
+
+
+def _new_manifest(run_dir: Path, models: Mapping[str, LoadedModel], corpus: Corpus, fingerprint: str, described: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
     first = next(iter(models.values()))
-    cls_id, sep_id = first.tokenizer.cls_token_id, first.tokenizer.sep_token_id
-    stats_rows: list[pd.DataFrame] = []
-    token_rows: dict[str, list[Any]] = {
-        "sentence_id": [], "n_tokens": [], "n_truncated": [], "tokens": [], "input_ids": [], "word_ids": [], "segment_ids": []
-    }
-    arrays: dict[str, np.ndarray] = {}
-    offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
-    for k, enc in enumerate(encodings):
-        n = len(enc.input_ids)
-        offsets[k + 1] = offsets[k] + first.n_layers * first.n_heads * n * n
-        token_rows["sentence_id"].append(start + k)
-        token_rows["n_tokens"].append(n)
-        token_rows["n_truncated"].append(enc.n_truncated)
-        token_rows["tokens"].append(enc.tokens)
-        token_rows["input_ids"].append(enc.input_ids.tolist())
-        token_rows["word_ids"].append(enc.word_ids.tolist())
-        token_rows["segment_ids"].append(enc.segment_ids.astype(np.int64).tolist())
-    layer, head = np.meshgrid(np.arange(first.n_layers), np.arange(first.n_heads), indexing="ij")
-    for name, lm in models.items():
-        flat = np.empty(offsets[-1], dtype=np.float16)
-        predictions, probabilities = [], []
-        for k, enc in enumerate(encodings):
-            attention, logits = outputs[name][k]
-            flat[offsets[k] : offsets[k + 1]] = attention.astype(np.float16).ravel()
-            stats = basic_head_stats(attention, enc.input_ids == cls_id, enc.input_ids == sep_id)
-            stats_rows.append(
-                pd.DataFrame(
-                    {"sentence_id": start + k, "model": name, "layer": layer.ravel(), "head": head.ravel()}
-                    | {measure: values.ravel().astype(np.float32) for measure, values in stats.items()}
-                )
-            )
-            if logits is not None:
-                p = np.exp(logits - logits.max())
-                p /= p.sum()
-                predictions.append(lm.labels[int(np.argmax(logits))] if lm.labels else str(int(np.argmax(logits))))
-                probabilities.append(p.astype(np.float32).tolist())
-        arrays[name] = flat
-        if predictions:
-            token_rows[f"predicted_{name}"] = predictions
-            token_rows[f"probabilities_{name}"] = probabilities
-    arrays["offsets"] = offsets
-    arrays["n_tokens"] = np.array(token_rows["n_tokens"], dtype=np.int64)
-    return pd.concat(stats_rows, ignore_index=True), pd.DataFrame(token_rows), arrays
+    tok = first.tokenizer
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "models": described,
+        "n_layers": first.n_layers,
+        "n_heads": first.n_heads,
+        "causal": first.family.causal,
+        "special_ids": {name: token_id for name, token_id in (("cls", tok.cls_token_id), ("sep", tok.sep_token_id)) if token_id is not None},
+        "corpus": {"source": corpus.source, "sha256": corpus.sha256, "has_pairs": corpus.text_pairs is not None},
+        "n_sentences": len(corpus),
+        "versions": _versions(),
+        "sentences_sha256": _write_sentences(run_dir, corpus),
+    } | settings
+    write_json_atomic(run_dir / MANIFEST, manifest)
+    return manifest
+
+
+def local_shards(models: Mapping[str, LoadedModel], corpus: Corpus, pending: Iterable[tuple[int, int, int]], options: dict[str, Any]) -> Iterator[ShardTables]:
+    """Each pending ``(shard, start, stop)`` computed in this process, in order (``options`` of :func:`compute_shard`)."""
+    pairs = corpus.text_pairs
+    for shard, start, stop in pending:
+        yield compute_shard(models, shard, start, corpus.texts[start:stop], None if pairs is None else pairs[start:stop], **options)
 
 
 def extract_corpus(
@@ -281,11 +442,18 @@ def extract_corpus(
     max_batch: int = 32,
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    *,
+    tau_min: float = TAU_MIN,
+    head_map_sentences: int = HEAD_MAP_SENTENCES,
+    client: Client | None = None,
+    verify: bool = False,
 ) -> RunStore:
     """Extract every sentence of ``corpus`` through every model into ``run_dir``; resumes a stopped run.
 
     ``models`` maps a short name ("pretrained", "finetuned") to a model; all must share one tokenizer.
-    Memory stays bounded by one shard; each finished shard is written atomically and recorded in the manifest.
+    With a ``distributed.Client``, shards are computed on its workers (each loads the models once) and
+    committed here. Memory stays bounded by a few shards; ``verify`` re-hashes finished shards before resuming.
+    The first ``head_map_sentences`` sentences also sum the distances between heads the head map places them by.
     """
     from tqdm.auto import tqdm
 
@@ -293,6 +461,10 @@ def extract_corpus(
         raise InputError("no models to extract with")
     if shard_size < 1 or max_batch < 1:
         raise InputError(f"shard_size and max_batch must be at least 1, got {shard_size} and {max_batch}")
+    if not 0 < tau_min <= 1:
+        raise InputError(f"tau_min must be in (0, 1], got {tau_min!r}")
+    if head_map_sentences < 0:
+        raise InputError(f"head_map_sentences must be at least 0, got {head_map_sentences!r}")
     if len(corpus) == 0:
         raise InputError("the corpus has no sentences")
     corpus.check_texts()  # before the run directory is made
@@ -300,69 +472,56 @@ def extract_corpus(
     for other in loaded[1:]:
         validate_pair(loaded[0], other)
     run_dir = Path(run_dir).expanduser()
-    fingerprint, described = _fingerprint(models, corpus, shard_size)
+    settings = {"shard_size": shard_size, "tau_min": tau_min, "head_map_sentences": min(head_map_sentences, len(corpus))}
+    fingerprint, described = _fingerprint(models, corpus, settings)
     remove_stale_temporaries(run_dir, rf"{re.escape(MANIFEST)}|sentences\.parquet")  # left by a killed run
     for part in PARTS:
-        remove_stale_temporaries(run_dir / part, r"part-\d+\.(parquet|npz)")
+        remove_stale_temporaries(run_dir / part, r"part-\d+\.parquet")
+    remove_stale_temporaries(run_dir / RECORDS, r"part-\d+\.json")
     manifest = _prepare_run_dir(run_dir, fingerprint)
     run_dir.mkdir(parents=True, exist_ok=True)
     if manifest is None:
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "models": described,
-            "n_layers": loaded[0].n_layers,
-            "n_heads": loaded[0].n_heads,
-            "corpus": {"source": corpus.source, "sha256": corpus.sha256, "has_pairs": corpus.text_pairs is not None},
-            "n_sentences": len(corpus),
-            "shard_size": shard_size,
-            "versions": _versions(),
-            "shards": [],
-        }
-        manifest["sentences_sha256"] = _write_sentences(run_dir, corpus)
-        write_json_atomic(run_dir / MANIFEST, manifest)
+        _new_manifest(run_dir, models, corpus, fingerprint, described, settings)
+        finished: list[dict[str, Any]] = []
     else:
-        manifest["shards"] = _valid_shards(run_dir, manifest)
+        finished = _valid_shards(run_dir, verify)
         if sha256_file(run_dir / "sentences.parquet") != manifest.get("sentences_sha256"):
             manifest["sentences_sha256"] = _write_sentences(run_dir, corpus)
-        write_json_atomic(run_dir / MANIFEST, manifest)
+            write_json_atomic(run_dir / MANIFEST, manifest)
 
-    done = {s["shard"] for s in manifest["shards"]}
+    done = {s["shard"] for s in finished}
     n_shards = -(-len(corpus) // shard_size)
+    pending = [(k, k * shard_size, min(len(corpus), (k + 1) * shard_size)) for k in range(n_shards) if k not in done]
     truncated = 0
     bar = tqdm(total=len(corpus), desc=f"extracting {run_dir.name}", unit="sentence", disable=not progress)
-    bar.update(sum(s["stop"] - s["start"] for s in manifest["shards"]))
-    for shard in range(n_shards):
-        if shard in done:
-            continue
-        start, stop = shard * shard_size, min(len(corpus), (shard + 1) * shard_size)
-        pairs = corpus.text_pairs
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TruncationWarning)
-            encodings = [encode(loaded[0], corpus.texts[i], None if pairs is None else pairs[i], warn=False) for i in range(start, stop)]
-        truncated += sum(e.n_truncated > 0 for e in encodings)
-        outputs = {name: forward_attention(lm, encodings, max_batch) for name, lm in models.items()}
-        stats, tokens, arrays = _shard_frames(models, start, encodings, outputs)
-        hashes = {}
-        for part in PARTS:
-            path = run_dir / _part_name(part, shard)
-            with atomic_file(path) as tmp:
-                if part == "attention":
-                    with open(tmp, "wb") as fh:
-                        np.savez(fh, **arrays)
-                else:
-                    (stats if part == "stats" else tokens).to_parquet(tmp, index=False)
-            hashes[part] = sha256_file(path)
-        manifest["shards"].append({"shard": shard, "start": start, "stop": stop, "sha256": hashes})
-        manifest["shards"].sort(key=lambda s: s["shard"])
-        write_json_atomic(run_dir / MANIFEST, manifest)
-        bar.update(stop - start)
-        if on_shard is not None:
-            on_shard(shard)
-    bar.close()
+    bar.update(sum(s["stop"] - s["start"] for s in finished))
+    options = {"tau_min": tau_min, "max_batch": max_batch, "head_map_until": settings["head_map_sentences"]}
+    if client is None:
+        results = local_shards(models, corpus, pending, options)
+    else:
+        from attnflows_panel.cluster import cluster_shards
+
+        results = cluster_shards(client, models, corpus, pending, options)
+    try:
+        for tables in results:
+            commit_shard(run_dir, tables)
+            truncated += tables.n_truncated
+            bar.update(tables.stop - tables.start)
+            if on_shard is not None:
+                on_shard(tables.shard)
+    finally:
+        bar.close()
+        getattr(results, "close", lambda: None)()
     if truncated:
         limit = loaded[0].max_tokens
         warnings.warn(f"{truncated} sentences were longer than {limit} tokens and were truncated", TruncationWarning, stacklevel=2)
     return RunStore.open(run_dir)
+
+
+def run_size(run_dir: str | os.PathLike) -> dict[str, int]:
+    """Bytes on disk per part of a run (and ``total``), to report how a store grows."""
+    root = Path(run_dir)
+    sizes = {part: sum(f.stat().st_size for f in (root / part).glob("*") if f.is_file()) for part in (*PARTS, RECORDS)}
+    sizes["other"] = sum(f.stat().st_size for f in root.iterdir() if f.is_file())
+    sizes["total"] = sum(sizes.values())
+    return sizes

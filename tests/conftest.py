@@ -42,6 +42,17 @@ def tiny_tokenizer(lowercase: bool = True):
     return BertTokenizer(vocab=tiny_vocab(), do_lower_case=lowercase, model_max_length=64)
 
 
+def stop_after(n: int, done: list[int]):
+    """An ``on_shard`` callback that records each shard in ``done`` and stops the run (KeyboardInterrupt) after ``n``."""
+
+    def record(shard: int) -> None:
+        done.append(shard)
+        if len(done) == n:
+            raise KeyboardInterrupt
+
+    return record
+
+
 def save_tiny(path: Path, model_type: str = "bert", classifier: bool = False, layers: int = 2, heads: int = 4, seed: int = 0, lowercase: bool = True) -> Path:
     """Save a tiny random encoder of ``model_type`` and the tiny BERT tokenizer to ``path``."""
     import torch

@@ -1,4 +1,4 @@
-"""The run store: tidy statistics, float16 attention, resumable and verified shards."""
+"""The run store: tidy statistics, sparse float16 attention, model differences, resumable and verified shards."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import stop_after
 
 from attnflows_panel.analysis.heads import basic_head_stats
 from attnflows_panel.corpus import Corpus
@@ -51,16 +52,28 @@ def test_run_contents(models, tmp_path: Path) -> None:
     assert set(tokens["predicted_finetuned"]) <= {"negative", "positive"}
     assert store.sentences()["text"].tolist() == corpus.texts
 
+    differences = store.differences()
+    assert len(differences) == len(corpus) * 2 * 4 and list(differences.columns) == ["sentence_id", "layer", "head", "js", "cosine"]
     for sid in (0, 9, 20):
         record = extract(models["finetuned"], None, corpus.texts[sid])
-        stored = store.attention(sid, "finetuned")
-        assert stored.shape == record.attention.shape
-        np.testing.assert_allclose(stored, record.attention, atol=2e-3)  # float16 storage
+        entries = store.entries(sid, "finetuned")
+        kept = np.nonzero(record.attention >= store.tau_min)
+        np.testing.assert_array_equal(entries[["layer", "head", "query", "key"]].to_numpy(), np.stack(kept, 1))
+        np.testing.assert_allclose(entries["weight"].astype(float), record.attention[kept], rtol=1e-3)  # float16
+        rebuilt = store.attention(sid, "finetuned")
+        assert rebuilt.shape == record.attention.shape
+        np.testing.assert_allclose(rebuilt.sum(-1), 1.0, atol=1e-3)
+        strong = record.attention >= store.tau_min
+        np.testing.assert_allclose(rebuilt[strong], record.attention[strong], rtol=1e-3)
+        assert (rebuilt[~strong] < store.tau_min).all()
         expected = basic_head_stats(record.attention, record.cls_mask, record.sep_mask)
         row = stats[(stats.sentence_id == sid) & (stats.model == "finetuned")].sort_values(["layer", "head"])
         np.testing.assert_allclose(row["entropy"], expected["entropy"].ravel(), rtol=1e-5)
         np.testing.assert_allclose(row["attn_sep"], expected["attn_sep"].ravel(), atol=1e-6)
         assert tokens.loc[sid, "tokens"].tolist() == record.tokens
+        shown = store.record(sid, "finetuned")
+        assert shown.tokens == record.tokens and shown.predicted_label == record.predicted_label and shown.text == corpus.texts[sid]
+        np.testing.assert_array_equal(shown.cls_mask, record.cls_mask)
 
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["models"][0]["checkpoint_sha256"] == models["pretrained"].checkpoint_hash
@@ -70,14 +83,8 @@ def test_run_contents(models, tmp_path: Path) -> None:
 def test_killed_run_resumes_where_it_stopped(models, tmp_path: Path) -> None:
     corpus = make_corpus(30)
     done: list[int] = []
-
-    def stop_after_two(shard: int) -> None:
-        done.append(shard)
-        if len(done) == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        extract_corpus(models, corpus, tmp_path / "run", shard_size=8, progress=False, on_shard=stop_after_two)
+        extract_corpus(models, corpus, tmp_path / "run", shard_size=8, progress=False, on_shard=stop_after(2, done))
     partial = RunStore.open(tmp_path / "run")
     assert not partial.complete and partial.describe().startswith("16 of 30 sentences")
     assert len(partial.head_stats()) == 16 * 2 * 8
@@ -92,12 +99,12 @@ def test_corrupted_shard_is_detected_then_recomputed(models, tmp_path: Path) -> 
     corpus = make_corpus(12)
     store = extract_corpus(models, corpus, tmp_path / "run", shard_size=8, progress=False)
     expected = store.attention(3, "pretrained")
-    shard = tmp_path / "run" / "attention" / "part-00000.npz"
+    shard = tmp_path / "run" / "entries" / "part-00000.parquet"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
 
-    with pytest.raises(StoreError, match="part-00000.npz is corrupted"):
+    with pytest.raises(StoreError, match="part-00000.parquet is corrupted"):
         RunStore.open(tmp_path / "run").attention(3, "pretrained")
     recomputed: list[int] = []
     with pytest.warns(UserWarning, match="shard 0 .* corrupted; recomputing"):
@@ -178,3 +185,80 @@ def test_a_copy_of_the_same_models_reuses_the_run(models, tiny_dir: Path, tmp_pa
     recomputed: list[int] = []
     store = extract_corpus({**models, "pretrained": copy}, corpus, tmp_path / "run", shard_size=4, progress=False, on_shard=recomputed.append)
     assert recomputed == [] and store.complete
+
+
+def test_resume_trusts_unchanged_files_and_verify_rehashes_them(models, tmp_path: Path) -> None:
+    import os
+
+    corpus = make_corpus(12)
+    extract_corpus(models, corpus, tmp_path / "run", shard_size=8, progress=False)
+    shard = tmp_path / "run" / "stats" / "part-00001.parquet"
+    before = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # bit rot: same size, same time
+    recomputed: list[int] = []
+    extract_corpus(models, corpus, tmp_path / "run", shard_size=8, progress=False, on_shard=recomputed.append)
+    assert recomputed == []  # sizes and times as recorded: nothing re-hashed
+    with pytest.raises(StoreError, match="part-00001.parquet is corrupted"):
+        RunStore.open(tmp_path / "run").head_stats()
+    with pytest.warns(UserWarning, match="shard 1 .* corrupted; recomputing"):
+        store = extract_corpus(models, corpus, tmp_path / "run", shard_size=8, progress=False, on_shard=recomputed.append, verify=True)
+    assert recomputed == [1] and len(store.head_stats()) == 12 * 2 * 8
+
+
+def test_a_shard_without_its_record_is_recomputed(models, tmp_path: Path) -> None:
+    corpus = make_corpus(12)
+    extract_corpus(models, corpus, tmp_path / "run", shard_size=8, progress=False)
+    (tmp_path / "run" / "shards" / "part-00001.json").unlink()  # killed after its files, before its commit
+    assert RunStore.open(tmp_path / "run").describe().startswith("8 of 12 sentences")
+    recomputed: list[int] = []
+    store = extract_corpus(models, corpus, tmp_path / "run", shard_size=8, progress=False, on_shard=recomputed.append)
+    assert recomputed == [1] and store.complete
+
+
+def test_a_run_of_the_dense_format_is_remade(models, tmp_path: Path) -> None:
+    (tmp_path / "run" / "attention").mkdir(parents=True)
+    (tmp_path / "run" / "attention" / "part-00000.npz").write_bytes(b"old")
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"format": "attnflows-run", "format_version": 1}))
+    with pytest.raises(StoreError, match="format version 2; run `attnflows extract` again"):
+        RunStore.open(tmp_path / "run")
+    with pytest.warns(UserWarning, match="recomputing the run"):
+        store = extract_corpus(models, make_corpus(3), tmp_path / "run", progress=False)
+    assert store.complete and not (tmp_path / "run" / "attention").exists()
+
+
+def test_entries_grow_linearly_a_row_keeps_at_most_one_over_tau_min(models, tmp_path: Path) -> None:
+    store = extract_corpus(models, make_corpus(8), tmp_path / "run", tau_min=0.15, progress=False)
+    assert len(store.dataframe("entries")) > 0
+    for sid in range(8):
+        entries = store.entries(sid, "pretrained")
+        assert entries.groupby(["layer", "head", "query"]).size().max(skipna=True) <= 6 or entries.empty
+        assert (entries["weight"] >= 0.15).all()
+    with pytest.raises(InputError, match=r"tau_min must be in \(0, 1\]"):
+        extract_corpus(models, make_corpus(3), tmp_path / "other", tau_min=0.0, progress=False)
+
+
+def test_every_part_reads_as_one_dask_dataframe(models, tmp_path: Path) -> None:
+    store = extract_corpus(models, make_corpus(20), tmp_path / "run", shard_size=8, progress=False)
+    frame = store.dataframe("stats")
+    assert frame.npartitions == 3
+    means = frame.groupby(["model", "layer", "head"])["entropy"].mean().compute()
+    expected = store.head_stats().groupby(["model", "layer", "head"], observed=True)["entropy"].mean()
+    np.testing.assert_allclose(means.sort_index().to_numpy(), expected.sort_index().to_numpy(), rtol=1e-6)
+    assert len(store.dataframe("entries")) == sum(len(store.entries(i, m)) for i in range(20) for m in store.models)
+    with pytest.raises(InputError, match="unknown part 'attention'"):
+        store.dataframe("attention")
+
+
+def test_a_decoder_run_spreads_the_rest_of_a_row_over_the_keys_it_sees(tmp_path: Path) -> None:
+    from conftest import save_tiny_decoder
+
+    from attnflows_panel.models import load_encoder
+
+    decoder = load_encoder(save_tiny_decoder(tmp_path / "gpt2", "gpt2"))
+    store = extract_corpus({"model": decoder}, Corpus(texts=["the car was good and the movie bad"], source="d"), tmp_path / "run", progress=False)
+    rebuilt = store.attention(0, "model")
+    assert store.manifest["causal"] and np.allclose(np.triu(rebuilt, 1), 0.0)
+    np.testing.assert_allclose(rebuilt.sum(-1), 1.0, atol=1e-3)

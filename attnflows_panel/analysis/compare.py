@@ -135,20 +135,43 @@ def model_names(store: RunStore, models: Sequence[str] | None = None) -> tuple[s
 def store_sentences(
     store: RunStore, models: Sequence[str], sentence_ids: Iterable[int] | None = None
 ) -> Iterator[tuple[np.ndarray, ...]]:
-    """Each model's attention, one sentence at a time (all extracted sentences by default)."""
+    """Each model's attention rebuilt from the run's entries (see ``RunStore.attention``), one sentence at a time."""
     ids = store.tokens()["sentence_id"].tolist() if sentence_ids is None else sentence_ids
     for i in ids:
         yield tuple(store.attention(int(i), m) for m in models)
 
 
-def store_head_differences(
-    store: RunStore, models: tuple[str, str] | None = None, sentence_ids: Iterable[int] | None = None
-) -> HeadDifferences:
-    """:func:`corpus_head_differences` over a run's extracted sentences (all by default); memory holds one sentence."""
+def stored_differences(store: RunStore, models: Sequence[str] | None = None) -> Any:
+    """The run's per-(sentence, layer, head) ``js`` and ``cosine`` as a lazy ``dask.dataframe``, for two of its models."""
     names = model_names(store, models)
     if len(names) != 2:
         raise InputError(f"need two models to compare, got {names!r}")
-    return corpus_head_differences(store_sentences(store, names, sentence_ids), (names[0], names[1]))
+    if store.compared is None or set(names) != set(store.compared):
+        raise InputError(f"this run holds the differences of {' and '.join(store.compared or ('no two models',))} only")
+    return store.dataframe("differences")
+
+
+def store_head_differences(
+    store: RunStore, models: tuple[str, str] | None = None, sentence_ids: Iterable[int] | None = None
+) -> HeadDifferences:
+    """:func:`corpus_head_differences` of a run's sentences (all by default), from its stored differences, out of core
+    (on the Dask cluster of an active ``distributed.Client``, if any)."""
+    names = model_names(store, models)
+    frame = stored_differences(store, names)
+    if sentence_ids is not None:
+        frame = frame[frame["sentence_id"].isin([int(i) for i in sentence_ids])]
+    means = frame.groupby(["layer", "head"])[["js", "cosine"]].agg(["mean", "count"]).compute()
+    if means.empty:
+        raise InputError("no sentences to compare")
+    full = pd.MultiIndex.from_product([range(store.n_layers), range(store.n_heads)], names=["layer", "head"])
+    means = means.reindex(full)
+    shape = (store.n_layers, store.n_heads)
+    return HeadDifferences(
+        js=means[("js", "mean")].to_numpy(np.float64).reshape(shape),
+        cosine=means[("cosine", "mean")].to_numpy(np.float64).reshape(shape),
+        n_sentences=int(means[("js", "count")].max()),
+        models=(names[0], names[1]),
+    )
 
 
 def layer_summary(values: Any, name: str = "value") -> pd.DataFrame:

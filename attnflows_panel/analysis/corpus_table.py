@@ -1,7 +1,7 @@
 """A run's sentences as one table: labels, each model's prediction and how differently the two models attend.
 
-The difference of a sentence is the mean over heads of :func:`head_js_divergence` (bits), read from the
-run one sentence at a time. The table is cached beside the run, in ``RUN_DIR/corpus_table.parquet``,
+The difference of a sentence is the mean over heads of :func:`head_js_divergence` (bits), from the
+run's stored differences (out of core). The table is cached beside the run, in ``RUN_DIR/corpus_table.parquet``,
 keyed by the run's manifest, so it is recomputed whenever the run changes (a resumed extraction, say).
 """
 
@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from attnflows_panel.analysis.compare import head_js_divergence, model_names, store_sentences
+from attnflows_panel.analysis.compare import model_names, stored_differences
 from attnflows_panel.errors import InputError, StoreError
 from attnflows_panel.paths import atomic_file, sha256_json
 from attnflows_panel.store import RunStore
@@ -26,7 +26,7 @@ CACHE_VERSION = 2
 KEY_FIELD = b"attnflows_corpus_table_key"
 
 
-def corpus_table(store: RunStore, models: Sequence[str] = ("pretrained", "finetuned"), *, cache: bool = True, progress: bool = True) -> pd.DataFrame:
+def corpus_table(store: RunStore, models: Sequence[str] = ("pretrained", "finetuned"), *, cache: bool = True) -> pd.DataFrame:
     """One row per extracted sentence: text, label, each classifier's prediction (and whether it is the label),
     ``difference`` (bits) and ``n_tokens``.
 
@@ -36,7 +36,7 @@ def corpus_table(store: RunStore, models: Sequence[str] = ("pretrained", "finetu
     path, key = store.path / CACHE_FILE, cache_key(store, names)
     if cache and (cached := _read_cache(path, key)) is not None:
         return cached
-    table = _build(store, names, progress)
+    table = _build(store, names)
     if cache:
         _write_cache(path, table, key)
     return table
@@ -47,13 +47,10 @@ def cache_key(store: RunStore, models: Sequence[str]) -> str:
     return sha256_json({"manifest": store.manifest, "models": list(models), "version": CACHE_VERSION})
 
 
-def sentence_differences(store: RunStore, models: Sequence[str], sentence_ids: Sequence[int], progress: bool = True) -> np.ndarray:
-    """Per sentence, the mean over heads of the two models' JS divergence (bits); read one sentence at a time."""
-    from tqdm.auto import tqdm
-
-    pairs = store_sentences(store, models, sentence_ids)
-    bar = tqdm(pairs, total=len(sentence_ids), desc=f"comparing {store.path.name}", unit="sentence", disable=not progress)
-    return np.array([float(head_js_divergence(a, b).mean()) for a, b in bar], dtype=np.float64)
+def sentence_differences(store: RunStore, models: Sequence[str], sentence_ids: Sequence[int]) -> np.ndarray:
+    """Per sentence, the mean over heads of the two models' JS divergence (bits), from the run's stored differences."""
+    means = stored_differences(store, models).groupby("sentence_id")["js"].mean().compute()
+    return means.reindex([int(i) for i in sentence_ids]).to_numpy(np.float64)
 
 
 def _two_models(store: RunStore, models: Sequence[str]) -> tuple[str, str]:
@@ -63,7 +60,7 @@ def _two_models(store: RunStore, models: Sequence[str]) -> tuple[str, str]:
     return names[0], names[1]
 
 
-def _build(store: RunStore, models: tuple[str, str], progress: bool) -> pd.DataFrame:
+def _build(store: RunStore, models: tuple[str, str]) -> pd.DataFrame:
     tokens = store.tokens()
     if tokens.empty:
         raise StoreError(f"{store.path} has no extracted sentences to tabulate")
@@ -72,7 +69,7 @@ def _build(store: RunStore, models: tuple[str, str], progress: bool) -> pd.DataF
     for name in (n for n in models if f"predicted_{n}" in table.columns):
         if set(table["label"].dropna()) & set(table[f"predicted_{name}"]):  # labels named as the model names its classes
             table[f"correct_{name}"] = (table[f"predicted_{name}"] == table["label"]).where(table["label"].notna())
-    table["difference"] = sentence_differences(store, models, table["sentence_id"].tolist(), progress)
+    table["difference"] = sentence_differences(store, models, table["sentence_id"].tolist())
     return table[[c for c in table.columns if c != "n_tokens"] + ["n_tokens"]]
 
 

@@ -21,6 +21,8 @@ from attnflows_panel.analysis.flows import validate_attention
 from attnflows_panel.errors import AttnflowsError, InputError
 
 if TYPE_CHECKING:
+    from distributed import Client
+
     from attnflows_panel.store import RunStore
 
 CLARK_SMOOTHING = 0.001  # head_distances.py: p' = 0.001 / n + 0.999 * p
@@ -169,11 +171,33 @@ def clark_head_distances(
 
 
 def store_head_distances(
-    store: RunStore, models: Sequence[str] | None = None, sentence_ids: Iterable[int] | None = None, *, workers: int | None = None
+    store: RunStore, models: Sequence[str] | None = None, sentence_ids: Iterable[int] | None = None, *, workers: int | None = None, client: Client | None = None
 ) -> HeadDistances:
-    """:func:`clark_head_distances` over a run's extracted sentences for its two models (or ``models``)."""
+    """:func:`clark_head_distances` over a run's extracted sentences for its two models (or ``models``), from the
+    attention its entries rebuild; a shard at a time, each on a worker of ``client`` when given (the run directory
+    must then be readable where the workers run)."""
     names = model_names(store, models)
-    return clark_head_distances(store_sentences(store, names, sentence_ids), names, workers=workers)
+    if client is None:
+        return clark_head_distances(store_sentences(store, names, sentence_ids), names, workers=workers)
+    ids = np.sort(store.tokens()["sentence_id"].to_numpy() if sentence_ids is None else np.fromiter(sentence_ids, dtype=np.int64))
+    starts = np.array([s["start"] for s in store.manifest["shards"]])
+    groups = [g.tolist() for g in np.split(ids, np.searchsorted(ids, starts[1:])) if len(g)]
+    futures = client.map(_shard_head_distances, [str(store.path)] * len(groups), [names] * len(groups), groups, pure=False)
+    return merge_head_distances(client.gather(futures))
+
+
+def _shard_head_distances(path: str, models: Sequence[str], sentence_ids: list[int]) -> HeadDistances:
+    from attnflows_panel.store import RunStore
+
+    store = RunStore.open(path)
+    return clark_head_distances(store_sentences(store, models, sentence_ids), models, workers=1)
+
+
+def merge_head_distances(parts: Sequence[HeadDistances]) -> HeadDistances:
+    """One :class:`HeadDistances` of the sentences of all ``parts`` (their sums add up)."""
+    if not parts:
+        raise InputError("no sentences to compare heads on")
+    return HeadDistances(sum(p.total for p in parts), sum(p.n_sentences for p in parts), sum(p.n_tokens for p in parts), parts[0].heads)
 
 
 # --------------------------------------------------------------------------------------------------

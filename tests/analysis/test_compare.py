@@ -144,24 +144,26 @@ def test_bad_input() -> None:
         layer_summary(np.zeros(3))
 
 
-def test_store_differences_stream_the_run(tiny_pair, tmp_path: Path) -> None:
+def test_store_differences_are_those_of_the_models_attention(tiny_pair, tmp_path: Path) -> None:
+    from attnflows_panel.extract import extract
     from attnflows_panel.store import extract_corpus
 
     texts = ["the movie was good", "i hate it", "a very safe car and not bad", "love"]
     store = extract_corpus(
         {"pretrained": tiny_pair.pretrained, "finetuned": tiny_pair.finetuned}, Corpus(texts=texts, source="t"), tmp_path / "run", shard_size=3, progress=False
     )
-    pairs = [(store.attention(i, "pretrained").astype(float), store.attention(i, "finetuned").astype(float)) for i in range(len(texts))]
-    diff = store_head_differences(store)
-    np.testing.assert_allclose(diff.js, np.mean([loop_js(a, b) for a, b in pairs], axis=0), rtol=1e-6)
+    pairs = [(extract(tiny_pair.pretrained, None, t).attention.astype(float), extract(tiny_pair.finetuned, None, t).attention.astype(float)) for t in texts]
+    diff = store_head_differences(store)  # from the differences stored at extraction, in float32
+    np.testing.assert_allclose(diff.js, np.mean([loop_js(a, b) for a, b in pairs], axis=0), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(diff.cosine, np.mean([loop_cosine(a, b) for a, b in pairs], axis=0), rtol=1e-6)
     assert diff.n_sentences == 4
     part = store_head_differences(store, ("finetuned", "pretrained"), sentence_ids=[1, 3])
-    np.testing.assert_allclose(part.js, np.mean([loop_js(*pairs[i]) for i in (1, 3)], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(part.js, np.mean([loop_js(*pairs[i]) for i in (1, 3)], axis=0), rtol=1e-3, atol=1e-6)
+    assert part.n_sentences == 2
     trend = layer_difference_summary(store)
     assert len(trend.layers) == 2 and trend.differences.n_sentences == 4
-    same = store_head_differences(store, ("pretrained", "pretrained"))
-    assert np.array_equal(same.js, np.zeros((2, 4)))
+    with pytest.raises(InputError, match="holds the differences of pretrained and finetuned only"):
+        store_head_differences(store, ("pretrained", "pretrained"))
     with pytest.raises(InputError, match="unknown model 'other'"):
         store_head_differences(store, ("pretrained", "other"))
     with pytest.raises(InputError, match="two models"):

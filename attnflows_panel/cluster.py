@@ -1,0 +1,146 @@
+"""Corpus runs on ``dask.distributed``: each worker loads the models once (a worker plugin) and computes shards.
+
+The driver (:func:`attnflows_panel.store.extract_corpus`) keeps a few shards in flight per worker and
+commits each result as it arrives, so the run directory has one writer and only the driver needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from attnflows_panel.errors import InputError, ModelError
+from attnflows_panel.shard import ShardTables, compute_shard
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from attnflows_panel.corpus import Corpus
+    from attnflows_panel.models.loading import LoadedModel
+
+PLUGIN = "attnflows-models"
+DEVICE_VARIABLE = "ATTNFLOWS_DEVICE"  # set on a worker's machine to give that worker its own device (cuda:1, say)
+IN_FLIGHT_PER_WORKER = 2  # shards queued per worker: one computing, one ready to start
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker loads one model of a run, and the weights it must find there."""
+
+    name: str
+    model_id: str
+    checkpoint_sha256: str
+    device: str
+
+
+class ModelsPlugin(WorkerPlugin):
+    """Loads the run's models once when a worker starts (or joins), on its device, and checks their weights.
+
+    ``sharing`` counts the workers on each host, so each worker's torch takes its share of that host's cores.
+    """
+
+    idempotent = False
+
+    def __init__(self, specs: Sequence[ModelSpec], sharing: Mapping[str, int]) -> None:
+        self.specs = list(specs)
+        self.sharing = dict(sharing)
+        self.models: dict[str, LoadedModel] = {}
+
+    def setup(self, worker: Any) -> None:
+        import torch
+
+        from attnflows_panel.models import load_encoder
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.sharing.get(_host(worker.address), 1)))
+        for spec in self.specs:
+            lm = load_encoder(spec.model_id, os.environ.get(DEVICE_VARIABLE) or spec.device)
+            if lm.checkpoint_hash != spec.checkpoint_sha256:
+                raise ModelError(f"worker {worker.address} loaded other weights for {spec.name} from {spec.model_id} than the driver")
+            self.models[spec.name] = lm
+
+
+def shard_on_worker(shard: int, start: int, texts: list[str], text_pairs: list[str] | None, options: dict[str, Any]) -> ShardTables:
+    """A task: one shard through the models this worker's plugin loaded (``options`` of :func:`compute_shard`)."""
+    from distributed import get_worker
+
+    models = get_worker().plugins[PLUGIN].models
+    return compute_shard(models, shard, start, texts, text_pairs, **options)
+
+
+def worker_devices(client: Client) -> dict[str, str]:
+    """Each worker's address and the device its first model runs on."""
+
+    def device(dask_worker: Any) -> str:
+        models = dask_worker.plugins[PLUGIN].models
+        return str(next(iter(models.values())).device)
+
+    return client.run(device)
+
+
+def cluster_shards(
+    client: Client, models: Mapping[str, LoadedModel], corpus: Corpus, pending: Sequence[tuple[int, int, int]], options: dict[str, Any]
+) -> Iterator[ShardTables]:
+    """Each pending ``(shard, start, stop)`` computed on the cluster, yielded as it finishes (any order)."""
+    from distributed import as_completed
+
+    specs = [ModelSpec(name, lm.model_id, lm.checkpoint_hash, str(lm.device)) for name, lm in models.items()]
+    client.register_plugin(ModelsPlugin(specs, Counter(map(_host, client.nthreads()))), name=PLUGIN)
+    window = max(1, IN_FLIGHT_PER_WORKER * len(client.nthreads()))
+    pairs = corpus.text_pairs
+    queue = iter(pending)
+
+    def submit(job: tuple[int, int, int]) -> Any:
+        shard, start, stop = job
+        texts, text_pairs = corpus.texts[start:stop], None if pairs is None else pairs[start:stop]
+        return client.submit(shard_on_worker, shard, start, texts, text_pairs, options, key=f"attnflows-shard-{shard}-{os.getpid()}", pure=False)
+
+    running = as_completed([submit(job) for job in _take(queue, window)])
+    try:
+        for future in running:
+            tables = future.result()
+            future.release()
+            for job in _take(queue, 1):
+                running.add(submit(job))
+            yield tables
+    finally:
+        running.clear()
+
+
+def _host(address: str) -> str:
+    return urlsplit(address).hostname or address
+
+
+def _take(queue: Iterator[tuple[int, int, int]], n: int) -> list[tuple[int, int, int]]:
+    return [job for _, job in zip(range(n), queue)]
+
+
+@contextlib.contextmanager
+def cluster_client(scheduler: str | None = None, workers: int | None = None) -> Iterator[Client | None]:
+    """A client of the scheduler at ``scheduler``, or of a ``LocalCluster`` of ``workers`` processes on loopback, or None."""
+    if scheduler and workers:
+        raise InputError("give --scheduler or --workers, not both")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    if not scheduler and not workers:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        with client:
+            yield client
+        return
+    # one task at a time per worker: its torch takes the worker's share of the cores (see ModelsPlugin)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
