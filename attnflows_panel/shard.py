@@ -236,7 +236,9 @@ def _distances_table(mapped: dict[int, list[np.ndarray]], names: list[str]) -> p
     """Tidy ``[K, K]`` sums of Clark et al.'s head distances over the head map's sentences, with their counts."""
     from attnflows_panel.analysis.embedding import clark_head_distances
 
-    distances = clark_head_distances((mapped[i] for i in sorted(mapped)), names, workers=1)
+    import torch
+
+    distances = clark_head_distances((mapped[i] for i in sorted(mapped)), names, workers=torch.get_num_threads())
     k = len(distances.total)
     i, j = np.meshgrid(np.arange(k, dtype=np.int32), np.arange(k, dtype=np.int32), indexing="ij")
     return pa.table(

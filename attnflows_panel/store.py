@@ -85,6 +85,16 @@ def _read_manifest(run_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def _format_version(run_dir: Path) -> int | None:
+    """The format version of an attnflows run other than this one's, or None."""
+    try:
+        manifest = json.loads((run_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    found = manifest.get("format_version") if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+    return found if found != FORMAT_VERSION else None
+
+
 def _read_records(run_dir: Path) -> list[dict[str, Any]]:
     """The records of the finished shards, in shard order (unreadable ones are skipped: their shard is recomputed)."""
     records = []
@@ -143,15 +153,13 @@ class RunStore:
         return sum(s["stop"] - s["start"] for s in self.manifest["shards"]) == self.manifest["n_sentences"]
 
     def files(self, part: str) -> list[Path]:
-        """Every finished shard's file of ``part``, each verified against its hash."""
-        return [self._file(shard, part) for shard in self.manifest["shards"]]
+        """The file of ``part`` of every finished shard that has one, each verified against its hash."""
+        return [self._file(shard, part) for shard in self.manifest["shards"] if part in shard["files"]]
 
     def _file(self, shard: dict[str, Any], part: str) -> Path:
         name = _part_name(part, shard["shard"])
         path = self.path / name
         if name not in self._verified:
-            if part not in shard["files"]:
-                raise StoreError(f"{self.path} has no {part} (a run of one model has no differences)")
             if not path.is_file():
                 raise StoreError(f"{path} is missing; run `attnflows extract` again to recompute it")
             if sha256_file(path) != shard["files"][part]["sha256"]:
@@ -171,7 +179,7 @@ class RunStore:
             raise InputError(f"unknown part {part!r}; a run has {', '.join(PARTS)}")
         files = self.files(part)
         if not files:
-            raise StoreError(f"{self.path} has no extracted sentences yet")
+            raise StoreError(f"{self.path} has no {part} yet" + (" (a run of one model has no differences)" if part == "differences" else ""))
         return dd.from_map(pd.read_parquet, [str(f) for f in files])
 
     def sentences(self) -> pd.DataFrame:
@@ -200,13 +208,13 @@ class RunStore:
         names = list(self.models if models is None else models)
         for name in names:
             self._check_model(name)
-        shards = [shard for shard in self.manifest["shards"] if "distances" in shard["files"]]
-        if not shards:
+        files = self.files("distances")
+        if not files:
             raise StoreError(f"{self.path} holds no head distances (extracted with head_map_sentences=0)")
         k, per_model = len(self.models) * self.n_layers * self.n_heads, self.n_layers * self.n_heads
         total, n_sentences, n_tokens = np.zeros((k, k)), 0, 0
-        for shard in shards:
-            frame = pd.read_parquet(self._file(shard, "distances"))
+        for path in files:
+            frame = pd.read_parquet(path)
             total[frame["i"].to_numpy(), frame["j"].to_numpy()] += frame["total"].to_numpy()
             n_sentences += int(frame["n_sentences"].iloc[0])
             n_tokens += int(frame["n_tokens"].iloc[0])
@@ -341,6 +349,9 @@ def _prepare_run_dir(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     try:
         manifest = _read_manifest(run_dir)
     except StoreError as exc:
+        version = _format_version(run_dir)
+        if version is not None:
+            exc = StoreError(f"{run_dir} was written in run format {version} (this attnflows writes format {FORMAT_VERSION})")
         warnings.warn(f"{exc}; recomputing the run", stacklevel=3)
         manifest = None
     if manifest is not None and manifest.get("fingerprint") == fingerprint:

@@ -224,7 +224,7 @@ def test_a_run_of_the_dense_format_is_remade(models, tmp_path: Path) -> None:
     (tmp_path / "run" / "manifest.json").write_text(json.dumps({"format": "attnflows-run", "format_version": 1}))
     with pytest.raises(StoreError, match="format version 2; run `attnflows extract` again"):
         RunStore.open(tmp_path / "run")
-    with pytest.warns(UserWarning, match="recomputing the run"):
+    with pytest.warns(UserWarning, match=r"was written in run format 1 \(this attnflows writes format 2\); recomputing the run"):
         store = extract_corpus(models, make_corpus(3), tmp_path / "run", progress=False)
     assert store.complete and not (tmp_path / "run" / "attention").exists()
 
