@@ -85,26 +85,24 @@ def compute_shard(
     mapped: dict[int, list[np.ndarray]] = {}  # the head map's sentences: every model's dense attention
     for batch in length_batches(lengths, first.n_layers * first.n_heads * 4, max_batch):
         chosen = [encodings[i] for i in batch]
+        n = torch.tensor([lengths[i] for i in batch])
+        queries = torch.arange(int(n.max()))[None, None, :] < n[:, None, None]  # [B, 1, w]: the rows that are not padding
         ids = _padded_ids(chosen)
-        n = torch.tensor([lengths[i] for i in batch], dtype=torch.float32)
-        attention = []
-        for m, name in enumerate(names):
-            weights, batch_logits = batch_attention(models[name], chosen)
-            measures = head_statistics(weights, n, ids == cls_id, ids == sep_id)
-            for column, values in measures.items():
-                stats.setdefault(column, [None] * len(texts) * len(names))
-                for row, i in enumerate(batch):
-                    stats[column][i * len(names) + m] = values[row]
-            kept = sparse_entries(weights, tau_min)
+        keys = torch.stack([ids == cls_id, ids == sep_id], -1).float()  # [B, w, 2]
+        outputs = [batch_attention(models[name], chosen) for name in names]
+        measured = [head_statistics(layers, queries, keys) for layers, _ in outputs]
+        for m, (name, (layers, batch_logits)) in enumerate(zip(names, outputs, strict=True)):
+            kept = sparse_entries(layers, n, tau_min)
             for row, i in enumerate(batch):
-                entries[i, m] = tuple(part[row] for part in kept)
+                for column, values in measured[m][0].items():
+                    stats.setdefault(column, [None] * len(texts) * len(names))[i * len(names) + m] = values[row]
+                entries[i, m] = kept[row]
                 if start + i < head_map_until:
-                    mapped.setdefault(i, []).append(weights[row, :, :, : lengths[i], : lengths[i]].numpy())
+                    mapped.setdefault(i, []).append(torch.stack([layer[row, :, : lengths[i], : lengths[i]] for layer in layers]).numpy())
                 if batch_logits is not None:
                     logits[name][i] = batch_logits[row]
-            attention.append(weights)
         if len(names) > 1:
-            js, cosine = model_differences(attention[0], attention[1], n)
+            js, cosine = model_differences(outputs[0][0], outputs[1][0], queries, measured)
             for row, i in enumerate(batch):
                 differences[i] = np.stack([js[row], cosine[row]])
     return ShardTables(
@@ -128,8 +126,8 @@ def _padded_ids(encodings: Sequence[Encoding]) -> torch.Tensor:
     return ids
 
 
-def batch_attention(lm: LoadedModel, encodings: Sequence[Encoding]) -> tuple[torch.Tensor, np.ndarray | None]:
-    """``[B, L, H, w, w]`` float32 attention of a padded batch (padded query rows zeroed) and each row's logits."""
+def batch_attention(lm: LoadedModel, encodings: Sequence[Encoding]) -> tuple[list[torch.Tensor], np.ndarray | None]:
+    """Each layer's ``[B, H, w, w]`` float32 attention of a padded batch (padded query rows hold junk) and each row's logits."""
     import torch
 
     inputs = padded_inputs(lm, encodings)
@@ -138,49 +136,74 @@ def batch_attention(lm: LoadedModel, encodings: Sequence[Encoding]) -> tuple[tor
     if not out.attentions:
         raise ModelError(f"{lm.model_id} returned no attentions; load it with attn_implementation='eager'")
     logits = prediction_logits(inputs, out.logits).float().cpu().numpy() if getattr(out, "logits", None) is not None else None
-    weights = torch.stack(out.attentions, 1).float().cpu()
-    weights.mul_(inputs["attention_mask"].cpu()[:, None, None, :, None])
-    return weights, logits
+    return [layer.float().cpu() for layer in out.attentions], logits
 
 
-def head_statistics(weights: torch.Tensor, n: torch.Tensor, cls_mask: torch.Tensor, sep_mask: torch.Tensor) -> dict[str, np.ndarray]:
-    """``[B, L, H]`` per measure of :data:`STATS`: each a mean over a sentence's ``n`` queries (as :func:`basic_head_stats`)."""
+def _per_head(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``[B, H]`` sums over the real queries of ``[B, H, w]`` per-row values (float64)."""
+    return (rows.double() * queries).sum(-1)
+
+
+def head_statistics(layers: Sequence[torch.Tensor], queries: torch.Tensor, keys: torch.Tensor) -> tuple[dict[str, np.ndarray], list[torch.Tensor]]:
+    """``[B, L, H]`` per measure of :data:`STATS` (each a mean over a sentence's queries, as :func:`basic_head_stats`)
+    and ``squares`` (each head's sum of squared weights, for the cosine of two maps); and each layer's row entropies."""
     import torch
 
-    per_query = n[:, None, None]
-    rows = {
-        "entropy": torch.special.entr(weights).sum(-1),
-        "max_weight": weights.amax(-1),
-        "attn_cls": torch.einsum("blhqk,bk->blhq", weights, cls_mask.float()),
-        "attn_sep": torch.einsum("blhqk,bk->blhq", weights, sep_mask.float()),
-    }
-    return {name: (values.sum(-1, dtype=torch.float64) / per_query).float().numpy() for name, values in rows.items()}
+    sums: dict[str, list[torch.Tensor]] = {name: [] for name in (*STATS, "squares")}
+    entropies = []
+    for weights in layers:
+        to = torch.einsum("bhqk,bkc->bhqc", weights, keys)
+        rows = {
+            "entropy": torch.special.entr(weights).sum(-1),  # [B, H, w]
+            "max_weight": weights.amax(-1),
+            "attn_cls": to[..., 0],
+            "attn_sep": to[..., 1],
+            "squares": torch.linalg.vecdot(weights, weights),
+        }
+        for name, values in rows.items():
+            sums[name].append(_per_head(values, queries))
+        entropies.append(rows["entropy"])
+    n = queries.sum(-1, dtype=torch.float64)[:, None]  # [B, 1, 1]
+    return {name: (torch.stack(values, 1) / (1 if name == "squares" else n)).numpy() for name, values in sums.items()}, entropies
 
 
-def model_differences(a: torch.Tensor, b: torch.Tensor, n: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """``[B, L, H]`` JS divergence (bits, mean over queries, as :func:`head_js_divergence`) and map cosine of two batches."""
+def model_differences(
+    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], queries: torch.Tensor, measured: Sequence[tuple[dict[str, np.ndarray], list[torch.Tensor]]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``[B, L, H]`` JS divergence (bits, mean over queries, as :func:`head_js_divergence`) and map cosine of two batches.
+
+    ``measured``: both batches' :func:`head_statistics`. Rows sum to 1, so ``H((a + b) / 2) = H(a + b) / 2 + ln 2``.
+    """
     import torch
 
-    entr = torch.special.entr
-    js_rows = entr(0.5 * (a + b)).sum(-1) - 0.5 * (entr(a).sum(-1) + entr(b).sum(-1))
-    js = (js_rows / LN2).clamp_(0.0, 1.0).sum(-1, dtype=torch.float64) / n[:, None, None]
-    dot = (a * b).sum((-1, -2), dtype=torch.float64)
-    norms = torch.linalg.vector_norm(a.double(), dim=(-1, -2)) * torch.linalg.vector_norm(b.double(), dim=(-1, -2))
-    return js.float().numpy(), (dot / norms).float().numpy()
+    (measured_a, entropies_a), (measured_b, entropies_b) = measured
+    js, dots = [], []
+    for la, lb, entropy_a, entropy_b in zip(a, b, entropies_a, entropies_b, strict=True):
+        rows = (0.5 * torch.special.entr(la + lb).sum(-1) + LN2 - 0.5 * (entropy_a + entropy_b)) / LN2
+        js.append(_per_head(rows.clamp_(0.0, 1.0), queries))
+        dots.append(_per_head(torch.linalg.vecdot(la, lb), queries))
+    n = queries.sum(-1, dtype=torch.float64)[:, None]
+    cosine = torch.stack(dots, 1).numpy() / np.sqrt(measured_a["squares"] * measured_b["squares"])
+    return (torch.stack(js, 1) / n).numpy(), cosine
 
 
-def sparse_entries(weights: Any, tau_min: float) -> tuple[np.ndarray, ...]:
-    """Per input of a ``[B, L, H, w, w]`` batch: its (layer, head, query, key) uint16 arrays and float16 weights at or above ``tau_min``."""
+def sparse_entries(layers: Sequence[torch.Tensor], n: torch.Tensor, tau_min: float) -> list[tuple[np.ndarray, ...]]:
+    """Per input of a batch: its (layer, head, query, key) uint16 arrays and float16 weights of at least ``tau_min``, in that order."""
     import torch
 
-    weights = torch.as_tensor(weights)
-    index = (weights >= tau_min).nonzero()
-    values = weights[tuple(index.T)].numpy().astype(np.float16)
-    index = index.numpy()
-    bounds = np.searchsorted(index[:, 0], np.arange(weights.shape[0] + 1))
-    return tuple(
-        [index[bounds[r] : bounds[r + 1], c].astype(np.uint16) for r in range(weights.shape[0])] for c in range(1, 5)
-    ) + ([values[bounds[r] : bounds[r + 1]] for r in range(weights.shape[0])],)
+    found = []
+    for layer, weights in enumerate(layers):
+        index = (weights >= tau_min).nonzero()
+        index = index[index[:, 2] < n[index[:, 0]]]  # not a padded query's
+        found.append((torch.nn.functional.pad(index, (1, 0), value=layer), weights[tuple(index.T)]))
+    index = torch.cat([i for i, _ in found]).numpy()  # b, l, h, q, k
+    values = torch.cat([v for _, v in found]).numpy().astype(np.float16)
+    rows = index[:, 1].astype(np.uint16)  # the batch row (the layer went in front of it)
+    order = np.argsort(rows, kind="stable")  # a radix sort: layer order kept within each input
+    index, values = index[order], values[order]
+    bounds = np.searchsorted(rows[order], np.arange(len(n) + 1))
+    columns = index[:, [0, 2, 3, 4]].astype(np.uint16)
+    return [(*columns[lo:hi].T, values[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _stats_table(stats: dict[str, list[np.ndarray]], names: list[str], start: int, n_layers: int, n_heads: int) -> pa.Table:
@@ -193,7 +216,7 @@ def _stats_table(stats: dict[str, list[np.ndarray]], names: list[str], start: in
         "layer": np.tile(layer.ravel(), blocks),
         "head": np.tile(head.ravel(), blocks),
     }
-    columns |= {name: np.concatenate([v.ravel() for v in values]).astype(np.float32) for name, values in stats.items()}
+    columns |= {name: np.concatenate([v.ravel() for v in stats[name]]).astype(np.float32) for name in STATS}
     return pa.table(columns)
 
 
