@@ -24,6 +24,35 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "attnflows_panel.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+LIBRARIES_IMPORTED = """
+import sys
+from attnflows_panel.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("imported:", *sorted({"torch", "transformers", "holoviews", "panel"} & sys.modules.keys()))
+"""
+
+
+def libraries_imported(*args: str) -> str:
+    """Which of the slow libraries to import a command imported, run in a fresh interpreter."""
+    result = subprocess.run([sys.executable, "-c", LIBRARIES_IMPORTED, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", [["--help"], ["extract", "--help"], ["export", "--help"], ["info"]])
+def test_a_command_that_loads_no_model_imports_no_slow_library(command: list[str]) -> None:
+    assert libraries_imported(*command) == "imported:"
+
+
+def test_a_reused_checkpoint_is_reported_without_importing_torch(tiny_dir: Path, sentiment_csv: Path) -> None:
+    args = ["finetune", "--base", str(tiny_dir), "--data", str(sentiment_csv), "--quiet", "--batch-size", "32", "--seed", "1"]
+    assert main(args) == 0
+    assert libraries_imported(*args) == "imported: transformers"  # only to quiet its logging
+
+
 def test_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence,sentiment\nhello,positive\n")
@@ -58,6 +87,42 @@ def test_extract_and_info_with_a_tiny_pair(tiny_dir: Path, tiny_classifier_dir: 
     assert main(["info", str(run)]) == 0
     out = capsys.readouterr().out
     assert '"n_sentences": 3' in out and "stored: 3 of 3 sentences" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--tau-min", "0"], "argument --tau-min: expected a number in (0, 1], got '0'"),
+        (["--tau-min", "x"], "argument --tau-min: expected a number in (0, 1], got 'x'"),
+        (["--workers", "0"], "argument --workers: expected a number of at least 1, got 0"),
+    ],
+)
+def test_extract_refuses_bad_store_and_cluster_flags(flags: list[str], error: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", *flags])
+    assert exit_info.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_extract_names_an_unreachable_scheduler_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the car\n")
+    args = ["extract", str(corpus), "--model", str(tmp_path / "none"), "-o", str(tmp_path / "run"), "--quiet"]
+    assert main([*args, "--scheduler", "tcp://127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err.startswith("attnflows: error: cannot reach the Dask scheduler at tcp://127.0.0.1:9")
+    assert main([*args, "--scheduler", "tcp://127.0.0.1:9", "--workers", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "attnflows: error: give --scheduler or --workers, not both"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_extract_on_two_local_workers(tiny_dir: Path, tiny_classifier_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the car was good\ni hate it\na great movie\nvery bad\n")
+    models = ["--pretrained", str(tiny_dir), "--finetuned", str(tiny_classifier_dir), "--shard-size", "2", "--quiet"]
+    assert main(["extract", str(corpus), *models, "-o", str(tmp_path / "run"), "--workers", "2", "--tau-min", "0.2"]) == 0
+    assert "4 of 4 sentences" in capsys.readouterr().out
+    store = RunStore.open(tmp_path / "run")
+    assert store.tau_min == 0.2 and len(store.manifest["shards"]) == 2
 
 
 def test_finetune_command(tiny_dir: Path, sentiment_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
