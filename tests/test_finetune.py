@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from attnflows_panel import paths
 from attnflows_panel.errors import InputError, ModelError
 from attnflows_panel.models import load_encoder
 from attnflows_panel.models import finetune as ft
-from attnflows_panel.paths import sha256_file
+from attnflows_panel.paths import recorded_sha256, sha256_file
 
 
 def config(base: Path, data: Path, **kw) -> ft.FinetuneConfig:
@@ -137,3 +141,78 @@ def test_the_same_weights_and_data_elsewhere_reuse_the_checkpoint(tiny_dir: Path
     monkeypatch.setattr(ft, "default_pretrained_path", lambda: venvs[1])
     again = ft.finetune(ft.FinetuneConfig(data=str(data[1]), batch_size=8, heldout=16, seed=5), progress=False)
     assert not first.reused and again.reused and again.path == first.path
+
+
+TICK = 0.05  # longer than a tick of the clock that stamps a file's change time
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("the check by recorded hashes did work it should skip")
+
+
+def _rewrite_in_place(path: Path, mtime_ns: int) -> None:
+    """Flip a bit of the first byte, then put the modification time back (as ``cp -p`` or ``touch -r`` leave it)."""
+    with open(path, "r+b") as fh:
+        first = fh.read(1)[0]
+        fh.seek(0)
+        fh.write(bytes([first ^ 1]))
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def _replace_by_a_copy(path: Path, mtime_ns: int) -> None:
+    """Replace the file by a copy with a bit of its first byte flipped and the same modification time."""
+    data = path.read_bytes()
+    copy = path.with_name(path.name + ".new")
+    copy.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    os.utime(copy, ns=(mtime_ns, mtime_ns))
+    os.replace(copy, path)  # as rsync replaces a file
+
+
+@pytest.mark.parametrize("change", [_rewrite_in_place, _replace_by_a_copy])
+def test_a_recorded_hash_is_reused_until_the_file_changes(change: Callable[[Path, int], None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paths, "SETTLE_NS", 0)  # record a file changed just now (the default waits 3 s)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    before = sha256_file(path)
+    assert recorded_sha256(path) == before
+    monkeypatch.setattr(paths, "sha256_file", refuse)
+    assert recorded_sha256(path) == before  # from the record: the file is not read
+    monkeypatch.undo()
+    time.sleep(TICK)
+    change(path, path.stat().st_mtime_ns)  # the same size and modification time, other bytes
+    assert recorded_sha256(path) == sha256_file(path) != before
+
+
+def test_a_file_changed_within_the_settling_time_is_hashed_at_every_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\ngood,positive\n")
+    first = recorded_sha256(path)
+    path.write_text("text,label\nbad!,negative\n")  # the same size, perhaps in the same clock tick
+    assert recorded_sha256(path) == sha256_file(path) != first
+    hashed: list[Path] = []
+    monkeypatch.setattr(paths, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
+    recorded_sha256(path)
+    assert hashed == [path.resolve()]  # not recorded until it has not changed for SETTLE_NS
+
+
+def test_a_cached_checkpoint_is_found_without_reading_the_data_or_hashing_a_file(tiny_dir: Path, sentiment_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paths, "SETTLE_NS", 0)
+    cfg = config(tiny_dir, sentiment_csv, seed=7)
+    first = ft.finetune(cfg, progress=False)
+    assert ft.finetune(cfg, progress=False).reused  # hashes the new checkpoint once and records it
+    for module, name in ((paths, "sha256_file"), (ft, "read_corpus"), (ft, "sentiment_corpus"), (ft, "load_encoder")):
+        monkeypatch.setattr(module, name, refuse)
+    again = ft.finetune(cfg, progress=False)
+    assert again.reused and again.path == first.path and again.metrics == first.metrics
+
+
+def test_a_checkpoint_changed_in_place_is_not_reused(tiny_dir: Path, sentiment_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paths, "SETTLE_NS", 0)
+    cfg = config(tiny_dir, sentiment_csv, seed=8)
+    first = ft.finetune(cfg, progress=False)
+    assert ft.finetune(cfg, progress=False).reused  # its weights' hash is recorded now
+    time.sleep(TICK)
+    weights = first.path / ft.WEIGHTS_FILE
+    _rewrite_in_place(weights, weights.stat().st_mtime_ns)
+    again = ft.finetune(cfg, progress=False)
+    assert not again.reused and sha256_file(weights) == first.metrics["weights_sha256"]

@@ -37,6 +37,21 @@ def test_architectures_load_and_give_normalised_attention(tmp_path: Path, model_
     np.testing.assert_allclose(record.attention.sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_weight_is_refused(tiny_dir: Path, dtype: str, value: float) -> None:
+    import torch
+
+    from attnflows_panel.models.loading import _check_weights
+
+    model = load_encoder(tiny_dir).model.to(getattr(torch, dtype))
+    _check_weights(model, "tiny")
+    with torch.no_grad():
+        model.encoder.layer[1].output.dense.weight[3, 5] = value
+    with pytest.raises(ModelError, match=r"^model 'tiny' has NaN or infinite weights in encoder\.layer\.1\.output\.dense\.weight; "):
+        _check_weights(model, "tiny")
+
+
 def test_roberta_limit_excludes_offset_positions(tmp_path: Path) -> None:
     lm = load_encoder(save_tiny(tmp_path / "r", model_type="roberta"))
     assert lm.max_tokens == 64  # 66 position embeddings, two taken by the padding offset

@@ -17,11 +17,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from attnflows_panel.corpus import Corpus, read_corpus, sentiment_corpus, split_corpus
+from attnflows_panel.corpus import Corpus, corpus_file, read_corpus, sentiment_corpus, sentiment_sha256, split_corpus
 from attnflows_panel.errors import InputError
 from attnflows_panel.models.families import family_of, supported_model_types
 from attnflows_panel.models.loading import LoadedModel, default_pretrained_path, load_encoder
-from attnflows_panel.paths import atomic_dir, home, remove_stale_temporaries, sha256_file, sha256_json
+from attnflows_panel.paths import atomic_dir, home, recorded_sha256, remove_stale_temporaries, sha256_file, sha256_json
 
 FORMAT_VERSION = 1
 METRICS_FILE = "metrics.json"
@@ -73,21 +73,30 @@ def _base_source(config: FinetuneConfig) -> str:
 
 
 def _base_fingerprint(base: str) -> str:
-    """Hash of a local model's weight files, or the hub name itself."""
+    """Hash of a local model's weight files (by their recorded hashes), or the hub name itself."""
     path = Path(base).expanduser()
     if not path.is_dir():
         return base
     files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
-    return sha256_json([(p.name, sha256_file(p)) for p in files])
+    return sha256_json([(p.name, recorded_sha256(p)) for p in files])
+
+
+def _data_fingerprint(config: FinetuneConfig) -> str:
+    """The training data's hash (the ``sha256`` of the corpus ``_load_data`` reads), without reading its texts."""
+    return recorded_sha256(corpus_file(config.data)) if config.data else sentiment_sha256()
+
+
+def _task(config: FinetuneConfig) -> str:
+    """The task's name in the checkpoint's: the data file's stem, or ``sentiment`` for the bundled corpus."""
+    if not config.data:
+        return "sentiment"
+    return re.sub(r"[^A-Za-z0-9]+", "-", Path(config.data).stem).strip("-").lower() or "data"
 
 
 def _load_data(config: FinetuneConfig) -> tuple[Corpus, str]:
     classify = config.objective == "classify"
-    if config.data:
-        corpus = read_corpus(config.data, require_labels=classify, encoding=config.data_encoding)
-        task = re.sub(r"[^A-Za-z0-9]+", "-", Path(config.data).stem).strip("-").lower() or "data"
-    else:
-        corpus, task = sentiment_corpus(), "sentiment"
+    corpus = read_corpus(config.data, require_labels=classify, encoding=config.data_encoding) if config.data else sentiment_corpus()
+    task = _task(config)
     if classify and len(corpus.label_names) < 2:
         raise InputError(f"fine-tuning needs at least two labels; {corpus.source} has {corpus.label_names}")
     return corpus, task
@@ -110,36 +119,36 @@ def _valid_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     weights = path / WEIGHTS_FILE
-    if metrics.get("key") != key or not weights.is_file() or sha256_file(weights) != metrics.get("weights_sha256"):
+    if metrics.get("key") != key or not weights.is_file() or recorded_sha256(weights) != metrics.get("weights_sha256"):
         return None
     return metrics
 
 
 def finetune(config: FinetuneConfig | None = None, force: bool = False, progress: bool = True, device: str = "cpu") -> FinetuneResult:
     """Fine-tune ``config.base`` on ``config.data``; reuse the cached checkpoint when one matches."""
-    import torch
-    import transformers
-    from tqdm.auto import tqdm
-
     config = config or FinetuneConfig()
     config.validate()
     if config.objective == "lm":
         _refuse_an_encoder(_base_source(config))  # before the data is read and the weights hashed
     remove_stale_temporaries(home() / "models")  # checkpoints half written by a killed fine-tune
-    corpus, task = _load_data(config)
     base = _base_source(config)
-    base_fingerprint = _base_fingerprint(base)
+    base_fingerprint, data_sha256 = _base_fingerprint(base), _data_fingerprint(config)
     # identity by content, not by path: another checkout, venv or copy of the same weights and data reuses the checkpoint
     settings = asdict(config) | {"base": None, "data": None}
     if config.data_encoding == "utf-8":
         del settings["data_encoding"]  # the keys of checkpoints made before it existed
     if config.objective == "classify":
         del settings["objective"]  # likewise
-    key = sha256_json({"config": settings, "base": base_fingerprint, "data": corpus.sha256, "format": FORMAT_VERSION})
-    target = checkpoint_dir(config, task, key)
+    key = sha256_json({"config": settings, "base": base_fingerprint, "data": data_sha256, "format": FORMAT_VERSION})
+    target = checkpoint_dir(config, _task(config), key)
     if not force and (metrics := _valid_checkpoint(target, key)) is not None:
         return FinetuneResult(target, metrics, reused=True)
 
+    import torch  # only now: a reused checkpoint needs neither them nor the data's texts
+    import transformers
+    from tqdm.auto import tqdm
+
+    corpus, task = _load_data(config)
     train, heldout = split_corpus(corpus, config.heldout, seed=13)
     rng = np.random.default_rng(config.seed)
     if len(train) > config.max_train:
@@ -214,7 +223,7 @@ def finetune(config: FinetuneConfig | None = None, force: bool = False, progress
         "task": task,
         "objective": config.objective,
         "data_source": corpus.source,
-        "data_sha256": corpus.sha256,
+        "data_sha256": data_sha256,
         "labels": labels,
         "n_train": len(train),
         "n_heldout": len(heldout),

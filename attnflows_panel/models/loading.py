@@ -152,14 +152,21 @@ def _check_vocabulary(tokenizer: Any, model: Any, name: str) -> None:
         raise ModelError(f"the tokenizer of model {name!r} has {size} tokens but the model embeds only {rows}")
 
 
-def _check_weights(model: Any, name: str) -> None:
-    """Refuse a model without layers or with NaN/infinite weights, before it draws or stores anything."""
+def _finite(tensor: Any) -> bool:
+    """Whether every value is finite, by the minimum and maximum alone (NaN propagates into both, an infinity is one): no tensor-sized temporary."""
     import torch
 
+    if not tensor.is_floating_point() or not tensor.numel():
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(tensor.detach()))).all())
+
+
+def _check_weights(model: Any, name: str) -> None:
+    """Refuse a model without layers or with NaN/infinite weights, before it draws or stores anything."""
     if not getattr(model.config, "num_hidden_layers", 1):
         raise ModelError(f"model {name!r} has no layers (num_hidden_layers is 0 in its config.json)")
     for param_name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
+        if not _finite(param):
             raise ModelError(f"model {name!r} has NaN or infinite weights in {param_name}; its checkpoint is broken")
 
 
