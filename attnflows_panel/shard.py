@@ -92,7 +92,7 @@ def compute_shard(
         outputs = [batch_attention(models[name], chosen) for name in names]
         measured = [head_statistics(layers, queries, keys) for layers, _ in outputs]
         for m, (name, (layers, batch_logits)) in enumerate(zip(names, outputs, strict=True)):
-            kept = sparse_entries(layers, n, tau_min)
+            kept = sparse_entries(layers, queries, tau_min)
             for row, i in enumerate(batch):
                 for column, values in measured[m][0].items():
                     stats.setdefault(column, [None] * len(texts) * len(names))[i * len(names) + m] = values[row]
@@ -187,23 +187,19 @@ def model_differences(
     return (torch.stack(js, 1) / n).numpy(), cosine
 
 
-def sparse_entries(layers: Sequence[torch.Tensor], n: torch.Tensor, tau_min: float) -> list[tuple[np.ndarray, ...]]:
+def sparse_entries(layers: Sequence[torch.Tensor], queries: torch.Tensor, tau_min: float) -> list[tuple[np.ndarray, ...]]:
     """Per input of a batch: its (layer, head, query, key) uint16 arrays and float16 weights of at least ``tau_min``, in that order."""
     import torch
 
-    found = []
-    for layer, weights in enumerate(layers):
-        index = (weights >= tau_min).nonzero()
-        index = index[index[:, 2] < n[index[:, 0]]]  # not a padded query's
-        found.append((torch.nn.functional.pad(index, (1, 0), value=layer), weights[tuple(index.T)]))
-    index = torch.cat([i for i, _ in found]).numpy()  # b, l, h, q, k
-    values = torch.cat([v for _, v in found]).numpy().astype(np.float16)
-    rows = index[:, 1].astype(np.uint16)  # the batch row (the layer went in front of it)
-    order = np.argsort(rows, kind="stable")  # a radix sort: layer order kept within each input
-    index, values = index[order], values[order]
-    bounds = np.searchsorted(rows[order], np.arange(len(n) + 1))
-    columns = index[:, [0, 2, 3, 4]].astype(np.uint16)
-    return [(*columns[lo:hi].T, values[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    masks = [(weights >= tau_min) & queries[..., None] for weights in layers]  # not a padded query's row
+    index = torch.stack(masks, 1).nonzero().numpy().astype(np.uint16)  # b, l, h, q, k: each input's entries together
+    counts = torch.stack([mask.sum((1, 2, 3)) for mask in masks], 1).numpy()  # [B, L]
+    by_layer = [np.split(weights[mask].numpy(), np.cumsum(counts[:, layer])[:-1]) for layer, (weights, mask) in enumerate(zip(layers, masks, strict=True))]
+    bounds = np.concatenate([[0], np.cumsum(counts.sum(1))])
+    return [
+        (*index[bounds[row] : bounds[row + 1], 1:].T, np.concatenate([parts[row] for parts in by_layer]).astype(np.float16))
+        for row in range(len(counts))
+    ]
 
 
 def _stats_table(stats: dict[str, list[np.ndarray]], names: list[str], start: int, n_layers: int, n_heads: int) -> pa.Table:

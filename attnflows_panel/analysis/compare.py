@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from scipy.special import entr
 
 from attnflows_panel.analysis.flows import as_source, validate_attention
@@ -206,6 +205,8 @@ class DepthTrend:
 
 def depth_trend(diff: HeadDifferences) -> DepthTrend:
     """Spearman correlation of layer index with mean JS per layer, and with each head's JS and cosine."""
+    from scipy import stats  # here, not at the top: importing scipy.stats would cost every export 0.4 s
+
     L, H = diff.js.shape
     layers = layer_summary(diff.js, "js").merge(layer_summary(diff.cosine, "cosine"), on="layer")
     layer_of_head = np.repeat(np.arange(L), H)
