@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from conftest import stop_after
 
+from attnflows_panel.analysis.embedding import head_feature_matrix
 from attnflows_panel.analysis.heads import basic_head_stats
 from attnflows_panel.corpus import Corpus
 from attnflows_panel.errors import InputError, StoreError
@@ -248,6 +249,11 @@ def test_every_part_reads_as_one_dask_dataframe(models, tmp_path: Path) -> None:
     expected = store.head_stats().groupby(["model", "layer", "head"], observed=True)["entropy"].mean()
     np.testing.assert_allclose(means.sort_index().to_numpy(), expected.sort_index().to_numpy(), rtol=1e-6)
     assert len(store.dataframe("entries")) == sum(len(store.entries(i, m)) for i in range(20) for m in store.models)
+    features, heads = head_feature_matrix(frame)
+    in_memory, same_heads = head_feature_matrix(store.head_stats())
+    np.testing.assert_allclose(features, in_memory, rtol=1e-6)
+    pd.testing.assert_frame_equal(heads, same_heads)
+    assert heads["model"].tolist()[:1] + heads["model"].tolist()[-1:] == ["pretrained", "finetuned"]
     with pytest.raises(InputError, match="unknown part 'attention'"):
         store.dataframe("attention")
 

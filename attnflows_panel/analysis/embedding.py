@@ -337,8 +337,11 @@ def embed_head_features(
     return _embedding(np.asarray(coords, dtype=np.float64), heads, method)
 
 
-def head_feature_matrix(stats: pd.DataFrame, measures: Sequence[str] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
-    """Per-head measure vectors averaged over sentences from tidy stats (``RunStore.head_stats()``) and their labels."""
+def head_feature_matrix(stats: Any, measures: Sequence[str] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """Per-head measure vectors averaged over sentences from tidy stats and their labels.
+
+    ``stats``: a pandas frame (``RunStore.head_stats()``) or, out of core, a ``dask.dataframe`` (``RunStore.dataframe("stats")``).
+    """
     keys = ["model", "layer", "head"]
     missing = [c for c in ["sentence_id", *keys] if c not in stats.columns]
     if missing:
@@ -347,8 +350,11 @@ def head_feature_matrix(stats: pd.DataFrame, measures: Sequence[str] | None = No
     unknown = [c for c in cols if c not in stats.columns]
     if unknown or not cols:
         raise InputError(f"unknown measures {unknown!r}; the stats have {', '.join(c for c in stats.columns if c not in keys)}")
-    order = list(dict.fromkeys(stats["model"]))
-    means = stats.groupby(keys, sort=False)[cols].mean().reset_index()
+    means = stats.groupby(keys, sort=False, observed=True)[cols].mean()
+    means = (means.compute() if hasattr(means, "compute") else means).reset_index()
+    kind = stats["model"].dtype
+    order = list(kind.categories) if isinstance(kind, pd.CategoricalDtype) else list(dict.fromkeys(stats["model"]))  # models in run order
+    means["model"] = means["model"].astype(str)
     means["_model"] = means["model"].map(order.index)
     means = means.sort_values(["_model", "layer", "head"]).reset_index(drop=True)
     return means[cols].to_numpy(np.float64), means[keys]
