@@ -41,6 +41,9 @@ bench: install browser
 	$(PY) benchmarks/bench_dashboard.py
 	$(PY) benchmarks/bench_browser.py
 	$(PY) benchmarks/bench_sessions.py
+	$(PY) benchmarks/bench_corpus.py
+	$(PY) benchmarks/bench_start.py
+	$(PY) benchmarks/bench_export_bertviz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,7 +28,8 @@ from bokeh.embed.bundle import bundle_for_objs_and_resources
 from bokeh.embed.elements import html_page_for_render_items
 from bokeh.embed.util import standalone_docs_json_and_render_items
 from bokeh.layouts import column, row
-from bokeh.models import ColorBar, ColumnDataSource, CustomJS, CustomJSHover, Div, GlyphRenderer, HoverTool, LayoutDOM, LinearColorMapper, Plot
+from bokeh.models import ColorBar, ColumnDataSource, CustomJS, CustomJSHover, Div, HoverTool, LayoutDOM, LinearColorMapper, Plot
+from bokeh.palettes import Blues256, Magma256
 from bokeh.resources import INLINE
 
 from attnflows_panel.analysis.compare import head_js_divergence, require_same_shape
@@ -40,7 +41,7 @@ from attnflows_panel.extract import AttentionRecord, merge_tokens
 from attnflows_panel.paths import atomic_file
 from attnflows_panel.plots import MODEL_TITLES, short_name
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, matrix_frames
-from attnflows_panel.plots.bound import render_bound
+from attnflows_panel.plots.bound import render_bound, renderer
 from attnflows_panel.plots.flow_diagram import (
     COUNT_HIDDEN_UP_TO,
     EDGE_COLUMNS,
@@ -55,13 +56,17 @@ from attnflows_panel.plots.flow_diagram import (
     flow_layers,
     hidden_text,
 )
-from attnflows_panel.plots.head_grid import head_grid, heads_at
+from attnflows_panel.plots.head_grid import GRID_LAYERS, head_grid, heads_at
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
 
 MAX_TOP_HEADS = 8  # two matrices a head: with the grid, flows and sentence this stays under ~20 figures
 MAX_TOP_K = 20  # the app's top-k slider bounds
 MAX_ENTRIES = 1_500_000  # attention entries of at least tau a file carries, both models together (about 18 MB of arrays)
+MATRIX_PIXELS = 400  # a matrix is shipped as at most this many pixels a side (n x n up to 400 tokens), as datashader's rasterize made it
 DEFAULT_TOP_K = 3  # the app's default
+# colour maps as palettes, not names: HoloViews finds a name among every provider's maps, importing colorcet (0.2 s of a first export)
+GRID_PALETTE = list(reversed(Magma256))  # "magma_r"
+MATRIX_PALETTE = list(reversed(Blues256))  # "Blues", attention_matrix's default
 DEFAULT_TITLE = "attnflows: pre-trained vs fine-tuned"
 SINGLE_TITLE = "attnflows: attention flows"
 PAIR_NAME = "pre-trained vs fine-tuned"
@@ -478,9 +483,13 @@ def dashboard_layout(
         *_matrix_rows(named, values, top_heads),
         margin=(12, 16, 24, 16),
     )
-    for plot in layout.select({"type": Plot}):
-        plot.output_backend = "canvas"  # no WebGL bundle to inline, and no GPU needed to view the file
     return layout
+
+
+def _canvas(fig: Plot) -> Plot:
+    """``fig`` drawn on a canvas: no WebGL bundle to inline, and no GPU needed to view the file."""
+    fig.output_backend = "canvas"
+    return fig
 
 
 def _grid_figure(values: np.ndarray, label: str, title: str, mask: np.ndarray, shipped: np.ndarray) -> tuple[Plot, ColumnDataSource, np.ndarray]:
@@ -488,8 +497,8 @@ def _grid_figure(values: np.ndarray, label: str, title: str, mask: np.ndarray, s
 
     Heads whose attention the file does not carry (not ``shipped``) are hatched.
     """
-    fig = hv.render(head_grid(values, label, title=title, cmap="magma_r", width=440, height=320), backend="bokeh")
-    grid = fig.select_one({"type": GlyphRenderer}).data_source
+    fig = _canvas(hv.render(head_grid(values, label, title=title, cmap=GRID_PALETTE, width=440, height=320), backend="bokeh"))
+    grid = renderer(fig, GRID_LAYERS["cells"]).data_source
     grid.name = "head_grid"
     cells = np.array(heads_at(grid.data, range(mask.size)), dtype=np.int32)
     if not mask.all():
@@ -517,7 +526,7 @@ def _flow_figure(tokens: Sequence[str], traces: dict[str, AttentionTrace], frame
     element = flow_diagram(tokens, traces, layout="layered", width=width, height=540, frames=frames).opts(title=title)
     nodes = frames["nodes"]
     fig, sources = render_bound(element, flow_layers(), {"edges": frames["edges"][EDGE_FIELDS], "nodes": nodes[NODE_FIELDS], "message": frames["message"]})
-    fig.name = "flow"
+    _canvas(fig).name = "flow"
     for name, source in sources.items():
         source.name = f"flow_{name}"
     return fig, sources
@@ -533,7 +542,7 @@ def _sentence_figure(words: list[str], word_index: np.ndarray, traces: dict[str,
     element = sentence_view(words, values, captions, max_chars=62)
     fig, sources = render_bound(element, SENTENCE_LAYERS, sentence_frames(words, values, captions, max_chars=62))
     sources["boxes"].name = "sentence_words"
-    return fig, sources["boxes"]
+    return _canvas(fig), sources["boxes"]
 
 
 def _matrix_rows(records: Mapping[str, AttentionRecord], values: np.ndarray, top_heads: int) -> list[LayoutDOM]:
@@ -556,20 +565,29 @@ def _matrix_rows(records: Mapping[str, AttentionRecord], values: np.ndarray, top
 
 
 def _matrix_figure(attention: np.ndarray, tokens: Sequence[str], title: str, size: int) -> Plot:
-    """One head's matrix, shipped as uint8 (weight * 255); its colours, colour bar and hover still show weights."""
-    # a long input's through datashader: the file carries its pixels, not n x n (linear colours: the uint8 weights below)
-    element = attention_matrix(attention, tokens, title=title, size=size, by_rank=False)
+    """One head's matrix, shipped as uint8 (weight * 255) in at most :data:`MATRIX_PIXELS` a side; its colours, colour bar and hover still show weights."""
+    element = attention_matrix(attention, tokens, title=title, size=size, cmap=MATRIX_PALETTE, rasterize=False)  # no datashader: its first call compiles for seconds
     frames = matrix_frames(element)
-    frames["image"]["image"] = [np.round(np.clip(frames["image"]["image"][0], 0.0, 1.0) * 255).astype(np.uint8)]
+    frames["image"]["image"] = [_matrix_pixels(frames["image"]["image"][0])]
     fig, _ = render_bound(element, MATRIX_LAYERS, frames)
-    mapper = fig.select_one({"type": LinearColorMapper})  # HoloViews gives the image and its colour bar one mapper
-    fig.select_one({"type": ColorBar}).color_mapper = LinearColorMapper(palette=mapper.palette, low=mapper.low, high=mapper.high)
+    mapper = renderer(fig, MATRIX_LAYERS["image"]).glyph.color_mapper  # HoloViews gives the image and its colour bar one mapper
+    next(item for item in fig.right if isinstance(item, ColorBar)).color_mapper = LinearColorMapper(palette=mapper.palette, low=mapper.low, high=mapper.high)
     mapper.low, mapper.high = 0.0, max(float(mapper.high) * 255, 1.0)
-    for tool in fig.select({"type": HoverTool}):
-        # keep attention_matrix's token formatters for the axes; the weight now arrives as uint8
-        tool.tooltips = [(label, "@image{custom}" if label == "weight" else field) for label, field in tool.tooltips]
-        tool.formatters = {**tool.formatters, "@image": CustomJSHover(code="return (value / 255).toFixed(3)")}
-    return fig
+    for tool in fig.toolbar.tools:
+        if isinstance(tool, HoverTool):  # keep attention_matrix's token formatters for the axes; the weight now arrives as uint8
+            tool.tooltips = [(label, "@image{custom}" if label == "weight" else field) for label, field in tool.tooltips]
+            tool.formatters = {**tool.formatters, "@image": CustomJSHover(code="return (value / 255).toFixed(3)")}
+    return _canvas(fig)
+
+
+def _matrix_pixels(weights: np.ndarray) -> np.ndarray:
+    """``[n, n]`` weights as uint8 (weight * 255), averaged over blocks of rows and of columns down to at most :data:`MATRIX_PIXELS` a side."""
+    n = weights.shape[0]
+    if n > MATRIX_PIXELS:
+        starts = np.arange(MATRIX_PIXELS) * n // MATRIX_PIXELS
+        sizes = np.diff(np.r_[starts, n])
+        weights = np.add.reduceat(np.add.reduceat(weights, starts, axis=0), starts, axis=1) / np.outer(sizes, sizes)
+    return np.round(np.clip(weights, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def _model_name(model_id: str) -> str:

@@ -42,7 +42,7 @@ def attention_matrix(
     tokens: Sequence[str],
     *,
     title: str = "",
-    cmap: str = "Blues",
+    cmap: str | list[str] = "Blues",
     size: int = 360,
     rasterize: bool | None = None,
     max_labels: int | None = None,

@@ -46,7 +46,7 @@ def numbered_ticks(count: int, most: int = 16) -> list[int]:
     return list(range(1, count + 1, step)) if step <= 2 else [1, *range(step, count + 1, step)]
 
 
-def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str = "viridis", symmetric: bool = False, width: int = 420, height: int = 300) -> hv.HeatMap:
+def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str | list[str] = "viridis", symmetric: bool = False, width: int = 420, height: int = 300) -> hv.HeatMap:
     """One HeatMap cell per head (deepest layer on top), with tap and box select for brushing."""
     frame = head_grid_frame(values, "value")
     levels = frame["layer"].max()
