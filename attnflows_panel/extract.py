@@ -137,35 +137,45 @@ def encode(lm: LoadedModel, text: str, text_pair: str | None = None, warn: bool 
     text = check_text(text, "text")
     if text_pair is not None:
         text_pair = check_text(text_pair, "second segment")
-    tok = lm.tokenizer
-    limit = lm.max_tokens
-    # user text is text: a typed "[CLS]" or "<mask>" is split into word pieces, never made a special token
-    full = tok(text, text_pair, truncation=False, verbose=False, split_special_tokens=True)
-    enc = tok(text, text_pair, truncation=True, max_length=limit, verbose=False, split_special_tokens=True)
-    n_truncated = len(full["input_ids"]) - len(enc["input_ids"])
-    if n_truncated and warn:
+    (encoding,) = encode_batch(lm, [text], None if text_pair is None else [text_pair])
+    if encoding.n_truncated and warn:
         warnings.warn(
-            f"input has {len(full['input_ids'])} tokens but {lm.model_id} takes at most {limit}: "
-            f"dropped {n_truncated} tokens{' (longest segment first)' if text_pair is not None else ' from the end'}",
+            f"input has {len(encoding.input_ids) + encoding.n_truncated} tokens but {lm.model_id} takes at most {lm.max_tokens}: "
+            f"dropped {encoding.n_truncated} tokens{' (longest segment first)' if text_pair is not None else ' from the end'}",
             TruncationWarning,
             stacklevel=3,
         )
-    sequence_ids = enc.sequence_ids(0)
-    raw_word_ids = enc.word_ids(0)
-    segment = np.zeros(len(sequence_ids), dtype=np.int8)
-    current = 0
-    for i, s in enumerate(sequence_ids):
-        current = current if s is None else s
-        segment[i] = current
-    first_words = [w for w, s in zip(raw_word_ids, sequence_ids, strict=True) if s == 0 and w is not None]
-    offset = max(first_words) + 1 if first_words else 0
-    word_ids = np.array(
-        [-1 if w is None else w + (offset if s == 1 else 0) for w, s in zip(raw_word_ids, sequence_ids, strict=True)],
-        dtype=np.int32,
-    )
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    types = np.asarray(enc["token_type_ids"], dtype=np.int64) if "token_type_ids" in enc else None
-    return Encoding(ids, types, word_ids, segment, tok.convert_ids_to_tokens(ids.tolist()), n_truncated)
+    return encoding
+
+
+def encode_batch(lm: LoadedModel, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> list[Encoding]:
+    """Tokenize checked inputs in one call, each truncated to the model's maximum (dropped tokens counted, not warned)."""
+    tok = lm.tokenizer
+    limit = lm.max_tokens
+    # user text is text: a typed "[CLS]" or "<mask>" is split into word pieces, never made a special token
+    batch = tok(list(texts), None if text_pairs is None else list(text_pairs), truncation=True, max_length=limit, verbose=False, split_special_tokens=True)
+    out = []
+    for i, text in enumerate(texts):
+        ids = np.asarray(batch["input_ids"][i], dtype=np.int64)
+        n_truncated = 0
+        if len(ids) == limit:  # perhaps cut: count what the whole input has
+            full = tok(text, None if text_pairs is None else text_pairs[i], truncation=False, verbose=False, split_special_tokens=True)
+            n_truncated = len(full["input_ids"]) - limit
+        sequence_ids, raw_word_ids = batch.sequence_ids(i), batch.word_ids(i)
+        segment = np.zeros(len(sequence_ids), dtype=np.int8)
+        current = 0
+        for k, s in enumerate(sequence_ids):
+            current = current if s is None else s
+            segment[k] = current
+        first_words = [w for w, s in zip(raw_word_ids, sequence_ids, strict=True) if s == 0 and w is not None]
+        offset = max(first_words) + 1 if first_words else 0
+        word_ids = np.array(
+            [-1 if w is None else w + (offset if s == 1 else 0) for w, s in zip(raw_word_ids, sequence_ids, strict=True)],
+            dtype=np.int32,
+        )
+        types = np.asarray(batch["token_type_ids"][i], dtype=np.int64) if "token_type_ids" in batch else None
+        out.append(Encoding(ids, types, word_ids, segment, tok.convert_ids_to_tokens(ids.tolist()), n_truncated))
+    return out
 
 
 def length_batches(lengths: Sequence[int], per_token_pair_bytes: int, max_batch: int) -> list[list[int]]:

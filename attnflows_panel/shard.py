@@ -8,7 +8,6 @@ Everything is computed in torch on whole padded batches; padded query rows are z
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from attnflows_panel.errors import ModelError, TruncationWarning
-from attnflows_panel.extract import Encoding, length_batches, encode, padded_inputs, prediction_logits
+from attnflows_panel.errors import ModelError
+from attnflows_panel.extract import Encoding, encode_batch, length_batches, padded_inputs, prediction_logits
 from attnflows_panel.models.loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -27,6 +26,7 @@ STATS = ("entropy", "max_weight", "attn_cls", "attn_sep")
 DIFFERENCES = ("js", "cosine")
 TAU_MIN = 0.1  # the app's default edge threshold: every view at it or above is exact
 LN2 = float(np.log(2.0))
+TINY = 1e-30  # weights are clamped to this before their log: 0 log 0 = 0, and no weight that is not 0 is this small
 
 
 @dataclass
@@ -49,13 +49,6 @@ class ShardTables:
         return {name: table for name, table in parts.items() if table is not None}
 
 
-def encode_shard(lm: LoadedModel, texts: Sequence[str], text_pairs: Sequence[str] | None) -> list[Encoding]:
-    """Every sentence of a shard tokenized, truncation counted per encoding rather than warned."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TruncationWarning)
-        return [encode(lm, text, None if text_pairs is None else text_pairs[i], warn=False) for i, text in enumerate(texts)]
-
-
 def compute_shard(
     models: Mapping[str, LoadedModel],
     shard: int,
@@ -75,12 +68,12 @@ def compute_shard(
 
     names = list(models)
     first = models[names[0]]
-    encodings = encode_shard(first, texts, text_pairs)
+    encodings = encode_batch(first, texts, text_pairs)  # the texts were checked before the run began
     lengths = [len(e.input_ids) for e in encodings]
     cls_id, sep_id = (-1 if t is None else t for t in (first.tokenizer.cls_token_id, first.tokenizer.sep_token_id))
     stats: dict[str, list[np.ndarray]] = {}
     differences: dict[int, np.ndarray] = {}
-    entries: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+    entries: list[tuple[np.ndarray, ...]] = []  # per batch and model: (sentence * models + model, layer, head, query, key, weight)
     logits: dict[str, dict[int, np.ndarray]] = {name: {} for name in names}
     mapped: dict[int, list[np.ndarray]] = {}  # the head map's sentences: every model's dense attention
     for batch in length_batches(lengths, first.n_layers * first.n_heads * 4, max_batch):
@@ -92,11 +85,11 @@ def compute_shard(
         outputs = [batch_attention(models[name], chosen) for name in names]
         measured = [head_statistics(layers, queries, keys) for layers, _ in outputs]
         for m, (name, (layers, batch_logits)) in enumerate(zip(names, outputs, strict=True)):
-            kept = sparse_entries(layers, queries, tau_min)
+            row, *kept = sparse_entries(layers, n.numpy(), tau_min)
+            entries.append((np.asarray(batch, dtype=np.int64)[row] * len(names) + m, *kept))
             for row, i in enumerate(batch):
                 for column, values in measured[m][0].items():
                     stats.setdefault(column, [None] * len(texts) * len(names))[i * len(names) + m] = values[row]
-                entries[i, m] = kept[row]
                 if start + i < head_map_until:
                     mapped.setdefault(i, []).append(torch.stack([layer[row, :, : lengths[i], : lengths[i]] for layer in layers]).numpy())
                 if batch_logits is not None:
@@ -110,7 +103,7 @@ def compute_shard(
         _stats_table(stats, names, start, first.n_layers, first.n_heads),
         _differences_table(differences, start, first.n_layers, first.n_heads) if len(names) > 1 else None,
         _tokens_table(models, encodings, logits, start),
-        _entries_table(entries, names, start, len(texts)),
+        _entries_table(entries, names, start),
         _distances_table(mapped, names) if mapped else None,
         sum(e.n_truncated > 0 for e in encodings),
     )
@@ -144,6 +137,13 @@ def _per_head(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return (rows.double() * queries).sum(-1)
 
 
+def row_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """``-sum(w log w)`` over the last axis (nats), 0 log 0 taken as 0: a product with the logs, not ``entr``'s slower pass."""
+    import torch
+
+    return -torch.linalg.vecdot(weights, weights.clamp_min(TINY).log_())
+
+
 def head_statistics(layers: Sequence[torch.Tensor], queries: torch.Tensor, keys: torch.Tensor) -> tuple[dict[str, np.ndarray], list[torch.Tensor]]:
     """``[B, L, H]`` per measure of :data:`STATS` (each a mean over a sentence's queries, as :func:`basic_head_stats`)
     and ``squares`` (each head's sum of squared weights, for the cosine of two maps); and each layer's row entropies."""
@@ -154,7 +154,7 @@ def head_statistics(layers: Sequence[torch.Tensor], queries: torch.Tensor, keys:
     for weights in layers:
         to = torch.einsum("bhqk,bkc->bhqc", weights, keys)
         rows = {
-            "entropy": torch.special.entr(weights).sum(-1),  # [B, H, w]
+            "entropy": row_entropy(weights),  # [B, H, w]
             "max_weight": weights.amax(-1),
             "attn_cls": to[..., 0],
             "attn_sep": to[..., 1],
@@ -179,7 +179,7 @@ def model_differences(
     (measured_a, entropies_a), (measured_b, entropies_b) = measured
     js, dots = [], []
     for la, lb, entropy_a, entropy_b in zip(a, b, entropies_a, entropies_b, strict=True):
-        rows = (0.5 * torch.special.entr(la + lb).sum(-1) + LN2 - 0.5 * (entropy_a + entropy_b)) / LN2
+        rows = (0.5 * row_entropy(la + lb) + LN2 - 0.5 * (entropy_a + entropy_b)) / LN2
         js.append(_per_head(rows.clamp_(0.0, 1.0), queries))
         dots.append(_per_head(torch.linalg.vecdot(la, lb), queries))
     n = queries.sum(-1, dtype=torch.float64)[:, None]
@@ -187,19 +187,19 @@ def model_differences(
     return (torch.stack(js, 1) / n).numpy(), cosine
 
 
-def sparse_entries(layers: Sequence[torch.Tensor], queries: torch.Tensor, tau_min: float) -> list[tuple[np.ndarray, ...]]:
-    """Per input of a batch: its (layer, head, query, key) uint16 arrays and float16 weights of at least ``tau_min``, in that order."""
-    import torch
-
-    masks = [(weights >= tau_min) & queries[..., None] for weights in layers]  # not a padded query's row
-    index = torch.stack(masks, 1).nonzero().numpy().astype(np.uint16)  # b, l, h, q, k: each input's entries together
-    counts = torch.stack([mask.sum((1, 2, 3)) for mask in masks], 1).numpy()  # [B, L]
-    by_layer = [np.split(weights[mask].numpy(), np.cumsum(counts[:, layer])[:-1]) for layer, (weights, mask) in enumerate(zip(layers, masks, strict=True))]
-    bounds = np.concatenate([[0], np.cumsum(counts.sum(1))])
-    return [
-        (*index[bounds[row] : bounds[row + 1], 1:].T, np.concatenate([parts[row] for parts in by_layer]).astype(np.float16))
-        for row in range(len(counts))
-    ]
+def sparse_entries(layers: Sequence[torch.Tensor], lengths: np.ndarray, tau_min: float) -> tuple[np.ndarray, ...]:
+    """The entries of at least ``tau_min`` of a batch whose inputs have ``lengths`` tokens, layer by layer: (row, layer,
+    head, query, key) int16 arrays and float16 weights (each input's in (layer, head, query, key) order)."""
+    found = []
+    for layer, weights in enumerate(layers):
+        array = weights.numpy()
+        flat = np.flatnonzero(array >= tau_min)
+        index = np.unravel_index(flat, array.shape)
+        real = index[2] < lengths[index[0]]  # not a padded query's junk
+        found.append((*(i[real].astype(np.int16) for i in index), array.ravel()[flat[real]].astype(np.float16)))
+    row, head, query, key, weight = (np.concatenate(column) for column in zip(*found, strict=True))
+    layer = np.repeat(np.arange(len(found), dtype=np.int16), [len(f[0]) for f in found])
+    return row, layer, head, query, key, weight
 
 
 def _stats_table(stats: dict[str, list[np.ndarray]], names: list[str], start: int, n_layers: int, n_heads: int) -> pa.Table:
@@ -265,20 +265,17 @@ def _distances_table(mapped: dict[int, list[np.ndarray]], names: list[str]) -> p
     )
 
 
-def _entries_table(entries: dict[tuple[int, int], tuple[np.ndarray, ...]], names: list[str], start: int, n_sentences: int) -> pa.Table:
-    order = [(i, m) for i in range(n_sentences) for m in range(len(names))]
-    counts = np.array([len(entries[key][0]) for key in order], dtype=np.int64)
-    sentence = np.repeat(np.arange(start, start + n_sentences, dtype=np.int64), len(names))
-    model = np.tile(np.arange(len(names), dtype=np.int8), n_sentences)
-    columns = [np.concatenate([entries[key][c] for key in order]) if order else np.empty(0) for c in range(5)]
+def _entries_table(entries: list[tuple[np.ndarray, ...]], names: list[str], start: int) -> pa.Table:
+    """One table of every batch's entries, in the order they were found (``RunStore`` orders a shard's by sentence and model)."""
+    key, layer, head, query, key_token, weight = (np.concatenate(column) for column in zip(*entries, strict=True))
     return pa.table(
         {
-            "sentence_id": np.repeat(sentence, counts),
-            "model": pa.DictionaryArray.from_arrays(np.repeat(model, counts), names),
-            "layer": columns[0].astype(np.int16),
-            "head": columns[1].astype(np.int16),
-            "query": columns[2],
-            "key": columns[3],
-            "weight": columns[4].astype(np.float16),
+            "sentence_id": start + key // len(names),
+            "model": pa.DictionaryArray.from_arrays((key % len(names)).astype(np.int8), names),
+            "layer": layer,
+            "head": head,
+            "query": query.astype(np.uint16),
+            "key": key_token.astype(np.uint16),
+            "weight": weight,
         }
     )

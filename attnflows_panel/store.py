@@ -8,7 +8,8 @@ Layout (tidy Parquet, readable by pandas, pyarrow and ``dask.dataframe``; every 
     RUN_DIR/stats/part-NNNNN.parquet       sentence_id, model, layer, head, entropy, max_weight, attn_cls, attn_sep
     RUN_DIR/differences/part-NNNNN.parquet sentence_id, layer, head, js, cosine (the first two models; runs of two or more)
     RUN_DIR/tokens/part-NNNNN.parquet      sentence_id, n_tokens, tokens, input_ids, word_ids, segment_ids, predictions
-    RUN_DIR/entries/part-NNNNN.parquet     sentence_id, model, layer, head, query, key, weight (float16, at least tau_min)
+    RUN_DIR/entries/part-NNNNN.parquet     sentence_id, model, layer, head, query, key, weight (float16, at least tau_min;
+                                           in the order the batches found them: ``RunStore.entries`` reads one sentence's)
     RUN_DIR/distances/part-NNNNN.parquet   i, j, total, n_sentences, n_tokens: head distances over the head map's sentences
 
 A shard is committed by its record, written after its files: a killed run leaves no half-written shard.
@@ -233,9 +234,13 @@ class RunStore:
             import pyarrow.parquet as pq
 
             table = pq.read_table(self._file(shard, "entries"))
-            columns = {name: table.column(name).to_numpy() for name in ("sentence_id", "layer", "head", "query", "key", "weight")}
             model = table.column("model").combine_chunks()
-            columns["model"] = np.asarray(model.dictionary.to_pylist(), dtype=object)[model.indices.to_numpy()] if len(model) else np.empty(0, object)
+            codes = model.indices.to_numpy() if len(model) else np.empty(0, np.int8)
+            sentence = table.column("sentence_id").to_numpy()
+            order = np.lexsort((codes, sentence))  # stable: each sentence's entries keep their (layer, head, query, key) order
+            columns = {name: table.column(name).to_numpy()[order] for name in ("layer", "head", "query", "key", "weight")}
+            columns["sentence_id"] = sentence[order]
+            columns["model"] = np.asarray(model.dictionary.to_pylist() if len(model) else [], dtype=object)[codes[order]]
             self._loaded = (shard["shard"], columns)
         return self._loaded[1]
 
