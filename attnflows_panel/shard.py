@@ -73,20 +73,19 @@ def compute_shard(
     cls_id, sep_id = (-1 if t is None else t for t in (first.tokenizer.cls_token_id, first.tokenizer.sep_token_id))
     stats: dict[str, list[np.ndarray]] = {}
     differences: dict[int, np.ndarray] = {}
-    entries: list[tuple[np.ndarray, ...]] = []  # per batch and model: (sentence * models + model, layer, head, query, key, weight)
+    entries: list[tuple[np.ndarray, ...]] = []  # per batch and model: sentence_id, model, layer, head, query, key, weight
     logits: dict[str, dict[int, np.ndarray]] = {name: {} for name in names}
     mapped: dict[int, list[np.ndarray]] = {}  # the head map's sentences: every model's dense attention
     for batch in length_batches(lengths, first.n_layers * first.n_heads * 4, max_batch):
         chosen = [encodings[i] for i in batch]
         n = torch.tensor([lengths[i] for i in batch])
         queries = torch.arange(int(n.max()))[None, None, :] < n[:, None, None]  # [B, 1, w]: the rows that are not padding
-        ids = _padded_ids(chosen)
-        keys = torch.stack([ids == cls_id, ids == sep_id], -1).float()  # [B, w, 2]
+        special = special_columns(_padded_ids(chosen), cls_id, sep_id)
         outputs = [batch_attention(models[name], chosen) for name in names]
-        measured = [head_statistics(layers, queries, keys) for layers, _ in outputs]
+        measured = [head_statistics(layers, queries, special) for layers, _ in outputs]
         for m, (name, (layers, batch_logits)) in enumerate(zip(names, outputs, strict=True)):
             row, *kept = sparse_entries(layers, n.numpy(), tau_min)
-            entries.append((np.asarray(batch, dtype=np.int64)[row] * len(names) + m, *kept))
+            entries.append((np.asarray(batch, dtype=np.int64)[row] + start, np.full(len(row), m, np.int8), *kept))
             for row, i in enumerate(batch):
                 for column, values in measured[m][0].items():
                     stats.setdefault(column, [None] * len(texts) * len(names))[i * len(names) + m] = values[row]
@@ -103,7 +102,7 @@ def compute_shard(
         _stats_table(stats, names, start, first.n_layers, first.n_heads),
         _differences_table(differences, start, first.n_layers, first.n_heads) if len(names) > 1 else None,
         _tokens_table(models, encodings, logits, start),
-        _entries_table(entries, names, start),
+        _entries_table(entries, names),
         _distances_table(mapped, names) if mapped else None,
         sum(e.n_truncated > 0 for e in encodings),
     )
@@ -133,7 +132,7 @@ def batch_attention(lm: LoadedModel, encodings: Sequence[Encoding]) -> tuple[lis
 
 
 def _per_head(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """``[B, H]`` sums over the real queries of ``[B, H, w]`` per-row values (float64)."""
+    """``[..., B, H]`` sums over the real queries of ``[..., B, H, w]`` per-row values (float64)."""
     return (rows.double() * queries).sum(-1)
 
 
@@ -144,27 +143,43 @@ def row_entropy(weights: torch.Tensor) -> torch.Tensor:
     return -torch.linalg.vecdot(weights, weights.clamp_min(TINY).log_())
 
 
-def head_statistics(layers: Sequence[torch.Tensor], queries: torch.Tensor, keys: torch.Tensor) -> tuple[dict[str, np.ndarray], list[torch.Tensor]]:
-    """``[B, L, H]`` per measure of :data:`STATS` (each a mean over a sentence's queries, as :func:`basic_head_stats`)
-    and ``squares`` (each head's sum of squared weights, for the cosine of two maps); and each layer's row entropies."""
+def special_columns(ids: torch.Tensor, cls_id: int, sep_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key positions of each input's [CLS] and [SEP] tokens ``[B, P]`` (padded with 0) and which is which ``[B, P, 2]``."""
     import torch
 
-    sums: dict[str, list[torch.Tensor]] = {name: [] for name in (*STATS, "squares")}
-    entropies = []
+    kinds = torch.stack([ids == cls_id, ids == sep_id], -1)  # [B, w, 2]
+    found = kinds.any(-1)
+    width = max(1, int(found.sum(-1).max()))
+    positions = torch.zeros((len(ids), width), dtype=torch.long)
+    which = torch.zeros((len(ids), width, 2))
+    for row in range(len(ids)):
+        at = found[row].nonzero()[:, 0]
+        positions[row, : len(at)] = at
+        which[row, : len(at)] = kinds[row, at].float()
+    return positions, which
+
+
+def head_statistics(layers: Sequence[torch.Tensor], queries: torch.Tensor, special: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict[str, np.ndarray], list[torch.Tensor]]:
+    """``[B, L, H]`` per measure of :data:`STATS` (each a mean over a sentence's queries, as :func:`basic_head_stats`)
+    and ``squares`` (each head's sum of squared weights, for the cosine of two maps); and each layer's row entropies.
+
+    ``special``: :func:`special_columns` of the batch, so attention to [CLS] and [SEP] reads only their columns.
+    """
+    import torch
+
+    positions, which = special
+    names = (*STATS, "squares")
+    sums, entropies = [], []
     for weights in layers:
-        to = torch.einsum("bhqk,bkc->bhqc", weights, keys)
-        rows = {
-            "entropy": row_entropy(weights),  # [B, H, w]
-            "max_weight": weights.amax(-1),
-            "attn_cls": to[..., 0],
-            "attn_sep": to[..., 1],
-            "squares": torch.linalg.vecdot(weights, weights),
-        }
-        for name, values in rows.items():
-            sums[name].append(_per_head(values, queries))
-        entropies.append(rows["entropy"])
+        b, h, w, _ = weights.shape
+        to = torch.einsum("bhqp,bpc->bhqc", weights.gather(-1, positions[:, None, None, :].expand(b, h, w, -1)), which)
+        entropy = row_entropy(weights)  # [B, H, w]
+        rows = torch.stack([entropy, weights.amax(-1), to[..., 0], to[..., 1], torch.linalg.vecdot(weights, weights)])
+        sums.append(_per_head(rows, queries))  # [5, B, H]
+        entropies.append(entropy)
     n = queries.sum(-1, dtype=torch.float64)[:, None]  # [B, 1, 1]
-    return {name: (torch.stack(values, 1) / (1 if name == "squares" else n)).numpy() for name, values in sums.items()}, entropies
+    per_head = torch.stack(sums, 2)  # [5, B, L, H]
+    return {name: (per_head[k] / (1 if name == "squares" else n)).numpy() for k, name in enumerate(names)}, entropies
 
 
 def model_differences(
@@ -190,13 +205,15 @@ def model_differences(
 def sparse_entries(layers: Sequence[torch.Tensor], lengths: np.ndarray, tau_min: float) -> tuple[np.ndarray, ...]:
     """The entries of at least ``tau_min`` of a batch whose inputs have ``lengths`` tokens, layer by layer: (row, layer,
     head, query, key) int16 arrays and float16 weights (each input's in (layer, head, query, key) order)."""
+    import torch
+
     found = []
     for layer, weights in enumerate(layers):
         array = weights.numpy()
-        flat = np.flatnonzero(array >= tau_min)
+        flat = np.flatnonzero((weights >= tau_min).numpy())  # torch compares on every core
         index = np.unravel_index(flat, array.shape)
         real = index[2] < lengths[index[0]]  # not a padded query's junk
-        found.append((*(i[real].astype(np.int16) for i in index), array.ravel()[flat[real]].astype(np.float16)))
+        found.append((*(i[real].astype(np.int16) for i in index), weights.view(-1)[torch.from_numpy(flat[real])].half().numpy()))
     row, head, query, key, weight = (np.concatenate(column) for column in zip(*found, strict=True))
     layer = np.repeat(np.arange(len(found), dtype=np.int16), [len(f[0]) for f in found])
     return row, layer, head, query, key, weight
@@ -265,17 +282,18 @@ def _distances_table(mapped: dict[int, list[np.ndarray]], names: list[str]) -> p
     )
 
 
-def _entries_table(entries: list[tuple[np.ndarray, ...]], names: list[str], start: int) -> pa.Table:
-    """One table of every batch's entries, in the order they were found (``RunStore`` orders a shard's by sentence and model)."""
-    key, layer, head, query, key_token, weight = (np.concatenate(column) for column in zip(*entries, strict=True))
+def _entries_table(entries: list[tuple[np.ndarray, ...]], names: list[str]) -> pa.Table:
+    """One table of every batch's entries, a chunk a batch, in the order they were found (``RunStore`` orders a shard's by sentence and model)."""
+    dictionary = pa.array(names)
+    columns = list(zip(*entries, strict=True))
     return pa.table(
         {
-            "sentence_id": start + key // len(names),
-            "model": pa.DictionaryArray.from_arrays((key % len(names)).astype(np.int8), names),
-            "layer": layer,
-            "head": head,
-            "query": query.astype(np.uint16),
-            "key": key_token.astype(np.uint16),
-            "weight": weight,
+            "sentence_id": pa.chunked_array(columns[0], pa.int64()),
+            "model": pa.chunked_array([pa.DictionaryArray.from_arrays(codes, dictionary) for codes in columns[1]]),
+            "layer": pa.chunked_array(columns[2], pa.int16()),
+            "head": pa.chunked_array(columns[3], pa.int16()),
+            "query": pa.chunked_array([c.view(np.uint16) for c in columns[4]], pa.uint16()),
+            "key": pa.chunked_array([c.view(np.uint16) for c in columns[5]], pa.uint16()),
+            "weight": pa.chunked_array(columns[6], pa.float16()),
         }
     )
