@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from attnflows_panel.errors import InputError, ModelError
+from attnflows_panel.paths import sha256_json
 from attnflows_panel.shard import ShardTables, compute_shard
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from attnflows_panel.corpus import Corpus
     from attnflows_panel.models.loading import LoadedModel
 
-PLUGIN = "attnflows-models"
+PLUGIN = "attnflows-models"  # and the models' weight hashes: a cluster keeps each set of models it was given loaded
 DEVICE_VARIABLE = "ATTNFLOWS_DEVICE"  # set on a worker's machine to give that worker its own device (cuda:1, say)
 IN_FLIGHT_PER_WORKER = 2  # shards queued per worker: one computing, one ready to start
 
@@ -46,7 +47,7 @@ class ModelsPlugin(WorkerPlugin):
     ``sharing`` counts the workers on each host, so each worker's torch takes its share of that host's cores.
     """
 
-    idempotent = False
+    idempotent = True  # registered again under its name (the same models), it is not loaded again
 
     def __init__(self, specs: Sequence[ModelSpec], sharing: Mapping[str, int]) -> None:
         self.specs = list(specs)
@@ -66,20 +67,25 @@ class ModelsPlugin(WorkerPlugin):
             self.models[spec.name] = lm
 
 
-def shard_on_worker(shard: int, start: int, texts: list[str], text_pairs: list[str] | None, options: dict[str, Any]) -> ShardTables:
-    """A task: one shard through the models this worker's plugin loaded (``options`` of :func:`compute_shard`)."""
+def shard_on_worker(plugin: str, shard: int, start: int, texts: list[str], text_pairs: list[str] | None, options: dict[str, Any]) -> ShardTables:
+    """A task: one shard through the models this worker's ``plugin`` loaded (``options`` of :func:`compute_shard`)."""
     from distributed import get_worker
 
-    models = get_worker().plugins[PLUGIN].models
+    models = get_worker().plugins[plugin].models
     return compute_shard(models, shard, start, texts, text_pairs, **options)
 
 
+def plugin_name(specs: Sequence[ModelSpec]) -> str:
+    """The plugin's name for these models: ``attnflows-models-`` and a hash of their names, weights and devices."""
+    return f"{PLUGIN}-{sha256_json([[s.name, s.checkpoint_sha256, s.device] for s in specs])[:16]}"
+
+
 def worker_devices(client: Client) -> dict[str, str]:
-    """Each worker's address and the device its first model runs on."""
+    """Each worker's address and the device the first model of its latest attnflows plugin runs on."""
 
     def device(dask_worker: Any) -> str:
-        models = dask_worker.plugins[PLUGIN].models
-        return str(next(iter(models.values())).device)
+        plugin = [name for name in dask_worker.plugins if name.startswith(PLUGIN)][-1]
+        return str(next(iter(dask_worker.plugins[plugin].models.values())).device)
 
     return client.run(device)
 
@@ -91,7 +97,8 @@ def cluster_shards(
     from distributed import as_completed
 
     specs = [ModelSpec(name, lm.model_id, lm.checkpoint_hash, str(lm.device)) for name, lm in models.items()]
-    client.register_plugin(ModelsPlugin(specs, Counter(map(_host, client.nthreads()))), name=PLUGIN)
+    plugin = plugin_name(specs)
+    client.register_plugin(ModelsPlugin(specs, Counter(map(_host, client.nthreads()))), name=plugin)
     window = max(1, IN_FLIGHT_PER_WORKER * len(client.nthreads()))
     pairs = corpus.text_pairs
     queue = iter(pending)
@@ -99,7 +106,7 @@ def cluster_shards(
     def submit(job: tuple[int, int, int]) -> Any:
         shard, start, stop = job
         texts, text_pairs = corpus.texts[start:stop], None if pairs is None else pairs[start:stop]
-        return client.submit(shard_on_worker, shard, start, texts, text_pairs, options, key=f"attnflows-shard-{shard}-{os.getpid()}", pure=False)
+        return client.submit(shard_on_worker, plugin, shard, start, texts, text_pairs, options, key=f"attnflows-shard-{shard}-{os.getpid()}", pure=False)
 
     running = as_completed([submit(job) for job in _take(queue, window)])
     try:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import stop_after
 
-from attnflows_panel.cluster import cluster_client, worker_devices
+from attnflows_panel.cluster import PLUGIN, cluster_client, worker_devices
 from attnflows_panel.corpus import Corpus
 from attnflows_panel.errors import InputError
 from attnflows_panel.store import RunStore, extract_corpus
@@ -65,6 +65,9 @@ def test_a_killed_cluster_run_resumes(client, models, tmp_path: Path) -> None:
     store = extract_corpus(models, corpus, tmp_path / "run", shard_size=8, progress=False, client=client, on_shard=resumed.append)
     assert sorted(resumed) == sorted(set(range(5)) - set(done)) and store.complete
     assert_same_store(extract_corpus(models, corpus, tmp_path / "local", shard_size=8, progress=False), store)
+    # the same models again: each worker keeps the one plugin that loaded them, not a copy per run
+    plugins = client.run(lambda dask_worker: [name for name in dask_worker.plugins if name.startswith(PLUGIN)])
+    assert all(len(names) == 1 for names in plugins.values())
 
 
 def test_corpus_computations_run_on_the_cluster(client, models, tmp_path: Path) -> None:
