@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 PLUGIN = "attnflows-models"  # and the models' weight hashes: a cluster keeps each set of models it was given loaded
 DEVICE_VARIABLE = "ATTNFLOWS_DEVICE"  # set on a worker's machine to give that worker its own device (cuda:1, say)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 IN_FLIGHT_PER_WORKER = 2  # shards queued per worker: one computing, one ready to start
 
 
@@ -138,6 +139,7 @@ def cluster_client(scheduler: str | None = None, workers: int | None = None) -> 
     if not scheduler and not workers:
         yield None
         return
+    import dask
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -148,6 +150,13 @@ def cluster_client(scheduler: str | None = None, workers: int | None = None) -> 
         with client:
             yield client
         return
-    # one task at a time per worker: its torch takes the worker's share of the cores (see ModelsPlugin)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+    # one task at a time per worker, its torch, BLAS and OpenMP taking the worker's share of the cores (Dask's nannies
+    # would hold them to one thread each), and glibc's own trim threshold (Dask's 64 KB returns every freed batch to
+    # the system, to be faulted in again by the next)
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    environ |= dict.fromkeys(THREAD_VARIABLES, share)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
+    with cluster, Client(cluster) as client:
         yield client
