@@ -97,7 +97,7 @@ def test_a_killed_extraction_leftover_is_removed_by_the_next_run(tiny_pair, tmp_
         extract_corpus(models, corpus, run, shard_size=1, progress=False, on_shard=stop)
     leftover = killed_write(run / "stats" / "part-00001.parquet", "file")  # killed while writing shard 1
     assert leftover.stat().st_size == 0
-    live = run / "attention" / f".part-00001.npz.tmp-{os.getpid()}-zzzz0000"
+    live = run / "entries" / f".part-00001.parquet.tmp-{os.getpid()}-zzzz0000"  # a live process's: kept
     live.touch()
     extract_corpus(models, corpus, run, shard_size=1, progress=False)
     assert not leftover.exists() and live.exists()
