@@ -266,6 +266,7 @@ class RunStore:
 
     def record(self, sentence_id: int, model: str) -> AttentionRecord:
         """The stored sentence as a record every view takes (attention rebuilt as in :meth:`attention`)."""
+        from attnflows_panel.analysis.source import DenseAttention
         from attnflows_panel.extract import AttentionRecord
 
         shard = self._shard_of(sentence_id)
@@ -285,7 +286,7 @@ class RunStore:
             segment_ids=np.asarray(tokens["segment_ids"], dtype=np.int8),
             cls_mask=ids == special.get("cls", -1),
             sep_mask=ids == special.get("sep", -1),
-            source=_dense(self.attention(sentence_id, model)),
+            source=DenseAttention(self.attention(sentence_id, model)),
             logits=None if probabilities is None else np.log(np.asarray(probabilities, dtype=np.float64)),
             labels=tuple(described["labels"]) if described.get("labels") else None,
             n_truncated=int(tokens["n_truncated"]),
@@ -299,12 +300,6 @@ class RunStore:
     def describe(self) -> str:
         done = sum(s["stop"] - s["start"] for s in self.manifest["shards"])
         return f"{done} of {self.manifest['n_sentences']} sentences, models {', '.join(self.models)}"
-
-
-def _dense(attention: np.ndarray) -> Any:
-    from attnflows_panel.analysis.source import DenseAttention
-
-    return DenseAttention(attention)
 
 
 def dense_from_entries(entries: pd.DataFrame, n_layers: int, n_heads: int, n: int, *, causal: bool = False) -> np.ndarray:
