@@ -124,6 +124,7 @@ def test_a_new_input_is_computed_on_the_model_thread_and_drawn_on_the_loop(page,
     one.get_by_role("button", name="words", exact=True).click()  # whole words: merged and traced off the loop too
     wait_until(lambda: [live.figure.x_range.end for live in view.flows.values() if live.figure] == [words] and not view.busy, one, timeout=60_000)
     assert {thread for _, thread in calls} == {"attnflows-model_0"} and sorted(name for name, _ in calls).count("words") == 2
+    one.wait_for_function(SETTLED_JS, timeout=30_000)  # the page drawn in words before the drag below: a drag during the redraw can be lost
 
     calls.clear()
     monkeypatch.setattr(attention_view, "INLINE_UP_TO", 0)  # as if the input were long
