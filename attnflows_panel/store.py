@@ -238,14 +238,15 @@ class RunStore:
             codes = model.indices.to_numpy() if len(model) else np.empty(0, np.int8)
             sentence = table.column("sentence_id").to_numpy()
             order = np.lexsort((codes, sentence))  # stable: each sentence's entries keep their (layer, head, query, key) order
-            columns = {name: table.column(name).to_numpy()[order] for name in ("layer", "head", "query", "key", "weight")}
+            columns = {name: table.column(name).to_numpy()[order] for name in ("layer", "head", "query", "key")}
+            columns["weight"] = table.column("weight").to_numpy()[order].astype(np.float32)  # float16 on disk; pandas prints float16 badly
             columns["sentence_id"] = sentence[order]
             columns["model"] = np.asarray(model.dictionary.to_pylist() if len(model) else [], dtype=object)[codes[order]]
             self._loaded = (shard["shard"], columns)
         return self._loaded[1]
 
     def entries(self, sentence_id: int, model: str) -> pd.DataFrame:
-        """The stored attention entries (layer, head, query, key, weight) of one sentence through one model."""
+        """The stored attention entries (layer, head, query, key, weight: float32 of the stored float16) of one sentence through one model."""
         self._check_model(model)
         columns = self._entries_shard(self._shard_of(sentence_id))
         lo, hi = np.searchsorted(columns["sentence_id"], [sentence_id, sentence_id + 1])
