@@ -107,7 +107,7 @@ def cluster_shards(
     def submit(job: tuple[int, int, int]) -> Any:
         shard, start, stop = job
         texts, text_pairs = corpus.texts[start:stop], None if pairs is None else pairs[start:stop]
-        return client.submit(shard_on_worker, plugin, shard, start, texts, text_pairs, options, key=f"attnflows-shard-{shard}-{os.getpid()}", pure=False)
+        return client.submit(shard_on_worker, plugin, shard, start, texts, text_pairs, options, pure=False)  # a fresh key: never another run's shard
 
     running = as_completed([submit(job) for job in _take(queue, window)])
     try:
