@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import print_checks, print_table  # noqa: E402
 try:
     import attnflows_panel  # noqa: F401
 except ImportError:  # run from a checkout without an install
@@ -258,16 +260,6 @@ def rows_of(n: int, what: str, report: dict[str, Any]) -> tuple[list[tuple[str, 
     return rows, checks
 
 
-def print_table(rows: list[tuple[str, str, str, str]]) -> None:
-    header = ("name", "attnflows", "baseline", "ratio")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    line = " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-
-
 def print_requests(report: dict[str, Any]) -> None:
     """What each page asks for from outside the machine, as read from its HTML (at the first size)."""
     print(f"attnflows' page: {len(report['ours_loads'])} tags loading a resource{': ' + ', '.join(report['ours_loads']) if report['ours_loads'] else ''} (Bokeh's JS and CSS inline)")
@@ -320,10 +312,7 @@ def main() -> None:
     print()
     print_requests(first)
     print()
-    for what, ok, detail in checks:
-        print(f"check {'PASS' if ok else 'FAIL'}: {what} ({detail})")
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    print_checks(checks, started)
 
 
 if __name__ == "__main__":

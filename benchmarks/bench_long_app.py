@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import print_table  # noqa: E402
 from bench_long_context import DECODER_TEXTS, GB, decoder_arguments, decoder_sizes, fmt_b, fmt_s, library_fingerprint, long_text, ratio, save_decoder, status_bytes, step  # noqa: E402
 
 ENTRY_BYTES = 16  # an exported entry: int32 head + int32 key + float32 weight, base64 (4/3) in the HTML
@@ -344,12 +345,7 @@ def main() -> None:
             print(f"{report['name']}: {i['entries']:,} entries >= tau, the file carries {i['entries_carried']:,} of them ({i['heads_carried']} of {i['layers'] * i['heads']} heads); "
                   f"header says it carries only some heads: {'yes' if i['header_says_partial'] else 'no'}")
     print()
-    widths = [max(len(r[i]) for r in [("name", "attnflows", "baseline", "ratio"), *rows]) for i in range(4)]
-    line = " | ".join(h.ljust(w) for h, w in zip(("name", "attnflows", "baseline", "ratio"), widths, strict=True))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print_table(rows)
     print(f"(app baseline: the same steps at {n_cmp} tokens on dense records (extract.DENSE_RECORD_BYTES raised); export baseline: the same export at {n_cmp} tokens,")
     print(f" and the file with every entry >= tau estimated as its size + {ENTRY_BYTES} bytes per entry left out. Ratio: baseline / attnflows. One run each, after a {WARM_TOKENS}-token warm-up view.)")
     print()

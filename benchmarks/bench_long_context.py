@@ -50,6 +50,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import print_table  # noqa: E402
 try:
     import attnflows_panel  # noqa: F401
 except ImportError:  # run from a checkout without an install
@@ -675,12 +677,7 @@ def main() -> None:
         if report and "error" in report["info"]:
             print(f"ERROR in a worker: {report['info']['error']} (step {report['info']['failed_step']!r})")
     print()
-    widths = [max(len(r[i]) for r in [("name", "attnflows", "baseline", "ratio"), *rows]) for i in range(4)]
-    line = " | ".join(h.ljust(w) for h, w in zip(("name", "attnflows", "baseline", "ratio"), widths, strict=True))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print_table(rows)
     print("(baseline: the dense [L, H, n, n] record from forward_attention; ratio: baseline / attnflows. Times: one run for extraction and the decoder grids,")
     print(" else the median of 3 (decoder) or 7 (BERT) runs; a source keeps nothing computed, so every run computes what it reads)")
     print()

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import print_checks, print_table  # noqa: E402
 try:
     import attnflows_panel  # noqa: F401
 except ImportError:  # run from a checkout without an install
@@ -183,13 +185,7 @@ def main() -> None:
         ("fine-tune cache check, in process (baseline: the former check, corpus read and files hashed)", fmt_s(check["recorded"]), fmt_s(check["former"]), ratio(check["former"], check["recorded"])),
     ]
     print()
-    header = ("name", "attnflows", "baseline", "ratio")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    line = " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print_table(rows)
     print(f"(medians of {runs} fresh processes each; the cache check: median of 7 calls in one process; ratio: baseline / attnflows)")
     print(f"export printed: {lines['export']}")
     print(f"baseline printed: {lines['baseline']}")
@@ -203,10 +199,7 @@ def main() -> None:
           for a in (("--help",), ("extract", "--help"), ("export", "--help"), ("info",))),
         (f"fine-tune cache check under {CHECK_S * 1e3:g} ms", check["recorded"] < CHECK_S, fmt_s(check["recorded"])),
     ]
-    for what, ok, detail in checks:
-        print(f"check {'PASS' if ok else 'FAIL'}: {what} ({detail})")
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    print_checks(checks, started)
 
 
 if __name__ == "__main__":
