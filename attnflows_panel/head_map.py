@@ -27,7 +27,7 @@ def run_head_map(store: RunStore, n_sentences: int | None = None, *, models: Seq
     cached = _read(path, key)
     if cached is not None:
         return cached
-    summed = ids == [i for i in _extracted(store) if i < store.manifest["head_map_sentences"]]
+    summed = ids == [i for i in store.sentence_ids() if i < store.manifest["head_map_sentences"]]
     distances = store.head_distances(names) if summed else store_head_distances(store, names, ids)
     embedding = dataclasses.replace(embed_head_distances(distances, seed=seed), n_sentences=len(ids))
     payload = {"key": key, "method": embedding.method, "stress": embedding.stress, "n_sentences": len(ids), "points": _table(embedding.points), "moves": _table(embedding.moves)}
@@ -41,14 +41,10 @@ def cached_head_map(store: RunStore, n_sentences: int | None = None, *, models: 
     return _read(path, key)
 
 
-def _extracted(store: RunStore) -> list[int]:
-    return sorted(store.tokens()["sentence_id"].astype(int).tolist())
-
-
 def _cache_entry(store: RunStore, n_sentences: int | None, models: Sequence[str] | None, seed: int) -> tuple[tuple[str, ...], list[int], str, Path]:
     """The models, sentence ids, cache key and cache file of one head map of a run."""
     names = model_names(store, models)
-    ids = _extracted(store)[: store.manifest["head_map_sentences"] or HEAD_MAP_SENTENCES if n_sentences is None else n_sentences]
+    ids = store.sentence_ids()[: store.manifest["head_map_sentences"] or HEAD_MAP_SENTENCES if n_sentences is None else n_sentences]
     if not ids:
         raise StoreError(f"{store.path} has no extracted sentences to place heads by")
     key = sha256_json({"run": store.manifest.get("fingerprint"), "models": names, "ids": ids, "seed": seed, "version": CACHE_VERSION})

@@ -222,6 +222,10 @@ class RunStore:
         keep = np.concatenate([np.arange(per_model) + self.models.index(name) * per_model for name in names])
         return HeadDistances(total[np.ix_(keep, keep)], n_sentences, n_tokens, head_labels(names, self.n_layers, self.n_heads))
 
+    def sentence_ids(self) -> list[int]:
+        """The ids of the extracted sentences, in order (from the shards' records: no file read)."""
+        return [i for shard in sorted(self.manifest["shards"], key=lambda s: s["start"]) for i in range(shard["start"], shard["stop"])]
+
     def _shard_of(self, sentence_id: int) -> dict[str, Any]:
         for shard in self.manifest["shards"]:
             if shard["start"] <= sentence_id < shard["stop"]:

@@ -135,7 +135,7 @@ def store_sentences(
     store: RunStore, models: Sequence[str], sentence_ids: Iterable[int] | None = None
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Each model's attention rebuilt from the run's entries (see ``RunStore.attention``), one sentence at a time."""
-    ids = store.tokens()["sentence_id"].tolist() if sentence_ids is None else sentence_ids
+    ids = store.sentence_ids() if sentence_ids is None else sentence_ids
     for i in ids:
         yield tuple(store.attention(int(i), m) for m in models)
 

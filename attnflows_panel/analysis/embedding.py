@@ -179,7 +179,7 @@ def store_head_distances(
     names = model_names(store, models)
     if client is None:
         return clark_head_distances(store_sentences(store, names, sentence_ids), names, workers=workers)
-    ids = np.sort(store.tokens()["sentence_id"].to_numpy() if sentence_ids is None else np.fromiter(sentence_ids, dtype=np.int64))
+    ids = np.sort(np.asarray(store.sentence_ids() if sentence_ids is None else list(sentence_ids), dtype=np.int64))
     starts = np.array([s["start"] for s in store.manifest["shards"]])
     groups = [g.tolist() for g in np.split(ids, np.searchsorted(ids, starts[1:])) if len(g)]
     futures = client.map(_shard_head_distances, [str(store.path)] * len(groups), [names] * len(groups), groups, pure=False)
