@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import unicodedata
 import warnings
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
     from attnflows_panel.models.pair import ModelPair
 
+TOKENIZING = threading.Lock()  # a fast tokenizer called with truncation from two threads at once fails ("Already borrowed")
 # Upper bound on the float32 attention one forward batch may hold (B * L * H * n * n * 4 bytes).
 BATCH_ATTENTION_BYTES = 256 * 2**20
 # A record whose dense attention would be larger keeps queries and keys instead (computed when read).
@@ -153,13 +155,15 @@ def encode_batch(lm: LoadedModel, texts: Sequence[str], text_pairs: Sequence[str
     tok = lm.tokenizer
     limit = lm.max_tokens
     # user text is text: a typed "[CLS]" or "<mask>" is split into word pieces, never made a special token
-    batch = tok(list(texts), None if text_pairs is None else list(text_pairs), truncation=True, max_length=limit, verbose=False, split_special_tokens=True)
+    with TOKENIZING:
+        batch = tok(list(texts), None if text_pairs is None else list(text_pairs), truncation=True, max_length=limit, verbose=False, split_special_tokens=True)
     out = []
     for i, text in enumerate(texts):
         ids = np.asarray(batch["input_ids"][i], dtype=np.int64)
         n_truncated = 0
         if len(ids) == limit:  # perhaps cut: count what the whole input has
-            full = tok(text, None if text_pairs is None else text_pairs[i], truncation=False, verbose=False, split_special_tokens=True)
+            with TOKENIZING:
+                full = tok(text, None if text_pairs is None else text_pairs[i], truncation=False, verbose=False, split_special_tokens=True)
             n_truncated = len(full["input_ids"]) - limit
         sequence_ids, raw_word_ids = batch.sequence_ids(i), batch.word_ids(i)
         segment = np.zeros(len(sequence_ids), dtype=np.int8)

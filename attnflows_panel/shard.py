@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     import torch
 
 STATS = ("entropy", "max_weight", "attn_cls", "attn_sep")
+SQUARES = 4  # where batch_rows keeps each head's sum of squared weights (for the cosine of two maps)
 DIFFERENCES = ("js", "cosine")
 TAU_MIN = 0.1  # the app's default edge threshold: every view at it or above is exact
-LN2 = float(np.log(2.0))
 TINY = 1e-30  # weights are clamped to this before their log: 0 log 0 = 0, and no weight that is not 0 is this small
 
 
@@ -80,22 +80,23 @@ def compute_shard(
     for batch in length_batches(lengths, first.n_layers * first.n_heads * 4, max_batch):
         chosen = [encodings[i] for i in batch]
         n = torch.tensor([lengths[i] for i in batch])
-        queries = torch.arange(int(n.max()))[None, None, :] < n[:, None, None]  # [B, 1, w]: the rows that are not padding
         special = special_columns(_padded_ids(chosen), cls_id, sep_id)
         outputs = [batch_attention(models[name], chosen) for name in names]
-        measured = [head_statistics(layers, queries, special) for layers, _ in outputs]
+        sums, pair_sums, found = batch_rows([layers for layers, _ in outputs], n.numpy(), special, tau_min)
+        per_query = n.numpy()[:, None, None].astype(np.float64)  # [B, 1, 1]
         for m, (name, (layers, batch_logits)) in enumerate(zip(names, outputs, strict=True)):
-            row, *kept = sparse_entries(layers, n.numpy(), tau_min)
-            entries.append((np.asarray(batch, dtype=np.int64)[row] + start, np.full(len(row), m, np.int8), *kept))
+            rows, *kept = found[m]
+            entries.append((np.asarray(batch, dtype=np.int64)[rows] + start, np.full(len(rows), m, np.int8), *kept))
             for row, i in enumerate(batch):
-                for column, values in measured[m][0].items():
-                    stats.setdefault(column, [None] * len(texts) * len(names))[i * len(names) + m] = values[row]
+                for k, column in enumerate(STATS):
+                    stats.setdefault(column, [None] * len(texts) * len(names))[i * len(names) + m] = sums[m, row, ..., k] / per_query[row]
                 if start + i < head_map_until:
                     mapped.setdefault(i, []).append(torch.stack([layer[row, :, : lengths[i], : lengths[i]] for layer in layers]).numpy())
                 if batch_logits is not None:
                     logits[name][i] = batch_logits[row]
-        if len(names) > 1:
-            js, cosine = model_differences(outputs[0][0], outputs[1][0], queries, measured)
+        if pair_sums is not None:
+            js = pair_sums[0] / per_query
+            cosine = pair_sums[1] / np.sqrt(sums[0, ..., SQUARES] * sums[1, ..., SQUARES])
             for row, i in enumerate(batch):
                 differences[i] = np.stack([js[row], cosine[row]])
     return ShardTables(
@@ -132,18 +133,6 @@ def batch_attention(lm: LoadedModel, encodings: Sequence[Encoding]) -> tuple[lis
     return [layer.float().cpu() for layer in out.attentions], logits
 
 
-def _per_head(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """``[..., B, H]`` sums over the real queries of ``[..., B, H, w]`` per-row values (float64)."""
-    return (rows.double() * queries).sum(-1)
-
-
-def row_entropy(weights: torch.Tensor) -> torch.Tensor:
-    """``-sum(w log w)`` over the last axis (nats), 0 log 0 taken as 0: a product with the logs, not ``entr``'s slower pass."""
-    import torch
-
-    return -torch.linalg.vecdot(weights, weights.clamp_min(TINY).log_())
-
-
 def special_columns(ids: torch.Tensor, cls_id: int, sep_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The key positions of each input's [CLS] and [SEP] tokens ``[B, P]`` (padded with 0) and which is which ``[B, P, 2]``."""
     import torch
@@ -160,64 +149,43 @@ def special_columns(ids: torch.Tensor, cls_id: int, sep_id: int) -> tuple[torch.
     return positions, which
 
 
-def head_statistics(layers: Sequence[torch.Tensor], queries: torch.Tensor, special: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict[str, np.ndarray], list[torch.Tensor]]:
-    """``[B, L, H]`` per measure of :data:`STATS` (each a mean over a sentence's queries, as :func:`basic_head_stats`)
-    and ``squares`` (each head's sum of squared weights, for the cosine of two maps); and each layer's row entropies.
+def batch_rows(
+    models: Sequence[Sequence[torch.Tensor]], lengths: np.ndarray, special: tuple[torch.Tensor, torch.Tensor], tau: float
+) -> tuple[np.ndarray, np.ndarray | None, list[tuple[np.ndarray, ...]]]:
+    """Every model's per-head sums over the real queries ``[M, B, L, H, 5]`` (:data:`attention_rows.MEASURES`), the first
+    two models' ``[2, B, L, H]`` sums of JS bits and dot products (None for one model), and each model's entries of at
+    least ``tau``: (row, layer, head, query, key) int16 and float16 weights, layer by layer in row order.
 
-    ``special``: :func:`special_columns` of the batch, so attention to [CLS] and [SEP] reads only their columns.
+    ``models``: each model's ``[B, H, w, w]`` layers of one padded batch; ``special``: :func:`special_columns` of it.
     """
     import torch
 
-    positions, which = special
-    names = (*STATS, "squares")
-    sums, entropies = [], []
-    for weights in layers:
-        b, h, w, _ = weights.shape
-        to = torch.einsum("bhqp,bpc->bhqc", weights.gather(-1, positions[:, None, None, :].expand(b, h, w, -1)), which)
-        entropy = row_entropy(weights)  # [B, H, w]
-        rows = torch.stack([entropy, weights.amax(-1), to[..., 0], to[..., 1], torch.linalg.vecdot(weights, weights)])
-        sums.append(_per_head(rows, queries))  # [5, B, H]
-        entropies.append(entropy)
-    n = queries.sum(-1, dtype=torch.float64)[:, None]  # [B, 1, 1]
-    per_head = torch.stack(sums, 2)  # [5, B, L, H]
-    return {name: (per_head[k] / (1 if name == "squares" else n)).numpy() for k, name in enumerate(names)}, entropies
+    from attnflows_panel.attention_rows import MEASURES, layer_rows, real_rows
 
-
-def model_differences(
-    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], queries: torch.Tensor, measured: Sequence[tuple[dict[str, np.ndarray], list[torch.Tensor]]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """``[B, L, H]`` JS divergence (bits, mean over queries, as :func:`head_js_divergence`) and map cosine of two batches.
-
-    ``measured``: both batches' :func:`head_statistics`. Rows sum to 1, so ``H((a + b) / 2) = H(a + b) / 2 + ln 2``.
-    """
-    import torch
-
-    (measured_a, entropies_a), (measured_b, entropies_b) = measured
-    js, dots = [], []
-    for la, lb, entropy_a, entropy_b in zip(a, b, entropies_a, entropies_b, strict=True):
-        rows = (0.5 * row_entropy(la + lb) + LN2 - 0.5 * (entropy_a + entropy_b)) / LN2
-        js.append(_per_head(rows.clamp_(0.0, 1.0), queries))
-        dots.append(_per_head(torch.linalg.vecdot(la, lb), queries))
-    n = queries.sum(-1, dtype=torch.float64)[:, None]
-    cosine = torch.stack(dots, 1).numpy() / np.sqrt(measured_a["squares"] * measured_b["squares"])
-    return (torch.stack(js, 1) / n).numpy(), cosine
-
-
-def sparse_entries(layers: Sequence[torch.Tensor], lengths: np.ndarray, tau_min: float) -> tuple[np.ndarray, ...]:
-    """The entries of at least ``tau_min`` of a batch whose inputs have ``lengths`` tokens, layer by layer: (row, layer,
-    head, query, key) int16 arrays and float16 weights (each input's in (layer, head, query, key) order)."""
-    import torch
-
-    found = []
-    for layer, weights in enumerate(layers):
-        array = weights.numpy()
-        flat = np.flatnonzero((weights >= tau_min).numpy())  # torch compares on every core
-        index = np.unravel_index(flat, array.shape)
-        real = index[2] < lengths[index[0]]  # not a padded query's junk
-        found.append((*(i[real].astype(np.int16) for i in index), weights.view(-1)[torch.from_numpy(flat[real])].half().numpy()))
-    row, head, query, key, weight = (np.concatenate(column) for column in zip(*found, strict=True))
-    layer = np.repeat(np.arange(len(found), dtype=np.int16), [len(f[0]) for f in found])
-    return row, layer, head, query, key, weight
+    n_layers = len(models[0])
+    b, h = models[0][0].shape[:2]
+    sums = np.zeros((len(models), b, n_layers, h, len(MEASURES)))
+    pair = len(models) > 1
+    pair_sums = np.zeros((2, b, n_layers, h)) if pair else None
+    found: list[list[tuple[np.ndarray, ...]]] = [[] for _ in models]
+    positions, which = (t.numpy() for t in special)
+    lengths = lengths.astype(np.int64)
+    rows = real_rows(lengths, h)
+    for layer in range(n_layers):
+        weights = [layers[layer].contiguous() for layers in models]
+        logs = [w.clamp_min(TINY).log_().numpy() for w in weights]  # torch's vectorised log; 0 log 0 = 0
+        arrays = [w.numpy() for w in weights]
+        shared = (layer, lengths, positions, which, tau)
+        kept = []
+        if pair:
+            mixed = torch.add(weights[0], weights[1]).clamp_min_(TINY).log_().numpy()
+            kept += layer_rows(arrays[0], logs[0], arrays[1], logs[1], mixed, *shared, sums[:2], pair_sums, rows)
+        for m in range(2 if pair else 0, len(models)):
+            kept += layer_rows(arrays[m], logs[m], None, None, None, *shared, sums[m : m + 1], None, rows)
+        for m, (row, head, query, key, weight) in enumerate(kept):
+            found[m].append((row, np.full(row.size, layer, np.int16), head, query, key, weight))
+    entries = [tuple(np.concatenate(column) for column in zip(*chunks, strict=True)) for chunks in found]
+    return sums, pair_sums, [(*columns[:-1], columns[-1].astype(np.float16)) for columns in entries]
 
 
 def _stats_table(stats: dict[str, list[np.ndarray]], names: list[str], start: int, n_layers: int, n_heads: int) -> pa.Table:

@@ -17,13 +17,16 @@ A shard is committed by its record, written after its files: a killed run leaves
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import shutil
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +53,7 @@ FORMAT_VERSION = 2  # 2: sparse entries of at least tau_min, model differences, 
 MANIFEST = "manifest.json"
 RECORDS = "shards"
 PARTS = ("stats", "differences", "tokens", "entries", "distances")
+LOCAL_THREADS = 2  # shards computed at once in one process (each thread's torch operations on cores / 2)
 HEAD_MAP_SENTENCES = 300  # the head map's sentences (the first ones): its distances are summed at extraction
 
 
@@ -122,6 +126,9 @@ class RunStore:
         manifest = _read_manifest(run_dir)
         manifest["shards"] = _read_records(run_dir)
         return cls(run_dir, manifest)
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.path)!r}: {self.describe()})"
 
     def __post_init__(self) -> None:
         self._verified: set[str] = set()
@@ -227,6 +234,8 @@ class RunStore:
         return [i for shard in sorted(self.manifest["shards"], key=lambda s: s["start"]) for i in range(shard["start"], shard["stop"])]
 
     def _shard_of(self, sentence_id: int) -> dict[str, Any]:
+        if isinstance(sentence_id, bool) or not isinstance(sentence_id, int | np.integer):
+            raise InputError(f"a sentence id is a whole number, got {sentence_id!r}")
         for shard in self.manifest["shards"]:
             if shard["start"] <= sentence_id < shard["stop"]:
                 return shard
@@ -274,6 +283,7 @@ class RunStore:
         from attnflows_panel.analysis.source import DenseAttention
         from attnflows_panel.extract import AttentionRecord
 
+        self._check_model(model)
         shard = self._shard_of(sentence_id)
         tokens = pd.read_parquet(self._file(shard, "tokens")).set_index("sentence_id").loc[sentence_id]
         text = self.sentences().set_index("sentence_id").loc[sentence_id]
@@ -341,8 +351,9 @@ def _clear(run_dir: Path) -> None:
     (run_dir / MANIFEST).unlink(missing_ok=True)
 
 
-def _prepare_run_dir(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The manifest to resume from, or None for a fresh start; stale or foreign content is handled here."""
+def _prepare_run_dir(run_dir: Path, fingerprint: str, wanted: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The manifest to resume from, or None for a fresh start; a run of other models, corpus or settings (``wanted``,
+    as a manifest records them) is recomputed when ``overwrite`` allows, else refused naming what differs."""
     if not run_dir.exists():
         return None
     if not run_dir.is_dir():
@@ -353,18 +364,30 @@ def _prepare_run_dir(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
         return None
     try:
         manifest = _read_manifest(run_dir)
+        why = "" if manifest.get("fingerprint") == fingerprint else f"a run of {_differences(manifest, wanted)}"
     except StoreError as exc:
         version = _format_version(run_dir)
-        if version is not None:
-            exc = StoreError(f"{run_dir} was written in run format {version} (this attnflows writes format {FORMAT_VERSION})")
-        warnings.warn(f"{exc}; recomputing the run", stacklevel=3)
-        manifest = None
-    if manifest is not None and manifest.get("fingerprint") == fingerprint:
+        manifest, why = None, f"a run written in run format {version} (this attnflows writes format {FORMAT_VERSION})" if version is not None else str(exc)
+    if not why:
         return manifest
-    if manifest is not None:
-        warnings.warn(f"{run_dir} was made from other models, corpus or settings; recomputing it", stacklevel=3)
+    if not overwrite:
+        raise InputError(f"{run_dir} holds {why}; pass --overwrite (overwrite=True) to recompute it, or choose another output directory")
+    warnings.warn(f"{run_dir} holds {why}; recomputing it", stacklevel=3)
     _clear(run_dir)
     return None
+
+
+def _differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """What a recorded run and the wanted one differ in: ``"other settings (tau_min 0.1, now 0.05)"``, ``"other models and another corpus"``."""
+    recorded_models = [{k: v for k, v in m.items() if k != "model_id"} for m in manifest.get("models", [])]
+    wanted_models = [{k: v for k, v in m.items() if k != "model_id"} for m in wanted["models"]]
+    what = ["other models"] if recorded_models != wanted_models else []
+    if manifest.get("corpus", {}).get("sha256") != wanted["corpus_sha256"] or manifest.get("n_sentences") != wanted["n_sentences"]:
+        what.append("another corpus")
+    changed = [f"{name} {manifest.get(name)}, now {value}" for name, value in wanted["settings"].items() if manifest.get(name) != value]
+    if changed:
+        what.append(f"other settings ({'; '.join(changed)})")
+    return " and ".join(what) or "other models, corpus or settings"  # an in-memory corpus of other texts, say
 
 
 def _unchanged(path: Path, recorded: dict[str, Any], verify: bool) -> bool:
@@ -444,10 +467,36 @@ def _new_manifest(run_dir: Path, models: Mapping[str, LoadedModel], corpus: Corp
 
 
 def local_shards(models: Mapping[str, LoadedModel], corpus: Corpus, pending: Iterable[tuple[int, int, int]], options: dict[str, Any]) -> Iterator[ShardTables]:
-    """Each pending ``(shard, start, stop)`` computed in this process, in order (``options`` of :func:`compute_shard`)."""
+    """Each pending ``(shard, start, stop)`` computed in this process, yielded in order (``options`` of :func:`compute_shard`).
+
+    With two cores or more, two shards are computed at once on two threads, torch's operations each on half the
+    cores: one shard's statistics, entries and tables run beside the other's forward pass instead of after it.
+    """
+    import torch
+
     pairs = corpus.text_pairs
-    for shard, start, stop in pending:
-        yield compute_shard(models, shard, start, corpus.texts[start:stop], None if pairs is None else pairs[start:stop], **options)
+    jobs = iter(pending)
+    cores = os.cpu_count() or 1
+    threads = min(LOCAL_THREADS, cores)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, cores // threads))  # what each new thread's operations start with
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="attnflows-shard")
+
+    def submit(job: tuple[int, int, int]) -> Future[ShardTables]:
+        shard, start, stop = job
+        return pool.submit(compute_shard, models, shard, start, corpus.texts[start:stop], None if pairs is None else pairs[start:stop], **options)
+
+    try:
+        running = deque(submit(job) for job in itertools.islice(jobs, threads))
+        while running:
+            tables = running.popleft().result()
+            following = next(jobs, None)
+            if following is not None:
+                running.append(submit(following))
+            yield tables
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a stopped run waits for the shards being computed, then drops the rest
+        torch.set_num_threads(previous)
 
 
 def extract_corpus(
@@ -463,12 +512,16 @@ def extract_corpus(
     head_map_sentences: int = HEAD_MAP_SENTENCES,
     client: Client | None = None,
     verify: bool = False,
+    overwrite: bool = True,
+    on_resume: Callable[[str], None] | None = None,
 ) -> RunStore:
     """Extract every sentence of ``corpus`` through every model into ``run_dir``; resumes a stopped run.
 
     ``models`` maps a short name ("pretrained", "finetuned") to a model; all must share one tokenizer.
     With a ``distributed.Client``, shards are computed on its workers (each loads the models once) and
-    committed here. Memory stays bounded by a few shards; ``verify`` re-hashes finished shards before resuming.
+    committed here. Memory stays bounded by a few shards; ``verify`` re-hashes finished shards before resuming, and
+    ``on_resume`` is told what a resumed run found. A run directory of other models, corpus or settings is recomputed,
+    or refused when ``overwrite`` is False.
     The first ``head_map_sentences`` sentences also sum the distances between heads the head map places them by.
     """
     from tqdm.auto import tqdm
@@ -494,7 +547,8 @@ def extract_corpus(
     for part in PARTS:
         remove_stale_temporaries(run_dir / part, r"part-\d+\.parquet")
     remove_stale_temporaries(run_dir / RECORDS, r"part-\d+\.json")
-    manifest = _prepare_run_dir(run_dir, fingerprint)
+    wanted = {"models": described, "corpus_sha256": corpus.sha256, "n_sentences": len(corpus), "settings": settings}
+    manifest = _prepare_run_dir(run_dir, fingerprint, wanted, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     if manifest is None:
         _new_manifest(run_dir, models, corpus, fingerprint, described, settings)
@@ -509,8 +563,11 @@ def extract_corpus(
     n_shards = -(-len(corpus) // shard_size)
     pending = [(k, k * shard_size, min(len(corpus), (k + 1) * shard_size)) for k in range(n_shards) if k not in done]
     truncated = 0
-    bar = tqdm(total=len(corpus), desc=f"extracting {run_dir.name}", unit="sentence", disable=not progress)
-    bar.update(sum(s["stop"] - s["start"] for s in finished))
+    stored = sum(s["stop"] - s["start"] for s in finished)
+    if manifest is not None and on_resume is not None:
+        checked = "re-hashed" if verify else "sizes and times checked"
+        on_resume(f"{run_dir.name}: {stored:,} of {len(corpus):,} sentences already stored ({len(finished)} shard{'' if len(finished) == 1 else 's'}, {checked}); {'nothing to do' if not pending else 'computing the rest'}")
+    bar = tqdm(total=len(corpus), initial=stored, desc=f"extracting {run_dir.name}", unit="sentence", disable=not progress or not pending)
     options = {"tau_min": tau_min, "max_batch": max_batch, "head_map_until": settings["head_map_sentences"]}
     if client is None:
         results = local_shards(models, corpus, pending, options)

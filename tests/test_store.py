@@ -124,7 +124,7 @@ def test_deleted_stats_file_is_detected(models, tmp_path: Path) -> None:
 def test_stale_run_is_recomputed(models, tmp_path: Path) -> None:
     extract_corpus(models, make_corpus(6, seed=1), tmp_path / "run", progress=False)
     other = make_corpus(4, seed=2)
-    with pytest.warns(UserWarning, match="was made from other models, corpus or settings; recomputing"):
+    with pytest.warns(UserWarning, match=r"run holds a run of another corpus and other settings \(head_map_sentences 6, now 4\); recomputing it"):
         store = extract_corpus(models, other, tmp_path / "run", progress=False)
     assert store.sentences()["text"].tolist() == other.texts
     assert len(store.head_stats()) == 4 * 2 * 8
@@ -225,7 +225,7 @@ def test_a_run_of_the_dense_format_is_remade(models, tmp_path: Path) -> None:
     (tmp_path / "run" / "manifest.json").write_text(json.dumps({"format": "attnflows-run", "format_version": 1}))
     with pytest.raises(StoreError, match="format version 2; run `attnflows extract` again"):
         RunStore.open(tmp_path / "run")
-    with pytest.warns(UserWarning, match=r"was written in run format 1 \(this attnflows writes format 2\); recomputing the run"):
+    with pytest.warns(UserWarning, match=r"run holds a run written in run format 1 \(this attnflows writes format 2\); recomputing it"):
         store = extract_corpus(models, make_corpus(3), tmp_path / "run", progress=False)
     assert store.complete and not (tmp_path / "run" / "attention").exists()
 
@@ -268,3 +268,34 @@ def test_a_decoder_run_spreads_the_rest_of_a_row_over_the_keys_it_sees(tmp_path:
     rebuilt = store.attention(0, "model")
     assert store.manifest["causal"] and np.allclose(np.triu(rebuilt, 1), 0.0)
     np.testing.assert_allclose(rebuilt.sum(-1), 1.0, atol=1e-3)
+
+
+def test_bad_record_arguments_are_input_errors_and_repr_is_short(models, tmp_path: Path) -> None:
+    store = extract_corpus(models, make_corpus(3), tmp_path / "run", progress=False)
+    with pytest.raises(InputError, match="unknown model 'bert'; this run has pretrained, finetuned"):
+        store.record(1, "bert")
+    with pytest.raises(InputError, match="a sentence id is a whole number, got '1'"):
+        store.record("1", "finetuned")
+    assert repr(store) == f"RunStore({str(tmp_path / 'run')!r}: 3 of 3 sentences, models pretrained, finetuned)"
+
+
+def test_a_run_of_other_settings_is_kept_unless_overwrite_and_the_refusal_names_what_changed(models, tmp_path: Path) -> None:
+    corpus = make_corpus(5)
+    extract_corpus(models, corpus, tmp_path / "run", progress=False)
+    before = sorted(p.name for p in (tmp_path / "run" / "shards").iterdir())
+    with pytest.raises(InputError, match=r"run holds a run of other settings \(tau_min 0\.1, now 0\.05\); pass --overwrite"):
+        extract_corpus(models, corpus, tmp_path / "run", progress=False, tau_min=0.05, overwrite=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "shards").iterdir()) == before and RunStore.open(tmp_path / "run").tau_min == 0.1
+    with pytest.warns(UserWarning, match="recomputing it"):
+        assert extract_corpus(models, corpus, tmp_path / "run", progress=False, tau_min=0.05, overwrite=True).tau_min == 0.05
+
+
+def test_a_resumed_run_says_what_it_found(models, tmp_path: Path) -> None:
+    corpus = make_corpus(9)
+    with pytest.raises(KeyboardInterrupt):
+        extract_corpus(models, corpus, tmp_path / "run", shard_size=4, progress=False, on_shard=stop_after(1, []))
+    said: list[str] = []
+    extract_corpus(models, corpus, tmp_path / "run", shard_size=4, progress=False, verify=True, on_resume=said.append)
+    assert said == ["run: 4 of 9 sentences already stored (1 shard, re-hashed); computing the rest"]
+    extract_corpus(models, corpus, tmp_path / "run", shard_size=4, progress=False, on_resume=said.append)
+    assert said[-1] == "run: 9 of 9 sentences already stored (3 shards, sizes and times checked); nothing to do"
