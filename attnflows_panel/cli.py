@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from attnflows_panel.errors import AttnflowsError, InputError
 from attnflows_panel.paths import home
@@ -117,20 +117,22 @@ def _default_run_dir(corpus_path: Path | None) -> Path:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from attnflows_panel.cluster import cluster_client
+    from attnflows_panel.cluster import check_cluster_flags, cluster_client
     from attnflows_panel.corpus import heldout_sentiment_corpus, read_corpus
     from attnflows_panel.store import extract_corpus
 
+    check_cluster_flags(args.scheduler, args.workers)  # before the corpus is read
     corpus = read_corpus(args.corpus, encoding=args.encoding) if args.corpus else heldout_sentiment_corpus()
     if args.limit:
         corpus = corpus.subset(range(min(args.limit, len(corpus))))
     corpus.check_texts(args.corpus.name if args.corpus else "the default corpus")  # before any model loads
     output = Path(args.output) if args.output else _default_run_dir(args.corpus)
-    with cluster_client(args.scheduler, args.workers) as client:  # a bad address or count fails before any model loads
+    with cluster_client(args.scheduler, args.workers, on_wait=lambda message: print(f"attnflows: {message}", file=sys.stderr)) as client:  # a bad address or count fails before any model loads
         models = _models_for(args, progress=not args.quiet)
         store = extract_corpus(
             models, corpus, output, shard_size=args.shard_size, max_batch=args.batch_size, progress=not args.quiet,
-            tau_min=args.tau_min, client=client, verify=args.verify,
+            tau_min=args.tau_min, client=client, verify=args.verify, overwrite=args.overwrite,
+            on_resume=lambda message: print(f"attnflows: {message}", file=sys.stderr),
         )
     print(f"{output}: {store.describe()}")
     return 0
@@ -255,8 +257,15 @@ def _text_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoding", default="utf-8", help="of --text-file (default utf-8)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``attnflows: error: …``, naming where the usage is (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"attnflows: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnflows", description="Analyse and compare attention in Transformer encoders.")
+    parser = OneLineParser(prog="attnflows", description="Analyse and compare attention in Transformer encoders.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ft = sub.add_parser("finetune", help="fine-tune a model for classification or language modelling (cached)", description="Fine-tune an encoder or a decoder (GPT-2, LLaMA family) for sequence classification on the CPU, or a decoder's language-model head on the texts (--objective lm). Defaults: the bundled BERT on the bundled sentiment corpus (positive vs negative). The checkpoint is cached under $ATTNFLOWS_HOME/models.")
@@ -273,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=cmd_finetune)
 
     ex = sub.add_parser("extract", help="extract attention and head statistics for a corpus", description="Run a corpus through the model pair (or one model) and store attention and per-head statistics in a run directory. A stopped run resumes where it stopped.")
-    ex.add_argument("corpus", nargs="?", type=Path, help="CSV/JSONL ('text' or 'text_a'+'text_b') or a text file with one sentence a line (default: held-out split of the bundled sentiment corpus)")
+    ex.add_argument("corpus", nargs="?", type=Path, help="CSV/TSV/JSONL ('text' or 'text_a'+'text_b') or a text file with one sentence a line (default: held-out split of the bundled sentiment corpus)")
     ex.add_argument("--encoding", default="utf-8", help="the corpus file's text encoding (default utf-8; e.g. latin-1)")
     ex.add_argument("--output", "-o", type=Path, help="run directory (default: $ATTNFLOWS_HOME/runs/<corpus name>)")
     ex.add_argument("--pretrained", help="pre-trained model, hub name or path (default: bundled BERT)")
@@ -286,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tau-min", type=_weight, default=0.1, help="store attention entries of at least this weight, in (0, 1] (default 0.1: a row keeps at most 10)")
     ex.add_argument("--workers", type=_positive_int, help="compute shards on a local Dask cluster of N worker processes")
     ex.add_argument("--scheduler", metavar="ADDRESS", help="compute shards on the Dask cluster of this scheduler (tcp://host:8786); the models' paths must exist on its workers")
+    ex.add_argument("--overwrite", action="store_true", help="recompute a run directory that holds a run of other models, corpus or settings (by default it is kept and the command stops)")
     ex.add_argument("--verify", action="store_true", help="re-hash every finished shard before resuming (by default their sizes and times are checked)")
     ex.add_argument("--quiet", action="store_true", help="no progress bar")
     ex.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -333,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _show_warning(message: Any, category: type[Warning], *_: Any, **__: Any) -> None:
-    print(f"attnflows: warning: {message}", file=sys.stderr)
+    from attnflows_panel.corpus import LabelSummary
+
+    print(f"attnflows: {'' if issubclass(category, LabelSummary) else 'warning: '}{message}", file=sys.stderr)  # a label summary informs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if getattr(args, "quiet", False):
+        from attnflows_panel.corpus import LabelSummary
+
+        warnings.filterwarnings("ignore", category=LabelSummary)
     try:
         if args.func is not cmd_info:  # info only reads the cache: importing transformers would be most of its time
             _quiet_transformers()

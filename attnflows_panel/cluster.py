@@ -7,9 +7,11 @@ commits each result as it arrives, so the run directory has one writer and only 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -30,6 +32,7 @@ PLUGIN = "attnflows-models"  # and the models' weight hashes: a cluster keeps ea
 DEVICE_VARIABLE = "ATTNFLOWS_DEVICE"  # set on a worker's machine to give that worker its own device (cuda:1, say)
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 IN_FLIGHT_PER_WORKER = 2  # shards queued per worker: one computing, one ready to start
+WORKER_WAIT_SECONDS = 60  # how long a run waits for the first worker of a scheduler that has none
 
 
 @dataclass(frozen=True)
@@ -129,25 +132,55 @@ def _take(queue: Iterator[tuple[int, int, int]], n: int) -> list[tuple[int, int,
     return [job for _, job in zip(range(n), queue)]
 
 
-@contextlib.contextmanager
-def cluster_client(scheduler: str | None = None, workers: int | None = None) -> Iterator[Client | None]:
-    """A client of the scheduler at ``scheduler``, or of a ``LocalCluster`` of ``workers`` processes on loopback, or None."""
+def check_cluster_flags(scheduler: str | None, workers: int | None) -> str | None:
+    """The scheduler's address (``tcp://`` when it names no protocol) once ``--scheduler`` and ``--workers`` are checked; None without a scheduler."""
+    if scheduler is not None and not scheduler.strip():
+        raise InputError("--scheduler needs an address, for example tcp://127.0.0.1:8786")
     if scheduler and workers:
         raise InputError("give --scheduler or --workers, not both")
     if workers is not None and workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
-    if not scheduler and not workers:
+    if scheduler is None:
+        return None
+    address = scheduler.strip() if "://" in scheduler else f"tcp://{scheduler.strip()}"
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise InputError(f"--scheduler {scheduler!r} is not a scheduler address: give host:port, for example tcp://127.0.0.1:8786")
+    return address
+
+
+@contextlib.contextmanager
+def cluster_client(scheduler: str | None = None, workers: int | None = None, on_wait: Callable[[str], None] | None = None) -> Iterator[Client | None]:
+    """A client of the scheduler at ``scheduler``, or of a ``LocalCluster`` of ``workers`` processes on loopback, or None.
+
+    A scheduler without workers is waited on for :data:`WORKER_WAIT_SECONDS` (``on_wait`` is told so first).
+    """
+    address = check_cluster_flags(scheduler, workers)
+    if not address and not workers:
         yield None
         return
     import dask
     from distributed import Client, LocalCluster
 
-    if scheduler:
+    if address:
+        parts = urlsplit(address)
         try:
-            client = Client(scheduler, timeout="10s")
+            if parts.scheme in ("tcp", "tls"):  # refused at once, not after the client's timeout
+                socket.create_connection((parts.hostname, parts.port), timeout=5).close()
+            client = Client(address, timeout="10s")
         except (OSError, TimeoutError, ValueError) as exc:
             raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         with client:
+            if not client.nthreads():
+                (on_wait or (lambda _: None))(f"the scheduler at {address} has no worker yet; waiting {WORKER_WAIT_SECONDS} s for one (start it with: dask worker {address})")
+                try:
+                    client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
+                except TimeoutError:
+                    raise InputError(f"no worker joined the Dask scheduler at {address} in {WORKER_WAIT_SECONDS} s; start one with: dask worker {address}") from None
             yield client
         return
     # one task at a time per worker, its torch, BLAS and OpenMP taking the worker's share of the cores (Dask's nannies
@@ -157,6 +190,6 @@ def cluster_client(scheduler: str | None = None, workers: int | None = None) -> 
     environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if k != "MALLOC_TRIM_THRESHOLD_"}
     environ |= dict.fromkeys(THREAD_VARIABLES, share)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:
         yield client

@@ -197,7 +197,7 @@ def _decode(path: Path, encoding: str) -> str:
         line = raw.count(b"\n", 0, offset) + 1
         raise InputError(
             f"{path.name} line {line} is not valid {encoding}: byte 0x{raw[offset]:02x} at byte offset {offset}; "
-            "pass the file's encoding (for example encoding='latin-1')"
+            "pass the file's encoding (for example --encoding latin-1, or encoding='latin-1' in Python)"
         ) from None
 
 

@@ -100,7 +100,8 @@ def test_extract_and_info_with_a_tiny_pair(tiny_dir: Path, tiny_classifier_dir: 
 def test_extract_refuses_bad_store_and_cluster_flags(flags: list[str], error: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["extract", *flags])
-    assert exit_info.value.code == 2 and error in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"attnflows: error: {error} (see attnflows extract --help)"]
 
 
 def test_extract_names_an_unreachable_scheduler_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,7 +112,27 @@ def test_extract_names_an_unreachable_scheduler_before_any_model_loads(tmp_path:
     assert capsys.readouterr().err.startswith("attnflows: error: cannot reach the Dask scheduler at tcp://127.0.0.1:9")
     assert main([*args, "--scheduler", "tcp://127.0.0.1:9", "--workers", "2"]) == 2
     assert capsys.readouterr().err.strip() == "attnflows: error: give --scheduler or --workers, not both"
+    for address, error in [("", "--scheduler needs an address, for example tcp://127.0.0.1:8786"), ("nonsense", "--scheduler 'nonsense' is not a scheduler address: give host:port, for example tcp://127.0.0.1:8786")]:
+        assert main(["extract", str(tmp_path / "missing.csv"), "--scheduler", address]) == 2  # before the corpus is read
+        assert capsys.readouterr().err.strip() == f"attnflows: error: {error}"
     assert not (tmp_path / "run").exists()
+
+
+def test_extract_keeps_a_run_of_other_settings_unless_overwrite(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.csv"
+    corpus.write_text("text,label\nthe car was good,pos\ni hate it,neg\n")
+    args = ["extract", str(corpus), "--model", str(tiny_dir), "-o", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert "c.csv: 2 rows, 2 labels" in capsys.readouterr().err
+    assert main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["attnflows: run: 2 of 2 sentences already stored (1 shard, sizes and times checked); nothing to do"]
+    assert main([*args, "--quiet", "--tau-min", "0.2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"attnflows: error: {tmp_path / 'run'} holds a run of other settings (tau_min 0.1, now 0.2); pass --overwrite (overwrite=True) to recompute it, or choose another output directory"
+    )
+    assert RunStore.open(tmp_path / "run").tau_min == 0.1
+    assert main([*args, "--quiet", "--tau-min", "0.2", "--overwrite"]) == 0
+    assert RunStore.open(tmp_path / "run").tau_min == 0.2
 
 
 @pytest.mark.slow
@@ -201,7 +222,7 @@ def test_export_one_model_from_a_text_file(tiny_dir: Path, tmp_path: Path, capsy
     [
         (["--text", "hi", "--text-file", "{text}"], "give --text or --text-file, not both"),
         (["--text-file", "{missing}"], "text file does not exist: {missing}"),
-        (["--text-file", "{latin}"], "latin.txt line 1 is not valid utf-8: byte 0xe9 at byte offset 3; pass the file's encoding (for example encoding='latin-1')"),
+        (["--text-file", "{latin}"], "latin.txt line 1 is not valid utf-8: byte 0xe9 at byte offset 3; pass the file's encoding (for example --encoding latin-1, or encoding='latin-1' in Python)"),
         (["--text-file", "{blank}"], "--text-file blank.txt is empty: give a file with the text to export"),
         (["--model", "{model}", "--pretrained", "{model}"], "give --model for one model, or --pretrained/--finetuned for a pair, not both"),
     ],

@@ -94,3 +94,18 @@ def test_cluster_arguments_are_checked() -> None:
         pass
     with pytest.raises(InputError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"), cluster_client("tcp://127.0.0.1:9"):
         pass
+
+
+def test_a_scheduler_without_workers_is_waited_on_then_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distributed import LocalCluster
+
+    import attnflows_panel.cluster as cluster
+
+    monkeypatch.setattr(cluster, "WORKER_WAIT_SECONDS", 1)
+    told: list[str] = []
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=None) as empty:
+        address = empty.scheduler_address
+        with pytest.raises(InputError, match=f"^no worker joined the Dask scheduler at {address} in 1 s; start one with: dask worker {address}$"):
+            with cluster_client(address.removeprefix("tcp://"), on_wait=told.append):
+                pass
+    assert told == [f"the scheduler at {address} has no worker yet; waiting 1 s for one (start it with: dask worker {address})"]

@@ -112,7 +112,7 @@ def test_one_latin1_byte_in_utf8_is_refused_not_read_as_latin1(tmp_path: Path, c
     path = tmp_path / "mixed.csv"
     path.write_bytes("text,label\nna\u00efve but fine,positive\ncaf\xe9 ok,negative\n".encode("utf-8").replace(b"caf\xc3\xa9", b"caf\xe9"))
     offset = path.read_bytes().index(b"\xe9")
-    message = f"mixed.csv line 3 is not valid utf-8: byte 0xe9 at byte offset {offset}; pass the file's encoding (for example encoding='latin-1')"
+    message = f"mixed.csv line 3 is not valid utf-8: byte 0xe9 at byte offset {offset}; pass the file's encoding (for example --encoding latin-1, or encoding='latin-1' in Python)"
     _refused(path, message)
     assert capsys.readouterr().err.splitlines() == [f"attnflows: error: {message}"]
 
@@ -120,7 +120,7 @@ def test_one_latin1_byte_in_utf8_is_refused_not_read_as_latin1(tmp_path: Path, c
 def test_latin1_jsonl_needs_its_encoding(tmp_path: Path) -> None:
     path = tmp_path / "fr.jsonl"
     path.write_bytes('{"text": "caf\xe9 tr\xe8s bon", "label": "pos"}\n'.encode("latin-1"))
-    _refused(path, "fr.jsonl line 1 is not valid utf-8: byte 0xe9 at byte offset 13; pass the file's encoding (for example encoding='latin-1')")
+    _refused(path, "fr.jsonl line 1 is not valid utf-8: byte 0xe9 at byte offset 13; pass the file's encoding (for example --encoding latin-1, or encoding='latin-1' in Python)")
     with pytest.warns(LabelSummary):
         assert read_corpus(path, encoding="latin-1").texts == ["caf\xe9 tr\xe8s bon"]
     _refused(path, "unknown encoding 'klingon' for fr.jsonl", encoding="klingon")

@@ -6,6 +6,7 @@ Both compare the same input through two models (pre-trained and fine-tuned): ``A
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -156,6 +157,8 @@ def store_head_differences(
     """:func:`corpus_head_differences` of a run's sentences (all by default), from its stored differences, out of core
     (on the Dask cluster of an active ``distributed.Client``, if any)."""
     names = model_names(store, models)
+    if sentence_ids is None and not store.complete:
+        warnings.warn(f"{store.path.name} is not finished ({store.describe()}): these are the differences of its stored sentences; run extract again to finish it", stacklevel=2)
     frame = stored_differences(store, names)
     if sentence_ids is not None:
         frame = frame[frame["sentence_id"].isin([int(i) for i in sentence_ids])]
