@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--finetuned", help="fine-tuned model, hub name or path (default: the bundled BERT fine-tuned on sentiment, made if missing)")
     ex.add_argument("--model", help="extract with this one model instead of a pair")
     ex.add_argument("--limit", type=_positive_int, help="only the first N sentences")
-    ex.add_argument("--shard-size", type=_positive_int, default=128, help="sentences per stored shard (default 128)")
+    ex.add_argument("--shard-size", type=_positive_int, help="sentences per stored shard (default: the run's own when resuming, else 128)")
     ex.add_argument("--batch-size", type=_positive_int, default=32, help="largest forward batch (default 32)")
     ex.add_argument("--device", default="cpu", help="torch device (default cpu; on a cluster, a worker's $ATTNFLOWS_DEVICE overrides it)")
     ex.add_argument("--tau-min", type=_weight, default=0.1, help="store attention entries of at least this weight, in (0, 1] (default 0.1: a row keeps at most 10)")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,9 +62,12 @@ class ModelsPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         import torch
+        import transformers
 
         from attnflows_panel.models import load_encoder
 
+        transformers.utils.logging.disable_progress_bar()  # a worker's log is no terminal: the driver's bar shows the run
+        transformers.utils.logging.set_verbosity_error()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.sharing.get(_host(worker.address), 1)))
         for spec in self.specs:
             lm = load_encoder(spec.model_id, os.environ.get(DEVICE_VARIABLE) or spec.device)
@@ -132,6 +137,19 @@ def _take(queue: Iterator[tuple[int, int, int]], n: int) -> list[tuple[int, int,
     return [job for _, job in zip(range(n), queue)]
 
 
+@contextlib.contextmanager
+def _ctrl_c_left_to_this_process() -> Iterator[None]:
+    """Processes started inside ignore Ctrl-C (an ignored signal stays ignored in a child): this process stops them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def check_cluster_flags(scheduler: str | None, workers: int | None) -> str | None:
     """The scheduler's address (``tcp://`` when it names no protocol) once ``--scheduler`` and ``--workers`` are checked; None without a scheduler."""
     if scheduler is not None and not scheduler.strip():
@@ -189,7 +207,7 @@ def cluster_client(scheduler: str | None = None, workers: int | None = None, on_
     share = str(max(1, (os.cpu_count() or 1) // workers))
     environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if k != "MALLOC_TRIM_THRESHOLD_"}
     environ |= dict.fromkeys(THREAD_VARIABLES, share)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _ctrl_c_left_to_this_process():
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None, silence_logs=logging.CRITICAL)  # a task's error reaches the driver; what workers log while stopping is noise
     with cluster, Client(cluster) as client:
         yield client

@@ -53,6 +53,7 @@ FORMAT_VERSION = 2  # 2: sparse entries of at least tau_min, model differences, 
 MANIFEST = "manifest.json"
 RECORDS = "shards"
 PARTS = ("stats", "differences", "tokens", "entries", "distances")
+SHARD_SIZE = 128  # sentences a shard, unless asked or resumed
 LOCAL_THREADS = 2  # shards computed at once in one process (each thread's torch operations on cores / 2)
 HEAD_MAP_SENTENCES = 300  # the head map's sentences (the first ones): its distances are summed at extraction
 
@@ -351,6 +352,14 @@ def _clear(run_dir: Path) -> None:
     (run_dir / MANIFEST).unlink(missing_ok=True)
 
 
+def _recorded_shard_size(run_dir: Path) -> int | None:
+    """The shard size of the run in ``run_dir``, if a readable one is there (a resumed run keeps its own)."""
+    try:
+        return int(_read_manifest(run_dir)["shard_size"]) if (run_dir / MANIFEST).is_file() else None
+    except (StoreError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _prepare_run_dir(run_dir: Path, fingerprint: str, wanted: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """The manifest to resume from, or None for a fresh start; a run of other models, corpus or settings (``wanted``,
     as a manifest records them) is recomputed when ``overwrite`` allows, else refused naming what differs."""
@@ -503,7 +512,7 @@ def extract_corpus(
     models: Mapping[str, LoadedModel],
     corpus: Corpus,
     run_dir: str | Path,
-    shard_size: int = 128,
+    shard_size: int | None = None,
     max_batch: int = 32,
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
@@ -521,13 +530,16 @@ def extract_corpus(
     With a ``distributed.Client``, shards are computed on its workers (each loads the models once) and
     committed here. Memory stays bounded by a few shards; ``verify`` re-hashes finished shards before resuming, and
     ``on_resume`` is told what a resumed run found. A run directory of other models, corpus or settings is recomputed,
-    or refused when ``overwrite`` is False.
+    or refused when ``overwrite`` is False. ``shard_size`` defaults to the run's own when resuming, else :data:`SHARD_SIZE`.
     The first ``head_map_sentences`` sentences also sum the distances between heads the head map places them by.
     """
     from tqdm.auto import tqdm
 
     if not models:
         raise InputError("no models to extract with")
+    run_dir = Path(run_dir).expanduser()
+    if shard_size is None:
+        shard_size = _recorded_shard_size(run_dir) or SHARD_SIZE
     if shard_size < 1 or max_batch < 1:
         raise InputError(f"shard_size and max_batch must be at least 1, got {shard_size} and {max_batch}")
     if not 0 < tau_min <= 1:
@@ -540,7 +552,6 @@ def extract_corpus(
     loaded = list(models.values())
     for other in loaded[1:]:
         validate_pair(loaded[0], other)
-    run_dir = Path(run_dir).expanduser()
     settings = {"shard_size": shard_size, "tau_min": tau_min, "head_map_sentences": min(head_map_sentences, len(corpus))}
     fingerprint, described = _fingerprint(models, corpus, settings)
     remove_stale_temporaries(run_dir, rf"{re.escape(MANIFEST)}|sentences\.parquet")  # left by a killed run

@@ -299,3 +299,13 @@ def test_a_resumed_run_says_what_it_found(models, tmp_path: Path) -> None:
     assert said == ["run: 4 of 9 sentences already stored (1 shard, re-hashed); computing the rest"]
     extract_corpus(models, corpus, tmp_path / "run", shard_size=4, progress=False, on_resume=said.append)
     assert said[-1] == "run: 9 of 9 sentences already stored (3 shards, sizes and times checked); nothing to do"
+
+
+def test_a_resumed_run_keeps_its_own_shard_size_unless_another_is_asked(models, tmp_path: Path) -> None:
+    corpus = make_corpus(9)
+    extract_corpus(models, corpus, tmp_path / "run", shard_size=4, progress=False)
+    said: list[str] = []
+    assert len(extract_corpus(models, corpus, tmp_path / "run", progress=False, on_resume=said.append).manifest["shards"]) == 3
+    assert said == ["run: 9 of 9 sentences already stored (3 shards, sizes and times checked); nothing to do"]
+    with pytest.raises(InputError, match=r"other settings \(shard_size 4, now 5\)"):
+        extract_corpus(models, corpus, tmp_path / "run", shard_size=5, progress=False, overwrite=False)
