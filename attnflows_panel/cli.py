@@ -122,6 +122,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from attnflows_panel.store import extract_corpus
 
     check_cluster_flags(args.scheduler, args.workers)  # before the corpus is read
+    if args.trust_remote_code and (args.scheduler or args.workers):
+        raise InputError("--trust-remote-code runs a model's own code in this process only: leave out --workers and --scheduler (Dask workers never run it)")
     corpus = read_corpus(args.corpus, encoding=args.encoding) if args.corpus else heldout_sentiment_corpus()
     if args.limit:
         corpus = corpus.subset(range(min(args.limit, len(corpus))))

@@ -115,6 +115,8 @@ def test_extract_names_an_unreachable_scheduler_before_any_model_loads(tmp_path:
     for address, error in [("", "--scheduler needs an address, for example tcp://127.0.0.1:8786"), ("nonsense", "--scheduler 'nonsense' is not a scheduler address: give host:port, for example tcp://127.0.0.1:8786")]:
         assert main(["extract", str(tmp_path / "missing.csv"), "--scheduler", address]) == 2  # before the corpus is read
         assert capsys.readouterr().err.strip() == f"attnflows: error: {error}"
+    assert main(["extract", str(tmp_path / "missing.csv"), "--workers", "2", "--trust-remote-code"]) == 2
+    assert capsys.readouterr().err.strip() == "attnflows: error: --trust-remote-code runs a model's own code in this process only: leave out --workers and --scheduler (Dask workers never run it)"
     assert not (tmp_path / "run").exists()
 
 
