@@ -67,7 +67,7 @@ def head_js_divergence(A: Any, B: Any) -> np.ndarray:
         return row_js_divergence(*validate_pair_attention(A, B)).mean(-1)
     a, b = as_source(A), as_source(B)
     require_same_shape(a.shape, b.shape)
-    return np.stack(map_layers(partial(_layer_js_divergence, a, b), range(a.n_layers), MAP_BLOCK_BYTES, "attnflows-js")) / a.n_tokens
+    return np.stack(map_layers(partial(_layer_js_divergence, a, b), range(a.n_layers), MAP_BLOCK_BYTES, "attnflows-js", a.weight_bytes)) / a.n_tokens
 
 
 def _layer_js_divergence(a: AttentionSource, b: AttentionSource, layer: int) -> np.ndarray:

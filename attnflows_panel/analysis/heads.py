@@ -101,7 +101,7 @@ def head_measures(attention: Any, tokens: Sequence[str], cls_mask: np.ndarray, s
     if isinstance(attention, AttentionSource):
         L, n = attention.n_layers, attention.n_tokens
         masks = _key_masks(tokens, cls_mask, sep_mask, n, "")
-        layers = map_layers(partial(_source_layer_totals, attention, masks), range(L), BLOCK_BYTES, "attnflows-measures")
+        layers = map_layers(partial(_source_layer_totals, attention, masks), range(L), BLOCK_BYTES, "attnflows-measures", attention.weight_bytes)
         return _query_means({name: np.stack([layer[name] for layer in layers]) for name, _ in MEASURES}, n)
     a = _check_attention(attention, "attention")
     n = a.shape[-1]

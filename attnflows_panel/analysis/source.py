@@ -48,6 +48,11 @@ class AttentionSource(ABC):
     def nbytes(self) -> int:
         """Bytes this source holds."""
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all its weights as float32, held or computed."""
+        return 4 * int(np.prod(self.shape))
+
     @abstractmethod
     def rows(self, layer: int, heads: Sequence[int] | np.ndarray | None = None, queries: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """``[len(heads), len(queries), n]``: what the given queries of ``heads`` (default all) of ``layer`` attend to."""
@@ -236,9 +241,14 @@ def one_torch_thread() -> None:
     threadpool_limits(1, "openmp")
 
 
-def map_layers(work: Callable[[int], T], layers: Sequence[int], block_bytes: int, name: str) -> list[T]:
+def map_layers(work: Callable[[int], T], layers: Sequence[int], block_bytes: int, name: str, total_bytes: int | None = None) -> list[T]:
     """``[work(layer) for layer in layers]``, a layer per thread: at most one thread per layer and per torch thread,
-    each held to one OpenMP thread, and few enough that their blocks (about two of ``block_bytes`` each) stay under :data:`CHUNK_BYTES`."""
+    each held to one OpenMP thread, and few enough that their blocks (about two of ``block_bytes`` each) stay under :data:`CHUNK_BYTES`.
+
+    Work over ``total_bytes`` of at most one block runs in this thread: starting a pool costs more (a 32-token sentence's head measures: 13 ms -> 2 ms).
+    """
+    if total_bytes is not None and total_bytes <= block_bytes:
+        return [work(layer) for layer in layers]
     import torch
 
     threads = max(1, min(len(layers), torch.get_num_threads(), CHUNK_BYTES // (2 * block_bytes)))

@@ -37,6 +37,21 @@ def token_hover(tokens: Sequence[str]) -> CustomJSHover:
     return CustomJSHover(args={"names": [str(t) for t in tokens]}, code=TOKEN_AT)
 
 
+def matrix_bounds(n_tokens: int) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of an ``n_tokens`` matrix: each token a unit square centred on its position."""
+    return -0.5, -0.5, n_tokens - 0.5, n_tokens - 0.5
+
+
+def weight_clim(attention: np.ndarray) -> tuple[float, float]:
+    """A matrix's colour limits: 0 to its largest weight."""
+    return 0.0, float(max(attention.max(), 1e-6))
+
+
+def label_limit(size: int) -> int:
+    """About how many tick labels an axis of ``size`` pixels shows (one per ``PX_PER_LABEL``)."""
+    return size // PX_PER_LABEL
+
+
 def attention_matrix(
     attention: np.ndarray,
     tokens: Sequence[str],
@@ -60,13 +75,13 @@ def attention_matrix(
         raise ValueError(f"attention has shape {a.shape}, expected ({n}, {n}) for {n} tokens")
     # hv.Image draws array row 0 at the top of its bounds, so the flipped rows put a[i, j] at (x = j, y = i);
     # the inverted y axis then shows query 0 at the top. Explicit bounds also hold for a single token.
-    image = hv.Image(a[::-1], bounds=(-0.5, -0.5, n - 0.5, n - 0.5), kdims=["key", "query"], vdims=["weight"])
-    limit = max_labels if max_labels is not None else size // PX_PER_LABEL
+    image = hv.Image(a[::-1], bounds=matrix_bounds(n), kdims=["key", "query"], vdims=["weight"])
+    limit = max_labels if max_labels is not None else label_limit(size)
     (xticker, xnames), (yticker, ynames) = token_axis(tokens, limit), token_axis(tokens, limit)  # a model per axis
     names = token_hover(tokens)  # one formatter model serves both axes
     plot_opts = dict(
         cmap=cmap,
-        clim=(0.0, float(max(a.max(), 1e-6))),
+        clim=weight_clim(a),
         xticks=xticker,
         yticks=yticker,
         xformatter=xnames,

@@ -32,12 +32,13 @@ class Layer:
 
 
 def columns(frame: Frame) -> dict[str, object]:
-    """A frame as Bokeh source data: one array or list per column (empty columns as empty lists)."""
+    """A frame as Bokeh source data: an array per numeric column, a list per other column (and per empty one)."""
     items = frame.items() if not isinstance(frame, pd.DataFrame) else ((c, frame[c].to_numpy()) for c in frame.columns)
     out: dict[str, object] = {}
     for name, values in items:
         values = values if isinstance(values, list) else np.asarray(values)
-        out[str(name)] = [] if len(values) == 0 else values  # BokehJS rejects an empty float array as colours
+        # BokehJS rejects an empty float array as colours; texts as lists, as HoloViews renders them
+        out[str(name)] = values.tolist() if isinstance(values, np.ndarray) and (len(values) == 0 or values.dtype.kind in "OU") else values
     return out
 
 
@@ -67,6 +68,7 @@ def bind(plot: Plot, layers: Mapping[str, Layer], frames: Mapping[str, Frame]) -
                 for prop, column in layer.fields.items():
                     if prop in glyph.properties():
                         _point(glyph, prop, column)
+        drawn.data_source.data = {}  # else Bokeh keeps HoloViews' columns where they equal the frame's (in their own types)
         drawn.data_source.data = columns(frames[name])
         drawn.data_source.name = name
         sources[name] = drawn.data_source

@@ -227,6 +227,12 @@ def _boxed(plot: object, element: object) -> None:
     plot.handles["glyph"].update(background_fill_color="white", background_fill_alpha=0.85, padding=1)
 
 
+def layered_axis(n_tokens: int) -> tuple[tuple[float, float], int, str]:
+    """The layered diagram's x range for ``n_tokens`` and its token names' rotation (degrees) and font size
+    (a token has about 12 px at 80 tokens on a 1280 px window)."""
+    return (-1, n_tokens), 60 if n_tokens <= 40 else 90, "9pt" if n_tokens <= 40 else "8pt" if n_tokens <= 80 else "7pt"
+
+
 def flow_diagram(
     tokens: Sequence[str],
     traces: Mapping[str, AttentionTrace],
@@ -265,13 +271,13 @@ def flow_diagram(
     if layout == "layered":
         # token names as x ticks rather than a Labels layer: one element fewer to update on every brush
         levels_ticks = [(i, "input" if i == 0 else f"layer {i}") for i in range(levels)]
-        label_size = "9pt" if n <= 40 else "8pt" if n <= 80 else "7pt"  # a token has about 12 px at 80 tokens on a 1280 px window
+        xlim, rotation, label_size = layered_axis(n)
         if n <= NAME_EVERY_TOKEN_UP_TO:
             xticks: dict[str, object] = dict(xticks=[(i, str(t)) for i, t in enumerate(tokens)])
         else:  # every 2nd, 5th, 10th... token named, every token once zoomed in
             ticker, names = token_axis(tokens, NAMED_TOKENS)
             xticks = dict(xticks=ticker, xformatter=names)
-        axes = dict(**xticks, xrotation=60 if n <= 40 else 90, fontsize={"xticks": label_size}, xlabel="", yticks=levels_ticks, ylabel="", ylim=(-0.6, levels - 0.6), xlim=(-1, n))
+        axes = dict(**xticks, xrotation=rotation, fontsize={"xticks": label_size}, xlabel="", yticks=levels_ticks, ylabel="", ylim=(-0.6, levels - 0.6), xlim=xlim)
         layers = segments * points * message
     else:
         outer = nodes[nodes["level"] == levels - 1]

@@ -67,7 +67,8 @@ def _checked(words: Sequence[str], values: Mapping[str, np.ndarray]) -> list[np.
 
 
 SENTENCE_LAYERS = {
-    "boxes": Layer(Quad, {"left": "x0", "bottom": "y0", "right": "x1", "top": "y1", "fill_color": "color", "fill_alpha": "alpha"}),
+    # HoloViews turns a constant column into a value, which renders other glyph states: alpha is mapped here, to the fill and hatch
+    "boxes": Layer(Quad, {"left": "x0", "bottom": "y0", "right": "x1", "top": "y1", "fill_color": "color", "fill_alpha": "alpha", "hatch_alpha": "alpha"}),
     "texts": Layer(Text, {"x": "x", "y": "y", "text": "text", "text_align": "align", "text_font_style": "font_style"}),
 }
 
@@ -95,6 +96,14 @@ def sentence_frames(words: Sequence[str], values: Mapping[str, np.ndarray], capt
     return {"boxes": boxes, "texts": texts}
 
 
+def sentence_extent(words: Sequence[str], blocks: int, max_chars: int = 90, title: str = "") -> tuple[int, tuple[float, float]]:
+    """The sentence view's height in pixels and its y range, for ``blocks`` models' blocks of ``words``."""
+    lines = len(sentence_layout(words, max_chars)["line"].unique()) or 1
+    height = int(blocks * (lines + BLOCK_GAP) * 26) + (30 if title else 0) + 2 * BORDER  # a title takes a strip above the frame
+    bottom = -(blocks - 1) * (lines + BLOCK_GAP) - lines
+    return height, (bottom - 0.2, 1.6)
+
+
 def sentence_view(
     words: Sequence[str],
     values: Mapping[str, np.ndarray],
@@ -108,14 +117,11 @@ def sentence_view(
     ``max_chars`` monospace characters wide, so every word fills its box. Two layers, boxes and one Labels holding both the words and each block's caption (see :func:`sentence_frames`).
     """
     frames = sentence_frames(words, values, captions, max_chars=max_chars)
-    lines = len(sentence_layout(words, max_chars)["line"].unique()) or 1
-    blocks = len(values)
+    height, ylim = sentence_extent(words, len(values), max_chars, title)
     rects = hv.Rectangles(frames["boxes"], ["x0", "y0", "x1", "y1"], ["word", "value", "alpha", "model", "color"]).opts(
-        color="color", alpha="alpha", line_alpha=0, hover_tooltips=[("word", "@{word}"), ("model", "@{model}"), ("value", "@{value}{0.000}")]
+        color="color", fill_alpha="alpha", line_alpha=0, hover_tooltips=[("word", "@{word}"), ("model", "@{model}"), ("value", "@{value}{0.000}")]
     )
     labels = hv.Labels(frames["texts"], ["x", "y"], ["text", *WORD_STYLE]).opts(text_align="align", text_font_style="font_style", text_font_size="11pt", text_font=value("monospace"), text_color="#222222")
-    height = int(blocks * (lines + BLOCK_GAP) * 26) + (30 if title else 0) + 2 * BORDER  # a title takes a strip above the frame
-    bottom = -(blocks - 1) * (lines + BLOCK_GAP) - lines
     return (rects * labels).opts(
-        hv.opts.Overlay(width=round((max_chars + 1) * CHAR_PX) + 2 * BORDER, height=height, border=BORDER, xaxis=None, yaxis=None, xlim=(-0.5, max_chars + 0.5), ylim=(bottom - 0.2, 1.6), title=title, toolbar=None, show_frame=False)
+        hv.opts.Overlay(width=round((max_chars + 1) * CHAR_PX) + 2 * BORDER, height=height, border=BORDER, xaxis=None, yaxis=None, xlim=(-0.5, max_chars + 0.5), ylim=ylim, title=title, toolbar=None, show_frame=False)
     )

@@ -1,0 +1,172 @@
+"""The exported page is a template filled with data: the document it loads equals the one the plot builders make for that input."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from bokeh.core.json_encoder import serialize_json
+from bokeh.core.property.singletons import Undefined
+from bokeh.core.serialization import SerializationError, Serializer
+from bokeh.document import Document
+from bokeh.model import Model
+
+from attnflows_panel import export, page_template
+from attnflows_panel.analysis.source import DenseAttention
+from attnflows_panel.extract import extract, extract_pair
+
+WORDS = "the car was good and i love it but a movie is very bad awful film".split()
+
+
+def text_of(words: int) -> str:
+    return " ".join(WORDS[i % len(WORDS)] for i in range(words))
+
+
+def page_roots(page: str) -> list:
+    """The roots of the Bokeh document a page loads (its JSON, HTML-escaped as Bokeh embeds it)."""
+    (docs,) = re.findall(r'<script type="application/json" id="[^"]+">\s*(.*?)\s*</script>', page, re.DOTALL)
+    (doc,) = json.loads(html.unescape(docs)).values()
+    return doc["roots"]
+
+
+def built_roots(records, **settings) -> list:
+    """The roots of the document the plot builders make for ``records``."""
+    document = Document()
+    document.add_root(export.dashboard_layout(records, **settings))
+    return json.loads(serialize_json(document.to_json(deferred=False)))["roots"]
+
+
+def canonical(roots: list) -> list:
+    """Serialized roots with ids numbered by first appearance and attributes at their class default left out."""
+    ids: dict[str, str] = {}
+    defaults: dict[tuple[str, str], Any] = {}
+
+    def default(name: str, attr: str) -> Any:
+        if (name, attr) not in defaults:
+            cls = Model.model_class_reverse_map[name]
+            try:
+                defaults[name, attr] = json.loads(serialize_json(Serializer(deferred=False).encode(cls.lookup(attr).class_default(cls))))
+            except SerializationError:  # an undefined default: never left out
+                defaults[name, attr] = Undefined
+        return defaults[name, attr]
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(value) for value in node]
+        if not isinstance(node, dict):
+            return node
+        out = {key: walk(value) for key, value in node.items() if key not in ("id", "attributes")}
+        if "id" in node:
+            out["id"] = ids.setdefault(node["id"], f"m{len(ids)}")
+        if "attributes" in node:
+            out["attributes"] = {key: walk(value) for key, value in node["attributes"].items() if value != default(node["name"], key)}
+        return out
+
+    return walk(roots)
+
+
+def differences(a: Any, b: Any, path: str = "") -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in a.keys() | b.keys():
+            yield from differences(a.get(key), b.get(key), f"{path}.{key}")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            yield from differences(x, y, f"{path}[{i}]")
+    elif a != b:
+        yield f"{path}: {str(a)[:100]} != {str(b)[:100]}"
+
+
+def assert_page_is_built(records, **settings) -> None:
+    """The page of ``records`` (a template filled) loads the document the builders make, model for model."""
+    page, built = canonical(page_roots(export.dashboard_html(records, **settings))), canonical(built_roots(records, **settings))
+    found = list(differences(page, built))
+    assert not found, "\n".join(found[:20])
+
+
+def long_record(record, n: int, seed: int):
+    """``record`` with ``n`` tokens of random attention (longer than a tiny model takes)."""
+    L, H = record.n_layers, record.n_heads
+    attention = np.random.default_rng(seed).random((L, H, n, n), dtype=np.float32) ** 8  # peaked rows, as a model's
+    attention /= attention.sum(axis=-1, keepdims=True)
+    ids = np.arange(n)
+    tokens = ["[CLS]", *(WORDS[i % len(WORDS)] for i in range(n - 2)), "[SEP]"]
+    return dataclasses.replace(record, tokens=tokens, input_ids=ids, word_ids=np.r_[-1, ids[:-2], -1], segment_ids=np.zeros(n, dtype=np.int64),
+                               cls_mask=ids == 0, sep_mask=ids == n - 1, source=DenseAttention(attention))
+
+
+@pytest.mark.parametrize("words", [3, 15, 38])
+@pytest.mark.parametrize("models", [2, 1])
+def test_the_page_loads_the_builders_document(tiny_pair, words: int, models: int) -> None:
+    records = extract_pair(tiny_pair, text_of(words))[:models]
+    assert_page_is_built(records)
+    assert_page_is_built(records, tau=0.05, alpha=0.3, top_heads=2, top_k=0)
+
+
+def test_the_page_of_one_model_with_a_prediction(tiny_pair) -> None:
+    assert_page_is_built((extract(tiny_pair.finetuned, None, text_of(9)),), top_heads=3)
+
+
+def test_the_page_of_a_partial_selection_and_of_an_empty_flow(tiny_pair) -> None:
+    records = extract_pair(tiny_pair, text_of(12))
+    mask = np.zeros((records[0].n_layers, records[0].n_heads), dtype=bool)
+    mask[:, 1] = True
+    assert_page_is_built(records, head_mask=mask)
+    mask[-1] = False
+    assert_page_is_built(records, head_mask=mask)  # no head of the deepest layer: no edge, and a message
+    assert_page_is_built(records, tau=1.0, top_heads=0)
+
+
+@pytest.mark.parametrize("models", [2, 1])
+def test_the_page_of_a_flow_of_one_edge(tiny_pair, models: int) -> None:
+    """One edge, shared by the pair: constant colour and width columns (HoloViews renders a constant style column as a value)."""
+    records = extract_pair(tiny_pair, text_of(5))[:models]
+    mask = np.zeros((records[0].n_layers, records[0].n_heads), dtype=bool)
+    mask[-1, 3] = True
+    assert len(export.dashboard_data(records, head_mask=mask, top_k=1).flow["edges"]) == 1
+    assert_page_is_built(records, head_mask=mask, top_k=1)
+
+
+@pytest.mark.parametrize("n", [130, 150])
+def test_the_page_of_a_long_input(tiny_pair, n: int) -> None:
+    """Past 120 tokens the flow's axis names every few tokens; matrices grow; here the file carries only some heads too."""
+    records = tuple(long_record(r, n, seed) for seed, r in enumerate(extract_pair(tiny_pair, text_of(3))))
+    assert_page_is_built(records)
+    assert_page_is_built(records[:1], top_heads=1)
+
+
+def test_the_page_of_an_input_over_the_entry_cap(tiny_pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = extract_pair(tiny_pair, text_of(6))
+    monkeypatch.setattr(export, "MAX_ENTRIES", int(sum(np.count_nonzero(r.attention >= 0.1) for r in records)) // 2)
+    assert not export.dashboard_data(records).shipped.all()
+    assert_page_is_built(records)
+
+
+def test_prepared_templates_serve_the_first_export(tiny_pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = extract_pair(tiny_pair, text_of(7))
+    export.prepare_templates(records[0].n_layers, records[0].n_heads)
+    monkeypatch.setattr(page_template, "_MEMORY", {})
+    monkeypatch.setattr(export, "template_html", lambda structure: pytest.fail(f"built {structure} again"))
+    export.prepare_templates(records[0].n_layers, records[0].n_heads)
+    assert_page_is_built(records)
+    assert_page_is_built(records[:1])
+
+
+def test_a_template_is_kept_and_a_damaged_one_rebuilt(tiny_pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = extract_pair(tiny_pair, text_of(4))
+    page = export.dashboard_html(records, top_heads=1)
+    saved = page_template.template_path(export.template_key(export.dashboard_data(records, top_heads=1).structure))
+    build, builds = export.template_html, []
+    monkeypatch.setattr(export, "template_html", lambda structure: builds.append(structure) or build(structure))
+    monkeypatch.setattr(page_template, "_MEMORY", {})
+    assert export.dashboard_html(records, top_heads=1) == page and builds == []  # read from the cache directory
+    for damage in ("", saved.read_text()[:5000], saved.read_text().replace("attnflows-slot:flow/width", "900")):
+        saved.write_text(damage)
+        monkeypatch.setattr(page_template, "_MEMORY", {})
+        assert canonical(page_roots(export.dashboard_html(records, top_heads=1))) == canonical(page_roots(page))  # a new template: new element ids
+    assert len(builds) == 3 and "attnflows-slot:flow/width" in saved.read_text()  # built again, and saved
