@@ -182,14 +182,14 @@ def encode_batch(lm: LoadedModel, texts: Sequence[str], text_pairs: Sequence[str
     return out
 
 
-def length_batches(lengths: Sequence[int], per_token_pair_bytes: int, max_batch: int) -> list[list[int]]:
-    """Group indices of similar length (sorted) so a batch's attention stays under the byte budget."""
+def length_batches(lengths: Sequence[int], per_token_pair_bytes: int, max_batch: int, budget: int = BATCH_ATTENTION_BYTES) -> list[list[int]]:
+    """Group indices of similar length (sorted) so a batch's attention stays under ``budget`` bytes."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
         n = lengths[i]  # sorted ascending, so the newest member is the longest
-        if current and (len(current) >= max_batch or (len(current) + 1) * n * n * per_token_pair_bytes > BATCH_ATTENTION_BYTES):
+        if current and (len(current) >= max_batch or (len(current) + 1) * n * n * per_token_pair_bytes > budget):
             batches.append(current)
             current = []
         current.append(i)

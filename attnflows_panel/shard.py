@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 STATS = ("entropy", "max_weight", "attn_cls", "attn_sep")
 SQUARES = 4  # where batch_rows keeps each head's sum of squared weights (for the cosine of two maps)
 DIFFERENCES = ("js", "cosine")
+SHARD_BATCH_BYTES = 64 * 2**20  # all models' attention of one batch: two shards at once hold about twice this, plus logs
 TAU_MIN = 0.1  # the app's default edge threshold: every view at it or above is exact
 TINY = 1e-30  # weights are clamped to this before their log: 0 log 0 = 0, and no weight that is not 0 is this small
 
@@ -77,7 +78,7 @@ def compute_shard(
     entries: list[tuple[np.ndarray, ...]] = []  # per batch and model: sentence_id, model, layer, head, query, key, weight
     logits: dict[str, dict[int, np.ndarray]] = {name: {} for name in names}
     mapped: dict[int, list[np.ndarray]] = {}  # the head map's sentences: every model's dense attention
-    for batch in length_batches(lengths, first.n_layers * first.n_heads * 4, max_batch):
+    for batch in shard_batches(lengths, models, max_batch):
         chosen = [encodings[i] for i in batch]
         n = torch.tensor([lengths[i] for i in batch])
         special = special_columns(_padded_ids(chosen), cls_id, sep_id)
@@ -108,6 +109,12 @@ def compute_shard(
         _distances_table(mapped, names) if mapped else None,
         sum(e.n_truncated > 0 for e in encodings),
     )
+
+
+def shard_batches(lengths: Sequence[int], models: Mapping[str, LoadedModel], max_batch: int) -> list[list[int]]:
+    """A shard's batches: similar lengths together, every model's float32 attention of a batch within :data:`SHARD_BATCH_BYTES`."""
+    first = next(iter(models.values()))
+    return length_batches(lengths, first.n_layers * first.n_heads * 4 * len(models), max_batch, SHARD_BATCH_BYTES)
 
 
 def _padded_ids(encodings: Sequence[Encoding]) -> torch.Tensor:

@@ -14,7 +14,9 @@ models loaded before the clock starts, so times and peaks (the kernel's ``VmHWM`
 2. Store size per sentence at about 33 tokens (the corpus as it is) and at 128 tokens (sentences joined
    to 128 tokens), against the format this store replaced: every sentence's dense ``[L, H, n, n]``
    float16 per model, written as ``.npz`` here for the same sentences.
-3. The run (without the head map's distances) on a Dask ``LocalCluster`` of 1 and of 2 worker processes
+3. Two shards at once (the default: two threads, torch's operations each on half the cores) against one at a
+   time (torch on every core), and both extraction and the bare loop while another process spins on one core.
+4. The run (without the head map's distances) on a Dask ``LocalCluster`` of 1 and of 2 worker processes
    (loopback; the cluster's start-up, its workers loading the models, not counted) against one process,
    and the cluster's store checked equal to the one-process store.
 
@@ -24,12 +26,14 @@ Each line: name, attnflows, baseline, ratio (baseline / attnflows for times: abo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +87,12 @@ def bare_loop(models: dict[str, Any], texts: list[str]) -> None:
     """The loop a user would write: batches of similar length, both models, attentions to numpy."""
     import torch
 
-    from attnflows_panel.extract import length_batches
+    from attnflows_panel.shard import shard_batches
 
     first = next(iter(models.values()))
     tok = first.tokenizer
     lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=first.max_tokens)["input_ids"]]
-    for batch in length_batches(lengths, first.n_layers * first.n_heads * 4, 32):
+    for batch in shard_batches(lengths, models, 32):
         inputs = tok([texts[i] for i in batch], padding=True, truncation=True, max_length=first.max_tokens, return_tensors="pt")
         for lm in models.values():
             with torch.inference_mode():
@@ -102,6 +106,10 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
 
     corpus = sentences(task["n"], task.get("tokens"))
     models = default_models()
+    if "threads" in task:
+        import attnflows_panel.store
+
+        attnflows_panel.store.LOCAL_THREADS = task["threads"]
     out: dict[str, Any] = {"n": len(corpus)}
     reset_peak()
     before = status_bytes("VmRSS")
@@ -149,6 +157,17 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def busy_core() -> Iterator[None]:
+    """Another process spinning on one core meanwhile (what a shared machine often has)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def line(name: str, ours: float, baseline: float, ratio: float, check: str = "") -> None:
     print(f"{name}, {ours:.4g}, {baseline:.4g}, {ratio:.2f}x{', ' + check if check else ''}", flush=True)
 
@@ -191,6 +210,11 @@ def main() -> None:
             line(f"store KB per sentence at {store['tokens']:.1f} tokens ({store['n']} sentences)", per / KB, per_dense / KB, per_dense / per, f"{verdict(ok)} (at least {TARGET_SIZE:.0f}x smaller)")
             parts = ", ".join(f"{part} {size / store['n'] / KB:.1f}" for part, size in store["size"].items() if part not in ("total",) and size)
             print(f"  parts, KB per sentence: {parts}")
+        alone = run({"kind": "extract", "n": n, "head_map": 0, "threads": 1, "run": str(root / "alone")})
+        line("extraction, sentences/s: two shards at once (baseline: one at a time, torch on both cores)", ours["n"] / ours["seconds"], alone["n"] / alone["seconds"], alone["seconds"] / ours["seconds"])
+        with busy_core():
+            loaded, loaded_bare = run({"kind": "extract", "n": n // 4, "head_map": 0, "run": str(root / "loaded")}), run({"kind": "bare", "n": n // 4})
+        line(f"extraction, sentences/s, another process busy on one core ({n // 4} sentences)", loaded["n"] / loaded["seconds"], loaded_bare["n"] / loaded_bare["seconds"], loaded_bare["seconds"] / loaded["seconds"])
         for workers in (1, 2):
             clustered = run({"kind": "cluster", "n": n, "workers": workers, "run": str(root / f"cluster{workers}")})
             line(f"extraction on {workers} Dask worker{'s' * (workers > 1)}, sentences/s (baseline: one process)", clustered["n"] / clustered["seconds"], ours["n"] / ours["seconds"], ours["seconds"] / clustered["seconds"])
