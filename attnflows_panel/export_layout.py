@@ -206,7 +206,7 @@ def dashboard_figures(d: Dashboard) -> LayoutDOM:
     rows = [row(*matrices[i : i + 2]) for i in range(0, len(matrices), 2)]  # a head's two models, or one model's two heads
     return column(
         Div(text=d.header, name="header", width=1100, styles=PAGE_STYLE),
-        row(grid_fig, sentence_fig),
+        row(grid_fig, column(sentence_fig)),  # a row aligns its plots' frames: the grid's title and axis would squeeze the words
         status,
         flow_fig,
         *([Div(text=d.matrix_caption, styles=PAGE_STYLE), *rows] if matrices else []),

@@ -19,6 +19,7 @@ from attnflows_panel.extract import extract_pair, merge_tokens
 from attnflows_panel.plots.flow_diagram import edge_counts, flow_edges, flow_nodes
 from attnflows_panel.plots import short_name
 from attnflows_panel.plots.head_grid import heads_at
+from attnflows_panel.plots.sentence_view import BORDER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -246,6 +247,9 @@ def test_box_select_in_the_grid_retraces_offline(page, real_pair, plot_point, tm
     assert len(source(page, "flow_edges")["key"]) == total
     assert page.evaluate(TEXT_OF, "edge_count").startswith(f"<b>{total}</b> edges")
     assert page.get_by_text(f"{total} edges (").first.is_visible()
+    # the sentence view's words get its whole height (a row would align its frame with the grid's: title and axis squeezed it)
+    height, frame = page.evaluate("() => { const m = Bokeh.documents[0].get_model_by_name('sentence'); return [m.height, Bokeh.index.find_one(m).frame.bbox.height]; }")
+    assert frame == height - 2 * BORDER
     page.screenshot(path=str(artifacts / "export.png"), full_page=True)
     assert visit.errors == [] and visit.outside == []
 
