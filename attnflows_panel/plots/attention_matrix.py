@@ -13,6 +13,7 @@ from attnflows_panel.plots.bound import Layer
 
 RASTERIZE_ABOVE = 96  # tokens; beyond this the matrix goes through datashader
 PX_PER_LABEL = 12  # one tick label per this many pixels, so labels never overlap
+MATRIX_CHROME = 140  # pixels of a matrix's side its title, rotated token names and axis label take from the frame
 TICK_NAME = """
 const i = Math.round(tick);
 return (i === tick && i >= 0 && i < names.length) ? names[i] : "";
@@ -48,8 +49,8 @@ def weight_clim(attention: np.ndarray) -> tuple[float, float]:
 
 
 def label_limit(size: int) -> int:
-    """About how many tick labels an axis of ``size`` pixels shows (one per ``PX_PER_LABEL``)."""
-    return size // PX_PER_LABEL
+    """About how many tick labels an axis of a ``size``-pixel matrix shows: one per ``PX_PER_LABEL`` of its frame."""
+    return max(1, (size - MATRIX_CHROME) // PX_PER_LABEL)
 
 
 def attention_matrix(
@@ -66,7 +67,7 @@ def attention_matrix(
     """An ``[n, n]`` map: key ``j`` at x = j, query ``i`` at y = i, query 0 at the top; token labels on both axes.
 
     The hover names the key and query tokens with their indices and gives the weight. About
-    ``max_labels`` tick labels per axis in view (default: one per 12 pixels of ``size``); zooming in labels every token.
+    ``max_labels`` tick labels per axis in view (default: one per 12 pixels of the frame); zooming in labels every token.
     A rasterized map is coloured by rank (``by_rank``), a smaller one linearly up to its largest weight.
     """
     a = np.asarray(attention, dtype=np.float32)

@@ -98,8 +98,8 @@ def test_matrix_tick_names_are_data_and_thin_out_with_size() -> None:
     small, big = (hv.render(attention_matrix(np.eye(64), tokens, size=size)) for size in (340, 800))
     for axis in (small.xaxis[0], small.yaxis[0]):
         assert axis.formatter.args == {"names": tokens} and "<b>" not in axis.formatter.code  # names are data, never code
-        assert axis.ticker.desired_num_ticks == 340 // 12 and axis.ticker.min_interval == 1
-    assert big.xaxis[0].ticker.desired_num_ticks == 800 // 12
+        assert axis.ticker.desired_num_ticks == (340 - 140) // 12 and axis.ticker.min_interval == 1  # 12 px a name in the frame
+    assert big.xaxis[0].ticker.desired_num_ticks == (800 - 140) // 12
     assert hv.render(attention_matrix(np.eye(64), tokens, max_labels=8)).xaxis[0].ticker.desired_num_ticks == 8
 
 
