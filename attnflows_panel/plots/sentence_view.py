@@ -28,10 +28,16 @@ def sentence_layout(words: Sequence[str], max_chars: int = 90) -> pd.DataFrame:
     x, line, rows, glue = 0.0, 0, [], False
     for word in words:
         width = max(1, len(word))
-        if x > 0 and (glue or set(word) <= CLOSING or word in JOINERS):
+        attached = x > 0 and (glue or set(word) <= CLOSING or word in JOINERS)
+        if attached:
             x -= 1  # "safely," not "safely ,"
         if x > 0 and x + width > max_chars:
-            x, line = 0.0, line + 1
+            line += 1
+            x = 0.0
+            if attached and rows[-1][0] > 0:  # the word it sticks to goes along: no line starts with "."
+                carried = rows[-1][1] - rows[-1][0]
+                rows[-1] = (0.0, carried, line)
+                x = carried
         rows.append((x, x + width, line))
         x += width + 1
         glue = word in JOINERS or (bool(word) and set(word) <= OPENING)

@@ -104,6 +104,8 @@ def test_sentence_view_value_count_mismatch() -> None:
 def test_punctuation_follows_its_word_and_the_frame_is_monospace_characters_wide() -> None:
     layout = sentence_layout(["the", "self", "-", "driving", "car", "(", "sadly", ")", "stopped", "."], max_chars=90)
     assert layout["x0"].tolist() == [0, 4, 8, 9, 17, 21, 22, 27, 29, 36]  # "the self-driving car (sadly) stopped."
+    wrapped = sentence_layout(["critics", "loved", "the", "cooking", ".", "critics"], max_chars=25)  # "." would start line 2
+    assert wrapped.values.tolist() == [[0, 7, 0], [8, 13, 0], [14, 17, 0], [0, 7, 1], [7, 8, 1], [9, 16, 1]]  # "cooking." goes along
     figure = hv.render(sentence_view(["a", "b"], {"pretrained": np.ones(2)}, max_chars=40))
     assert figure.width - figure.min_border_left - figure.min_border_right == round(41 * CHAR_PX)  # the frame: one character unit per monospace glyph advance
     (text,) = [r for r in figure.renderers if type(r.glyph).__name__ == "Text"]
