@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import torch
 
 STATS = ("entropy", "max_weight", "attn_cls", "attn_sep")
-SQUARES = 4  # where batch_rows keeps each head's sum of squared weights (for the cosine of two maps)
 DIFFERENCES = ("js", "cosine")
 SHARD_BATCH_BYTES = 64 * 2**20  # all models' attention of one batch: two shards at once hold about twice this, plus logs
 TAU_MIN = 0.1  # the app's default edge threshold: every view at it or above is exact
@@ -89,15 +88,15 @@ def compute_shard(
             rows, *kept = found[m]
             entries.append((np.asarray(batch, dtype=np.int64)[rows] + start, np.full(len(rows), m, np.int8), *kept))
             for row, i in enumerate(batch):
-                for k, column in enumerate(STATS):
-                    stats.setdefault(column, [None] * len(texts) * len(names))[i * len(names) + m] = sums[m, row, ..., k] / per_query[row]
+                for column in STATS:
+                    stats.setdefault(column, [None] * len(texts) * len(names))[i * len(names) + m] = sums[column][m, row] / per_query[row]
                 if start + i < head_map_until:
                     mapped.setdefault(i, []).append(torch.stack([layer[row, :, : lengths[i], : lengths[i]] for layer in layers]).numpy())
                 if batch_logits is not None:
                     logits[name][i] = batch_logits[row]
         if pair_sums is not None:
             js = pair_sums[0] / per_query
-            cosine = pair_sums[1] / np.sqrt(sums[0, ..., SQUARES] * sums[1, ..., SQUARES])
+            cosine = pair_sums[1] / np.sqrt(sums["squares"][0] * sums["squares"][1])
             for row, i in enumerate(batch):
                 differences[i] = np.stack([js[row], cosine[row]])
     return ShardTables(
@@ -158,8 +157,8 @@ def special_columns(ids: torch.Tensor, cls_id: int, sep_id: int) -> tuple[torch.
 
 def batch_rows(
     models: Sequence[Sequence[torch.Tensor]], lengths: np.ndarray, special: tuple[torch.Tensor, torch.Tensor], tau: float
-) -> tuple[np.ndarray, np.ndarray | None, list[tuple[np.ndarray, ...]]]:
-    """Every model's per-head sums over the real queries ``[M, B, L, H, 5]`` (:data:`attention_rows.MEASURES`), the first
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[tuple[np.ndarray, ...]]]:
+    """Every model's per-head sums over the real queries ``[M, B, L, H]`` by measure (:data:`attention_rows.MEASURES`), the first
     two models' ``[2, B, L, H]`` sums of JS bits and dot products (None for one model), and each model's entries of at
     least ``tau``: (row, layer, head, query, key) int16 and float16 weights, layer by layer in row order.
 
@@ -192,7 +191,7 @@ def batch_rows(
         for m, (row, head, query, key, weight) in enumerate(kept):
             found[m].append((row, np.full(row.size, layer, np.int16), head, query, key, weight))
     entries = [tuple(np.concatenate(column) for column in zip(*chunks, strict=True)) for chunks in found]
-    return sums, pair_sums, [(*columns[:-1], columns[-1].astype(np.float16)) for columns in entries]
+    return {name: sums[..., k] for k, name in enumerate(MEASURES)}, pair_sums, [(*columns[:-1], columns[-1].astype(np.float16)) for columns in entries]
 
 
 def _stats_table(stats: dict[str, list[np.ndarray]], names: list[str], start: int, n_layers: int, n_heads: int) -> pa.Table:
