@@ -16,78 +16,97 @@ LN2 = math.log(2.0)
 
 
 @numba.njit(inline="always", fastmath=True)
-def _row_sums(x, x_log, base, width, which, positions, out):  # pragma: no cover  (compiled)
-    """Add the row at ``x[base : base + width]``'s entropy, largest weight, weights on [CLS] / [SEP] and sum of squares to ``out``; its entropy."""
+def _row_sums(x, x_log, y, m_log, base, n, positions, which):  # pragma: no cover  (compiled)
+    """The row at ``x[base : base + n]``'s :data:`MEASURES` (entropy, largest weight, weights on [CLS] / [SEP], sum of
+    squares) and, with its pair's row ``y`` (``m_log`` the log of ``x + y``; None for none), ``-sum (x + y) log (x + y)``
+    and the dot product, in one sweep (numba compiles the ``y is None`` branches away)."""
     entropy = np.float32(0.0)  # float32 sums within a row, as torch's: what lets the loop run on vector registers
     largest = np.float32(0.0)
     squares = np.float32(0.0)
-    for k in range(base, base + width):
+    mixed = np.float32(0.0)
+    dot = np.float32(0.0)
+    for k in range(base, base + n):
         entropy -= x[k] * x_log[k]
         largest = max(largest, x[k])
         squares += x[k] * x[k]
+        if y is not None:
+            mixed -= (x[k] + y[k]) * m_log[k]
+            dot += x[k] * y[k]
     to_cls = 0.0
     to_sep = 0.0
     for p in range(positions.size):
         to_cls += x[base + positions[p]] * which[p, 0]
         to_sep += x[base + positions[p]] * which[p, 1]
-    out[0] += entropy
-    out[1] += largest
-    out[2] += to_cls
-    out[3] += to_sep
-    out[4] += squares
-    return entropy
+    return (entropy, largest, to_cls, to_sep, squares), mixed, dot
 
 
 @numba.njit(inline="always")
-def _row_entries(x, base, width, tau, keys, weights, found):  # pragma: no cover  (compiled)
-    """Append the keys and weights of at least ``tau`` of the row at ``x[base : base + width]``; the new count.
+def _row_entries(x, base, n, tau, keys, weights, found):  # pragma: no cover  (compiled)
+    """Append the keys and weights of at least ``tau`` of the row at ``x[base : base + n]``; the new count.
 
     Every weight is written and only those kept advance the count: no branch to mispredict.
     """
-    if found + width > weights.size:
+    if found + n > weights.size:
         raise ValueError("more entries of at least tau than rows of weights summing to 1 can hold")
-    for k in range(width):
+    for k in range(n):
         keys[found] = k
         weights[found] = x[base + k]
         found += x[base + k] >= tau
     return found
 
 
+@numba.njit(inline="always")
+def _added(total, row):  # pragma: no cover  (compiled)
+    return (total[0] + row[0], total[1] + row[1], total[2] + row[2], total[3] + row[3], total[4] + row[4])
+
+
 @numba.njit(cache=True, nogil=True, fastmath=True)
 def _layer_rows(a, a_log, b, b_log, m_log, shape, pair, layer, lengths, positions, which, tau, sums, differences, keys, weights, counts, found):  # pragma: no cover
     B, H, W = shape
+    found_a, found_b = found[0], found[-1]  # counts kept in registers: the entries written can't be taken for them
     r = 0
     for i in range(B):
+        n = lengths[i]  # keys past an input's end weigh 0: only its own are read
+        at, kind = positions[i], which[i]
         for h in range(H):
-            for q in range(lengths[i]):
+            head_a = head_b = (0.0, 0.0, 0.0, 0.0, 0.0)
+            js = 0.0
+            dot = 0.0
+            for q in range(n):
                 base = ((i * H + h) * W + q) * W
-                entropy_a = _row_sums(a, a_log, base, W, which[i], positions[i], sums[0, i, layer, h])
-                before = found[0]
-                found[0] = _row_entries(a, base, W, tau, keys[0], weights[0], before)
-                counts[0, r] = found[0] - before
+                row_a, _, _ = _row_sums(a, a_log, None, None, base, n, at, kind)
+                head_a = _added(head_a, row_a)
+                before = found_a
+                found_a = _row_entries(a, base, n, tau, keys[0], weights[0], before)
+                counts[0, r] = found_a - before
                 if pair:
-                    entropy_b = _row_sums(b, b_log, base, W, which[i], positions[i], sums[1, i, layer, h])
-                    before = found[1]
-                    found[1] = _row_entries(b, base, W, tau, keys[1], weights[1], before)
-                    counts[1, r] = found[1] - before
-                    mixed = np.float32(0.0)
-                    dot = np.float32(0.0)
-                    for k in range(base, base + W):
-                        mixed -= (a[k] + b[k]) * m_log[k]
-                        dot += a[k] * b[k]
-                    js = (0.5 * mixed + LN2 - 0.5 * (entropy_a + entropy_b)) / LN2  # rows sum to 1: H((a + b) / 2) = H(a + b) / 2 + ln 2
-                    differences[0, i, layer, h] += min(1.0, max(0.0, js))
-                    differences[1, i, layer, h] += dot
+                    row_b, mixed, row_dot = _row_sums(b, b_log, a, m_log, base, n, at, kind)
+                    head_b = _added(head_b, row_b)
+                    before = found_b
+                    found_b = _row_entries(b, base, n, tau, keys[1], weights[1], before)
+                    counts[1, r] = found_b - before
+                    bits = (0.5 * mixed + LN2 - 0.5 * (row_a[0] + row_b[0])) / LN2  # rows sum to 1: H((a + b) / 2) = H(a + b) / 2 + ln 2
+                    js += min(1.0, max(0.0, bits))
+                    dot += row_dot
                 r += 1
+            for k in range(len(head_a)):
+                sums[0, i, layer, h, k] += head_a[k]
+                if pair:
+                    sums[1, i, layer, h, k] += head_b[k]
+            if pair:
+                differences[0, i, layer, h] += js
+                differences[1, i, layer, h] += dot
+    found[0] = found_a
+    found[-1] = found_b if pair else found_a
 
 
 def real_rows(lengths: np.ndarray, n_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(batch row, head, query) of every query row that is not padding, in the order :func:`layer_rows` reads them."""
+    """(batch row, head, query) int16 of every query row that is not padding, in the order :func:`layer_rows` reads them."""
     per_input = lengths * n_heads
     row = np.repeat(np.arange(lengths.size), per_input)
     within = np.arange(per_input.sum()) - np.repeat(np.cumsum(per_input) - per_input, per_input)
     n = lengths[row]
-    return row, within // n, within % n
+    return row.astype(np.int16), (within // n).astype(np.int16), (within % n).astype(np.int16)
 
 
 def layer_rows(
@@ -106,7 +125,7 @@ def layer_rows(
     pair = b is not None
     B, H, w, _ = a.shape
     models = 2 if pair else 1
-    capacity = rows[0].size * w  # a weight is written before it is kept or dropped
+    capacity = int(lengths[rows[0]].sum())  # each real row writes its keys before keeping or dropping them
     keys = np.empty((models, capacity), np.int16)
     weights = np.empty((models, capacity), np.float32)
     counts = np.empty((models, rows[0].size), np.int64)
@@ -114,4 +133,4 @@ def layer_rows(
     flat = [x.reshape(-1) for x in ((a, a_log, b, b_log, m_log) if pair else (a, a_log, a, a_log, a_log))]
     spare = np.zeros((2, 0, 0, 0)) if differences is None else differences
     _layer_rows(*flat, (B, H, w), pair, layer, lengths, positions, which, np.float32(tau), sums, spare, keys, weights, counts, found)
-    return [(*(np.repeat(r, counts[m]).astype(np.int16) for r in rows), keys[m, : found[m]].copy(), weights[m, : found[m]].copy()) for m in range(models)]
+    return [(*(np.repeat(r, counts[m]) for r in rows), keys[m, : found[m]].copy(), weights[m, : found[m]].copy()) for m in range(models)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import unicodedata
 import warnings
@@ -25,6 +26,8 @@ TOKENIZING = threading.Lock()  # a fast tokenizer called with truncation from tw
 BATCH_ATTENTION_BYTES = 256 * 2**20
 # A record whose dense attention would be larger keeps queries and keys instead (computed when read).
 DENSE_RECORD_BYTES = 32 * 2**20
+# A forward call costs about what this many more padded token positions would (measured on MiniLM, one thread: ~8 ms a call).
+CALL_TOKENS = 48
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,19 +186,25 @@ def encode_batch(lm: LoadedModel, texts: Sequence[str], text_pairs: Sequence[str
 
 
 def length_batches(lengths: Sequence[int], per_token_pair_bytes: int, max_batch: int, budget: int = BATCH_ATTENTION_BYTES) -> list[list[int]]:
-    """Group indices of similar length (sorted) so a batch's attention stays under ``budget`` bytes."""
+    """Indices in batches of similar length (sorted), at most ``max_batch`` inputs whose attention stays under ``budget``
+    bytes, cut where the token positions computed (padding included) plus :data:`CALL_TOKENS` a batch cost least."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    width = [lengths[i] for i in order]
+    cost = [0.0] + [math.inf] * len(order)  # cost[j]: the cheapest batches of the j shortest
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        n = width[j - 1]  # the longest of any batch ending here
+        fits = max(1, min(max_batch, budget // max(1, n * n * per_token_pair_bytes)))  # one input alone always runs
+        for i in range(j - 1, max(0, j - fits) - 1, -1):
+            total = cost[i] + (j - i) * n + CALL_TOKENS
+            if total < cost[j]:
+                cost[j], cut[j] = total, i
     batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        n = lengths[i]  # sorted ascending, so the newest member is the longest
-        if current and (len(current) >= max_batch or (len(current) + 1) * n * n * per_token_pair_bytes > budget):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    j = len(order)
+    while j:
+        batches.append(order[cut[j] : j])
+        j = cut[j]
+    return batches[::-1]
 
 
 def pad_token_id(lm: LoadedModel) -> int:
@@ -247,21 +256,32 @@ def prediction_logits(inputs: dict[str, Any], logits: torch.Tensor) -> torch.Ten
     return logits[torch.arange(len(last), device=logits.device), torch.searchsorted(inputs["logits_to_keep"], last)]
 
 
-def forward_attention(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: int = 32) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Run the model on encodings in length-bucketed batches; per input: attention ``[L,H,n,n]`` and logits."""
+def attention_pass(lm: LoadedModel, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], np.ndarray | None]:
+    """A padded batch through the model: each layer's ``[B, H, w, w]`` attention and each row's logits (None without a
+    head: such a model's pass stops after its last layer's attention, nothing after it being wanted)."""
     import torch
 
+    from attnflows_panel.models.capture import attention_only
+
+    with torch.inference_mode():
+        if lm.model.base_model is lm.model:
+            layers, logits = attention_only(lm.model, inputs, lm.n_layers), None
+        else:
+            out = lm.model(**inputs, output_attentions=True, return_dict=True)
+            layers = list(out.attentions or ())
+            logits = prediction_logits(inputs, out.logits).float().cpu().numpy() if getattr(out, "logits", None) is not None else None
+    if not layers:
+        raise ModelError(f"{lm.model_id} returned no attentions; load it with attn_implementation='eager'")
+    return layers, logits
+
+
+def forward_attention(lm: LoadedModel, encodings: Sequence[Encoding], max_batch: int = 32) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Run the model on encodings in length-bucketed batches; per input: attention ``[L,H,n,n]`` and logits."""
     results: list[tuple[np.ndarray, np.ndarray | None]] = [None] * len(encodings)  # type: ignore[list-item]
     per_pair = lm.n_layers * lm.n_heads * 4
     for batch in length_batches([len(e.input_ids) for e in encodings], per_pair, max_batch):
-        inputs = padded_inputs(lm, [encodings[i] for i in batch])
-        with torch.inference_mode():
-            out = lm.model(**inputs, output_attentions=True, return_dict=True)
-        if not out.attentions:
-            raise ModelError(f"{lm.model_id} returned no attentions; load it with attn_implementation='eager'")
-        logits = prediction_logits(inputs, out.logits).float().cpu().numpy() if getattr(out, "logits", None) is not None else None
-        layers = list(out.attentions)
-        del out  # each layer's tensor is freed once copied: the peak is the record and one layer, not twice the record
+        layers, logits = attention_pass(lm, padded_inputs(lm, [encodings[i] for i in batch]))
+        # each layer's tensor is freed once copied: the peak is the record and one layer, not twice the record
         attention = np.empty((layers[0].shape[0], len(layers), *layers[0].shape[1:]), dtype=np.float32)  # [B, L, H, n, n]
         for index in range(len(layers)):
             attention[:, index] = layers[index].float().cpu().numpy()

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from attnflows_panel.errors import ModelError
-from attnflows_panel.extract import Encoding, encode_batch, length_batches, padded_inputs, prediction_logits
+from attnflows_panel.extract import Encoding, attention_pass, encode_batch, length_batches, padded_inputs
 from attnflows_panel.models.loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -128,15 +127,8 @@ def _padded_ids(encodings: Sequence[Encoding]) -> torch.Tensor:
 
 def batch_attention(lm: LoadedModel, encodings: Sequence[Encoding]) -> tuple[list[torch.Tensor], np.ndarray | None]:
     """Each layer's ``[B, H, w, w]`` float32 attention of a padded batch (padded query rows hold junk) and each row's logits."""
-    import torch
-
-    inputs = padded_inputs(lm, encodings)
-    with torch.inference_mode():
-        out = lm.model(**inputs, output_attentions=True, return_dict=True)
-    if not out.attentions:
-        raise ModelError(f"{lm.model_id} returned no attentions; load it with attn_implementation='eager'")
-    logits = prediction_logits(inputs, out.logits).float().cpu().numpy() if getattr(out, "logits", None) is not None else None
-    return [layer.float().cpu() for layer in out.attentions], logits
+    layers, logits = attention_pass(lm, padded_inputs(lm, encodings))
+    return [layer.float().cpu() for layer in layers], logits
 
 
 def special_columns(ids: torch.Tensor, cls_id: int, sep_id: int) -> tuple[torch.Tensor, torch.Tensor]:

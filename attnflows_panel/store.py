@@ -332,6 +332,8 @@ def dense_from_entries(entries: pd.DataFrame, n_layers: int, n_heads: int, n: in
 
 
 def _fingerprint(models: Mapping[str, LoadedModel], corpus: Corpus, settings: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    with ThreadPoolExecutor(len(models)) as pool:  # each model's weights hashed on its own core
+        list(pool.map(lambda lm: lm.checkpoint_hash, models.values()))
     described = [
         {"name": name, "model_id": lm.model_id, "checkpoint_sha256": lm.checkpoint_hash, "max_tokens": lm.max_tokens, "labels": lm.labels}
         for name, lm in models.items()

@@ -121,6 +121,51 @@ def test_model_without_eager_attention_is_explained(tiny) -> None:
         extract(sdpa, tiny.tokenizer, "good car")
 
 
+def test_headless_pass_stops_after_the_last_attention(tiny) -> None:
+    from transformers import AutoModel
+
+    from attnflows_panel.extract import attention_pass, encode_batch, padded_inputs
+    from attnflows_panel.models import LoadedModel
+
+    inputs = padded_inputs(tiny, encode_batch(tiny, ["the car was good", "i love it, the zebra drove"]))
+    after = []
+    hook = tiny.model.encoder.layer[-1].intermediate.register_forward_hook(lambda *_: after.append(1))
+    try:
+        layers, logits = attention_pass(tiny, inputs)
+    finally:
+        hook.remove()
+    assert after == [] and logits is None and len(layers) == tiny.n_layers
+    eager = LoadedModel(AutoModel.from_pretrained(tiny.model.name_or_path, attn_implementation="eager"), tiny.tokenizer, "eager")
+    with torch.no_grad():
+        full = eager.model(**inputs, output_attentions=True).attentions
+    for ours, theirs, alone in zip(layers, full, attention_pass(eager, inputs)[0], strict=True):  # eager: runs to its end
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-6)
+        np.testing.assert_array_equal(alone.numpy(), theirs.numpy())
+
+
+def test_length_batches_cover_every_input_within_limits_at_less_cost_than_a_plain_cut() -> None:
+    from attnflows_panel.extract import CALL_TOKENS, length_batches
+
+    lengths = [int(n) for n in np.random.default_rng(0).integers(5, 90, 300)]
+    budget_pairs = 32 * 60 * 60  # 32 inputs of 60 tokens; fewer of longer ones
+    batches = length_batches(lengths, per_token_pair_bytes=4, max_batch=32, budget=budget_pairs * 4)
+    assert sorted(i for batch in batches for i in batch) == list(range(300))
+    widths = [max(lengths[i] for i in b) for b in batches]
+    assert all(len(b) <= 32 and len(b) * width**2 <= budget_pairs for b, width in zip(batches, widths, strict=True))
+    assert widths == sorted(widths)  # similar lengths together, shortest first
+
+    plain: list[list[int]] = [[]]  # sorted, cut every 32 or sooner at the budget
+    for i in sorted(range(300), key=lambda i: (lengths[i], i)):
+        if plain[-1] and (len(plain[-1]) == 32 or (len(plain[-1]) + 1) * lengths[i] ** 2 > budget_pairs):
+            plain.append([])
+        plain[-1].append(i)
+
+    def cost(cut: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) + CALL_TOKENS for b in cut)
+
+    assert cost(batches) < cost(plain)
+
+
 @pytest.mark.integration
 def test_default_model_matches_transformers(default_pretrained) -> None:
     text = "Driverless cars will never replace a good human driver, I think."

@@ -5,7 +5,8 @@ transformers' public ``AttentionInterface`` and ``AttentionMaskInterface``. Outs
 it is the eager attention every supported family writes (weights returned for
 ``output_attentions=True``). Inside, each layer's post-rotary queries and keys, its additive mask and
 its scaling are recorded in call order, and the output comes from ``scaled_dot_product_attention``:
-no ``[heads, n, n]`` weights are ever held, so a long input costs ``O(n)`` memory a layer.
+no ``[heads, n, n]`` weights are ever held, so a long input costs ``O(n)`` memory a layer. Through
+:func:`attention_only`, a forward pass stops once every layer's weights are made.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ class CapturedLayer:
 
 
 _captured: ContextVar[list[CapturedLayer] | None] = ContextVar("attnflows_captured", default=None)
+_recorded: ContextVar[tuple[list[torch.Tensor], int] | None] = ContextVar("attnflows_recorded", default=None)
+
+
+class _AllLayersRecorded(Exception):
+    """Ends a forward pass of :func:`attention_only` once its last layer's weights are recorded."""
 
 
 @contextmanager
@@ -51,6 +57,22 @@ def capturing() -> Iterator[list[CapturedLayer]]:
         yield layers
     finally:
         _captured.reset(token)
+
+
+def attention_only(model: nn.Module, inputs: dict[str, Any], n_layers: int) -> list[torch.Tensor]:
+    """Each layer's ``[B, H, q, k]`` weights, the forward pass stopped after the last layer's (what follows it is skipped).
+
+    A model that does not run attnflows' attention runs to its end and returns its weights the usual way.
+    """
+    layers: list[torch.Tensor] = []
+    token = _recorded.set((layers, n_layers))
+    try:
+        out = model(**inputs, output_attentions=True, return_dict=True)
+    except _AllLayersRecorded:
+        return layers
+    finally:
+        _recorded.reset(token)
+    return list(out.attentions or ())
 
 
 def attention_weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None) -> torch.Tensor:
@@ -90,6 +112,11 @@ def attention_forward(
             output, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False)
             return output, None
     weights = attention_weights(query, key, mask, scaling, softcap)
+    recorded = _recorded.get()
+    if recorded is not None:
+        recorded[0].append(weights)
+        if len(recorded[0]) == recorded[1]:
+            raise _AllLayersRecorded
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     groups = query.shape[1] // value.shape[1]
     if groups > 1:

@@ -88,7 +88,7 @@ class LoadedModel:
             digest = hashlib.sha256()
             for name, tensor in sorted(self.model.state_dict().items()):
                 digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_byte_dtype()).numpy())  # hashlib reads the buffer, GIL released
             self._hash = digest.hexdigest()
         return self._hash
 
