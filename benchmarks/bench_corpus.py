@@ -63,12 +63,13 @@ def default_models() -> dict[str, Any]:
 
 
 def sentences(n: int, tokens: int | None) -> Any:
-    """The first ``n`` held-out sentences, or (``tokens``) held-out sentences joined into inputs of about that many tokens."""
+    """The first ``n`` held-out sentences (past its 1,000, the held-out set again), or (``tokens``) held-out sentences
+    joined into inputs of about that many tokens."""
     from attnflows_panel.corpus import Corpus, heldout_sentiment_corpus
 
     corpus = heldout_sentiment_corpus()
     if tokens is None:
-        return corpus.subset(range(min(n, len(corpus))))
+        return corpus.subset([i % len(corpus) for i in range(n)])
     from attnflows_panel.models import default_pretrained_path, load_encoder
 
     tok = load_encoder(default_pretrained_path()).tokenizer
@@ -203,7 +204,7 @@ def main() -> None:
     failures = 0
     try:
         print("name, attnflows, baseline, ratio, check")
-        paired = [(run({"kind": "extract", "n": n, "head_map": 0, "run": str(root / f"run{k or ''}")}), run({"kind": "bare", "n": n})) for k in range(repeats)]
+        paired = [(run({"kind": "extract", "n": n, "head_map": 0, "run": str(root / ("run" if k == 0 else f"again{k}"))}), run({"kind": "bare", "n": n})) for k in range(repeats)]
         ours, bare = (sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2] for runs in zip(*paired, strict=True))
         times = [", ".join(f"{r['seconds']:.2f}" for r in runs) for runs in zip(*paired, strict=True)]
         print(f"  (median of {repeats} runs each, alternated: attnflows {times[0]} s; bare loop {times[1]} s)")
