@@ -17,6 +17,8 @@ A shard is committed by its record, written after its files: a killed run leaves
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import json
 import os
@@ -439,6 +441,23 @@ def _write_sentences(run_dir: Path, corpus: Corpus) -> str:
     return sha256_file(path)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None elsewhere (macOS, musl)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system: shards of every size leave glibc's heaps fragmented, and
+    without this a run's resident size creeps up over its first thousands of sentences (486 to 810 MB from 1,000 to 8,000 here)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def commit_shard(run_dir: Path, tables: ShardTables) -> dict[str, Any]:
     """Write a shard's files atomically, then its record (the commit); return the record."""
     import pyarrow.parquet as pq
@@ -591,6 +610,7 @@ def extract_corpus(
     try:
         for tables in results:
             commit_shard(run_dir, tables)
+            release_free_heap()
             truncated += tables.n_truncated
             bar.update(tables.stop - tables.start)
             if on_shard is not None:
