@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import bokeh
-import holoviews as hv
 import numpy as np
 import pandas as pd
 from bokeh.document import Document
@@ -257,7 +256,7 @@ def template_version() -> tuple[str, ...]:
     """What a template depends on besides its structure: attnflows, Bokeh and HoloViews versions and the sources that shape the page."""
     root = Path(__file__).parent
     files = [path for name in PAGE_SOURCES for path in ([root / name] if name.endswith(".py") else sorted((root / name).glob("*.py")))]
-    return version("attnflows-panel"), bokeh.__version__, hv.__version__, page_template.sources_hash(files)
+    return version("attnflows-panel"), bokeh.__version__, version("holoviews"), page_template.sources_hash(files)
 
 
 def template_html(structure: tuple) -> str:

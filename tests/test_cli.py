@@ -47,6 +47,13 @@ def test_a_command_that_loads_no_model_imports_no_slow_library(command: list[str
     assert libraries_imported(*command) == "imported:"
 
 
+def test_an_export_from_a_saved_page_template_imports_neither_holoviews_nor_panel(tiny_dir: Path, tmp_path: Path) -> None:
+    args = ["export", "--model", str(tiny_dir), "--text", "the car was good", "--output", str(tmp_path / "page.html"), "--quiet"]
+    assert "holoviews" in libraries_imported(*args)  # the first export of this structure renders its page template
+    again = libraries_imported(*args[:-2], str(tmp_path / "again.html"), "--quiet")
+    assert "holoviews" not in again and "panel" not in again and (tmp_path / "again.html").stat().st_size > 0
+
+
 def test_a_reused_checkpoint_is_reported_without_importing_torch(tiny_dir: Path, sentiment_csv: Path) -> None:
     args = ["finetune", "--base", str(tiny_dir), "--data", str(sentiment_csv), "--quiet", "--batch-size", "32", "--seed", "1"]
     assert main(args) == 0

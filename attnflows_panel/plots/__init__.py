@@ -1,9 +1,21 @@
-"""Pure functions: plain data in, HoloViews element out. No Panel, no state."""
+"""Pure functions: plain data in, HoloViews element out. No Panel, no state.
 
-import holoviews as hv
-import holoviews.plotting.bokeh  # noqa: F401  (registers the Bokeh options the builders set)
+HoloViews is imported by the builders when they first run (:func:`holoviews_bokeh`), not with these
+modules: filling an export's page template needs only their frame functions and constants.
+"""
 
-hv.Store.set_current_backend("bokeh")
+import functools
+from types import ModuleType
+
+
+@functools.cache
+def holoviews_bokeh() -> ModuleType:
+    """HoloViews, its Bokeh backend loaded and current (the builders set Bokeh options)."""
+    import holoviews as hv
+    import holoviews.plotting.bokeh  # noqa: F401  (registers the Bokeh options)
+
+    hv.Store.set_current_backend("bokeh")
+    return hv
 
 PRETRAINED_COLOR = "#36b7bd"
 FINETUNED_COLOR = "#96519b"

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import holoviews as hv
 import numpy as np
 from bokeh.models import BasicTicker, CustomJSHover, CustomJSTickFormatter, PrintfTickFormatter
 from bokeh.models import Image as ImageGlyph
 
+from attnflows_panel.plots import holoviews_bokeh
 from attnflows_panel.plots.bound import Layer
+
+if TYPE_CHECKING:
+    import holoviews as hv
 
 RASTERIZE_ABOVE = 96  # tokens; beyond this the matrix goes through datashader
 PX_PER_LABEL = 12  # one tick label per this many pixels, so labels never overlap
@@ -70,6 +74,7 @@ def attention_matrix(
     ``max_labels`` tick labels per axis in view (default: one per 12 pixels of the frame); zooming in labels every token.
     A rasterized map is coloured by rank (``by_rank``), a smaller one linearly up to its largest weight.
     """
+    hv = holoviews_bokeh()
     a = np.asarray(attention, dtype=np.float32)
     n = len(tokens)
     if a.shape != (n, n):

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import holoviews as hv
 import numpy as np
 import pandas as pd
 from bokeh.core.property.vectorization import Field
 from bokeh.model import Model
 from bokeh.models import ColumnDataSource, CustomJS, Glyph, GlyphRenderer, Legend, LegendItem, Plot, Title
+
+from attnflows_panel.plots import holoviews_bokeh
+
+if TYPE_CHECKING:
+    import holoviews as hv
 
 GLYPH_STATES = ("glyph", "selection_glyph", "nonselection_glyph", "hover_glyph", "muted_glyph")
 Frame = Mapping[str, object]  # column name -> values (a DataFrame or a dict of sequences)
@@ -77,6 +82,7 @@ def bind(plot: Plot, layers: Mapping[str, Layer], frames: Mapping[str, Frame]) -
 
 def render_bound(element: hv.core.Dimensioned, layers: Mapping[str, Layer], frames: Mapping[str, Frame]) -> tuple[Plot, dict[str, ColumnDataSource]]:
     """``element`` drawn by Bokeh with each layer bound to its frame (see :func:`bind`)."""
+    hv = holoviews_bokeh()
     plot = hv.render(element, backend="bokeh")
     return plot, bind(plot, layers, frames)
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import holoviews as hv
 import numpy as np
 import pandas as pd
 
 from bokeh.models import CustomJS, CustomJSHover, HoverTool, Scatter, Segment, Text
 
 from attnflows_panel.analysis.flows import FINETUNED, PRETRAINED, SHARED, AttentionTrace
-from attnflows_panel.plots import FINETUNED_COLOR, MODEL_TITLES, PRETRAINED_COLOR, SHARED_COLOR
+from attnflows_panel.plots import FINETUNED_COLOR, MODEL_TITLES, PRETRAINED_COLOR, SHARED_COLOR, holoviews_bokeh
 from attnflows_panel.plots.attention_matrix import token_axis
 from attnflows_panel.plots.bound import Layer, caption, field_legend
+
+if TYPE_CHECKING:
+    import holoviews as hv
 
 ROOT_COLOR = "#303030"
 LABEL_COLORS = {SHARED: SHARED_COLOR, PRETRAINED: PRETRAINED_COLOR, FINETUNED: FINETUNED_COLOR}
@@ -252,6 +254,7 @@ def flow_diagram(
     ``responsive`` diagram takes the width of its container instead of ``width``; ``encoding`` is written under
     the plot (what node sizes and edge widths mean).
     """
+    hv = holoviews_bokeh()
     frames = frames if frames is not None else flow_frames(tokens, traces, layout, message)
     edges, nodes = frames["edges"], frames["nodes"]
     n = len(tokens)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import holoviews as hv
 import pandas as pd
 from bokeh.models import Scatter
 
 from attnflows_panel.plots.bound import Layer, field_legend
 
-from attnflows_panel.plots import FINETUNED_COLOR, PRETRAINED_COLOR
+from attnflows_panel.plots import FINETUNED_COLOR, PRETRAINED_COLOR, holoviews_bokeh
+
+if TYPE_CHECKING:
+    import holoviews as hv
 
 MODEL_COLORS = {"pretrained": PRETRAINED_COLOR, "finetuned": FINETUNED_COLOR}
 RASTERIZE_ABOVE = 20_000  # points; beyond this they go through datashader
@@ -33,6 +35,7 @@ def head_embedding(
     ``titles`` names the models in the hover (default: their keys); a ``responsive`` map takes its container's width
     (at least ``width``) instead of ``width``.
     """
+    hv = holoviews_bokeh()
     if color_by not in ("layer", "model"):
         raise ValueError(f"color_by must be 'layer' or 'model', got {color_by!r}")
     frame = points.assign(

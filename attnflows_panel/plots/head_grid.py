@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import holoviews as hv
 import numpy as np
 import pandas as pd
 from bokeh.models import Quad, Rect
 
+from attnflows_panel.plots import holoviews_bokeh
 from attnflows_panel.plots.bound import Layer
+
+if TYPE_CHECKING:
+    import holoviews as hv
 
 
 def head_grid_frame(values: np.ndarray, measure: str) -> pd.DataFrame:
@@ -48,6 +52,7 @@ def numbered_ticks(count: int, most: int = 16) -> list[int]:
 
 def head_grid(values: np.ndarray, measure: str, *, title: str = "", cmap: str | list[str] = "viridis", symmetric: bool = False, width: int = 420, height: int = 300) -> hv.HeatMap:
     """One HeatMap cell per head (deepest layer on top), with tap and box select for brushing."""
+    hv = holoviews_bokeh()
     frame = head_grid_frame(values, "value")
     levels = frame["layer"].max()
     opts = dict(
@@ -84,6 +89,7 @@ def grid_outline_frames(heads: Sequence[tuple[int, int]]) -> dict[str, pd.DataFr
 
 def grid_outline(heads: Sequence[tuple[int, int]]) -> hv.Rectangles:
     """Red outlines of the cells of ``heads``, to overlay on :func:`head_grid` (a selection made elsewhere)."""
+    hv = holoviews_bokeh()
     return hv.Rectangles(grid_outline_frames(heads)["outline"], ["x0", "y0", "x1", "y1"]).opts(fill_alpha=0, line_color="#d62728", line_width=2)
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import holoviews as hv
 import numpy as np
 import pandas as pd
 
 from bokeh.core.property.vectorization import value
 from bokeh.models import Quad, Text
 
-from attnflows_panel.plots import FINETUNED_COLOR, MODEL_TITLES, PRETRAINED_COLOR
+from attnflows_panel.plots import FINETUNED_COLOR, MODEL_TITLES, PRETRAINED_COLOR, holoviews_bokeh
 from attnflows_panel.plots.bound import Layer
+
+if TYPE_CHECKING:
+    import holoviews as hv
 
 ROW_COLORS = {"pretrained": PRETRAINED_COLOR, "finetuned": FINETUNED_COLOR}
 
@@ -122,6 +125,7 @@ def sentence_view(
 
     ``max_chars`` monospace characters wide, so every word fills its box. Two layers, boxes and one Labels holding both the words and each block's caption (see :func:`sentence_frames`).
     """
+    hv = holoviews_bokeh()
     frames = sentence_frames(words, values, captions, max_chars=max_chars)
     height, ylim = sentence_extent(words, len(values), max_chars, title)
     rects = hv.Rectangles(frames["boxes"], ["x0", "y0", "x1", "y1"], ["word", "value", "alpha", "model", "color"]).opts(
