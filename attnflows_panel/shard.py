@@ -3,7 +3,7 @@
 Per sentence and model: the head statistics and the attention entries of at least ``tau_min`` (a row
 holds at most ``1 / tau_min`` of them, so a shard grows linearly with its tokens). Per sentence and
 head, between the first two models: the JS divergence of their rows and the cosine of their maps.
-Everything is computed a layer at a time on whole padded batches (torch; entries found with numpy), padded
+Everything is computed a layer at a time on whole padded batches (one pass of :mod:`attention_rows`), padded
 query rows left out of every sum and entry; the first sentences may also sum the head map's distances.
 """
 
