@@ -71,37 +71,36 @@ def compute_shard(
     encodings = encode_batch(first, texts, text_pairs)  # the texts were checked before the run began
     lengths = [len(e.input_ids) for e in encodings]
     cls_id, sep_id = (-1 if t is None else t for t in (first.tokenizer.cls_token_id, first.tokenizer.sep_token_id))
-    stats: dict[str, list[np.ndarray]] = {}
-    differences: dict[int, np.ndarray] = {}
+    n_layers, n_heads = first.n_layers, first.n_heads
+    stats = np.empty((len(STATS), len(texts), len(names), n_layers, n_heads), np.float32)
+    differences = np.empty((len(DIFFERENCES), len(texts), n_layers, n_heads), np.float32) if len(names) > 1 else None
     entries: list[tuple[np.ndarray, ...]] = []  # per batch and model: sentence_id, model, layer, head, query, key, weight
     logits: dict[str, dict[int, np.ndarray]] = {name: {} for name in names}
     mapped: dict[int, list[np.ndarray]] = {}  # the head map's sentences: every model's dense attention
     for batch in shard_batches(lengths, models, max_batch):
         chosen = [encodings[i] for i in batch]
-        n = torch.tensor([lengths[i] for i in batch])
+        n = np.array([lengths[i] for i in batch])
         special = special_columns(_padded_ids(chosen), cls_id, sep_id)
         outputs = [batch_attention(models[name], chosen) for name in names]
-        sums, pair_sums, found = batch_rows([layers for layers, _ in outputs], n.numpy(), special, tau_min)
-        per_query = n.numpy()[:, None, None].astype(np.float64)  # [B, 1, 1]
+        sums, pair_sums, found = batch_rows([layers for layers, _ in outputs], n, special, tau_min)
+        per_query = n[:, None, None].astype(np.float64)  # [B, 1, 1]
         for m, (name, (layers, batch_logits)) in enumerate(zip(names, outputs, strict=True)):
             rows, *kept = found[m]
             entries.append((np.asarray(batch, dtype=np.int64)[rows] + start, np.full(len(rows), m, np.int8), *kept))
+            for k, column in enumerate(STATS):
+                stats[k, batch, m] = sums[column][m] / per_query
             for row, i in enumerate(batch):
-                for column in STATS:
-                    stats.setdefault(column, [None] * len(texts) * len(names))[i * len(names) + m] = sums[column][m, row] / per_query[row]
                 if start + i < head_map_until:
                     mapped.setdefault(i, []).append(torch.stack([layer[row, :, : lengths[i], : lengths[i]] for layer in layers]).numpy())
                 if batch_logits is not None:
                     logits[name][i] = batch_logits[row]
-        if pair_sums is not None:
-            js = pair_sums[0] / per_query
-            cosine = pair_sums[1] / np.sqrt(sums["squares"][0] * sums["squares"][1])
-            for row, i in enumerate(batch):
-                differences[i] = np.stack([js[row], cosine[row]])
+        if differences is not None and pair_sums is not None:
+            differences[0, batch] = pair_sums[0] / per_query
+            differences[1, batch] = pair_sums[1] / np.sqrt(sums["squares"][0] * sums["squares"][1])
     return ShardTables(
         shard, start, start + len(texts),
-        _stats_table(stats, names, start, first.n_layers, first.n_heads),
-        _differences_table(differences, start, first.n_layers, first.n_heads) if len(names) > 1 else None,
+        _stats_table(stats, names, start, n_layers, n_heads),
+        None if differences is None else _differences_table(differences, start, n_layers, n_heads),
         _tokens_table(models, encodings, logits, start),
         _entries_table(entries, names),
         _distances_table(mapped, names) if mapped else None,
@@ -186,30 +185,30 @@ def batch_rows(
     return {name: sums[..., k] for k, name in enumerate(MEASURES)}, pair_sums, [(*columns[:-1], columns[-1].astype(np.float16)) for columns in entries]
 
 
-def _stats_table(stats: dict[str, list[np.ndarray]], names: list[str], start: int, n_layers: int, n_heads: int) -> pa.Table:
-    per_head = n_layers * n_heads
-    blocks = len(next(iter(stats.values())))
+def _stats_table(stats: np.ndarray, names: list[str], start: int, n_layers: int, n_heads: int) -> pa.Table:
+    """``stats`` ``[STATS, sentences, models, L, H]`` as a tidy table, a row per sentence, model and head."""
+    n_sentences = stats.shape[1]
     layer, head = np.meshgrid(np.arange(n_layers, dtype=np.int16), np.arange(n_heads, dtype=np.int16), indexing="ij")
     columns: dict[str, Any] = {
-        "sentence_id": np.repeat(np.arange(start, start + blocks // len(names), dtype=np.int64), per_head * len(names)),
-        "model": pa.DictionaryArray.from_arrays(np.repeat(np.tile(np.arange(len(names), dtype=np.int8), blocks // len(names)), per_head), names),
-        "layer": np.tile(layer.ravel(), blocks),
-        "head": np.tile(head.ravel(), blocks),
+        "sentence_id": np.repeat(np.arange(start, start + n_sentences, dtype=np.int64), n_layers * n_heads * len(names)),
+        "model": pa.DictionaryArray.from_arrays(np.repeat(np.tile(np.arange(len(names), dtype=np.int8), n_sentences), n_layers * n_heads), names),
+        "layer": np.tile(layer.ravel(), n_sentences * len(names)),
+        "head": np.tile(head.ravel(), n_sentences * len(names)),
     }
-    columns |= {name: np.concatenate([v.ravel() for v in stats[name]]).astype(np.float32) for name in STATS}
-    return pa.table(columns)
+    return pa.table(columns | {name: stats[k].reshape(-1) for k, name in enumerate(STATS)})
 
 
-def _differences_table(differences: dict[int, np.ndarray], start: int, n_layers: int, n_heads: int) -> pa.Table:
-    stacked = np.stack([differences[i] for i in range(len(differences))], 1).reshape(2, -1)  # [2, sentences * L * H]
+def _differences_table(differences: np.ndarray, start: int, n_layers: int, n_heads: int) -> pa.Table:
+    """``differences`` ``[DIFFERENCES, sentences, L, H]`` as a tidy table, a row per sentence and head."""
+    n_sentences = differences.shape[1]
     layer, head = np.meshgrid(np.arange(n_layers, dtype=np.int16), np.arange(n_heads, dtype=np.int16), indexing="ij")
     return pa.table(
         {
-            "sentence_id": np.repeat(np.arange(start, start + len(differences), dtype=np.int64), n_layers * n_heads),
-            "layer": np.tile(layer.ravel(), len(differences)),
-            "head": np.tile(head.ravel(), len(differences)),
+            "sentence_id": np.repeat(np.arange(start, start + n_sentences, dtype=np.int64), n_layers * n_heads),
+            "layer": np.tile(layer.ravel(), n_sentences),
+            "head": np.tile(head.ravel(), n_sentences),
         }
-        | {name: stacked[k].astype(np.float32) for k, name in enumerate(DIFFERENCES)}
+        | {name: differences[k].reshape(-1) for k, name in enumerate(DIFFERENCES)}
     )
 
 

@@ -17,8 +17,6 @@ A shard is committed by its record, written after its files: a killed run leaves
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import itertools
 import json
 import os
@@ -56,7 +54,6 @@ MANIFEST = "manifest.json"
 RECORDS = "shards"
 PARTS = ("stats", "differences", "tokens", "entries", "distances")
 SHARD_SIZE = 128  # sentences a shard, unless asked or resumed
-TRIM_EVERY = 1024  # sentences between two trims of the C heap (each costs page faults when the heap grows again)
 LOCAL_THREADS = 2  # shards computed at once in one process (each thread's torch operations on cores / 2)
 HEAD_MAP_SENTENCES = 300  # the head map's sentences (the first ones): its distances are summed at extraction
 
@@ -442,23 +439,6 @@ def _write_sentences(run_dir: Path, corpus: Corpus) -> str:
     return sha256_file(path)
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None elsewhere (macOS, musl)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return None
-
-
-def release_free_heap() -> None:
-    """Hand the C heap's free pages back to the system (every :data:`TRIM_EVERY` sentences of a run): batches of every
-    size leave glibc's heaps fragmented, and without it a run's peak crept from 486 MB at 1,000 sentences to 810 at 8,000 here."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def commit_shard(run_dir: Path, tables: ShardTables) -> dict[str, Any]:
     """Write a shard's files atomically, then its record (the commit); return the record."""
     import pyarrow.parquet as pq
@@ -608,14 +588,9 @@ def extract_corpus(
         from attnflows_panel.cluster import cluster_shards
 
         results = cluster_shards(client, models, corpus, pending, options)
-    since_trim = 0
     try:
         for tables in results:
             commit_shard(run_dir, tables)
-            since_trim += tables.stop - tables.start
-            if since_trim >= TRIM_EVERY:
-                release_free_heap()
-                since_trim = 0
             truncated += tables.n_truncated
             bar.update(tables.stop - tables.start)
             if on_shard is not None:

@@ -191,3 +191,24 @@ def test_default_model_truncates_beyond_512(default_pretrained) -> None:
     with pytest.warns(TruncationWarning, match="takes at most 512"):
         record = extract(default_pretrained, None, "word " * 2000)
     assert record.n_tokens == 512 and record.n_truncated == 2002 - 512
+
+
+def test_onednn_kernel_cache_is_off_unless_the_user_set_it() -> None:
+    """Importing attnflows turns off oneDNN's per-shape kernel cache (its kernels pinned a long run's heap); a value the user set holds."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = "import attnflows_panel, torch; x = torch.randn(4, 7, 1536); torch.nn.functional.gelu(x); torch.nn.functional.gelu(x)"
+
+    def kernels_created(**variables: str) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"} | {"ONEDNN_VERBOSE": "all"} | variables
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, timeout=120)
+        return re.findall(r"create:cache_(hit|miss)", done.stdout + done.stderr)
+
+    default = kernels_created()
+    if not default:
+        pytest.skip("torch's GELU does not run on oneDNN on this CPU")
+    assert default == ["miss", "miss"]
+    assert kernels_created(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024") == ["miss", "hit"]
