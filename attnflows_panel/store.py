@@ -498,7 +498,7 @@ def local_shards(models: Mapping[str, LoadedModel], corpus: Corpus, pending: Ite
         return pool.submit(compute_shard, models, shard, start, corpus.texts[start:stop], None if pairs is None else pairs[start:stop], **options)
 
     try:
-        running = deque(submit(job) for job in itertools.islice(jobs, threads))
+        running = deque(submit(job) for job in itertools.islice(jobs, threads + 1))  # one waiting: a thread done first starts the next at once
         while running:
             tables = running.popleft().result()
             following = next(jobs, None)
