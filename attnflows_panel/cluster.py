@@ -22,7 +22,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from attnflows_panel.errors import InputError, ModelError
 from attnflows_panel.paths import sha256_json
-from attnflows_panel.shard import ShardTables, compute_shard
+from attnflows_panel.shard import ShardTables, compute_window, windows
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 PLUGIN = "attnflows-models"  # and the models' weight hashes: a cluster keeps each set of models it was given loaded
 DEVICE_VARIABLE = "ATTNFLOWS_DEVICE"  # set on a worker's machine to give that worker its own device (cuda:1, say)
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-IN_FLIGHT_PER_WORKER = 2  # shards queued per worker: one computing, one ready to start
+IN_FLIGHT_PER_WORKER = 2  # windows queued per worker: one computing, one ready to start
 WORKER_WAIT_SECONDS = 60  # how long a run waits for the first worker of a scheduler that has none
 
 
@@ -76,12 +76,14 @@ class ModelsPlugin(WorkerPlugin):
             self.models[spec.name] = lm
 
 
-def shard_on_worker(plugin: str, shard: int, start: int, texts: list[str], text_pairs: list[str] | None, options: dict[str, Any]) -> ShardTables:
-    """A task: one shard through the models this worker's ``plugin`` loaded (``options`` of :func:`compute_shard`)."""
+def window_on_worker(
+    plugin: str, shards: list[tuple[int, int, int]], wanted: set[int], texts: list[str], text_pairs: list[str] | None, options: dict[str, Any]
+) -> list[ShardTables]:
+    """A task: one window of shards through the models this worker's ``plugin`` loaded (``options`` of :func:`compute_window`)."""
     from distributed import get_worker
 
     models = get_worker().plugins[plugin].models
-    return compute_shard(models, shard, start, texts, text_pairs, **options)
+    return compute_window(models, shards, wanted, texts, text_pairs, **options)
 
 
 def plugin_name(specs: Sequence[ModelSpec]) -> str:
@@ -100,31 +102,33 @@ def worker_devices(client: Client) -> dict[str, str]:
 
 
 def cluster_shards(
-    client: Client, models: Mapping[str, LoadedModel], corpus: Corpus, pending: Sequence[tuple[int, int, int]], options: dict[str, Any]
+    client: Client, models: Mapping[str, LoadedModel], corpus: Corpus, pending: Sequence[tuple[int, int, int]], shard_size: int, options: dict[str, Any]
 ) -> Iterator[ShardTables]:
-    """Each pending ``(shard, start, stop)`` computed on the cluster, yielded as it finishes (any order)."""
+    """Each pending ``(shard, start, stop)`` computed on the cluster a window at a time (the batches one process would
+    make), yielded as its window finishes (windows in any order)."""
     from distributed import as_completed
 
     specs = [ModelSpec(name, lm.model_id, lm.checkpoint_hash, str(lm.device)) for name, lm in models.items()]
     plugin = plugin_name(specs)
     client.register_plugin(ModelsPlugin(specs, Counter(map(_host, client.nthreads()))), name=plugin)
-    window = max(1, IN_FLIGHT_PER_WORKER * len(client.nthreads()))
+    in_flight = max(1, IN_FLIGHT_PER_WORKER * len(client.nthreads()))
     pairs = corpus.text_pairs
-    queue = iter(pending)
+    queue = iter(windows(pending, shard_size, len(corpus)))
 
-    def submit(job: tuple[int, int, int]) -> Any:
-        shard, start, stop = job
+    def submit(plan: tuple[list[tuple[int, int, int]], set[int]]) -> Any:
+        shards, wanted = plan
+        start, stop = shards[0][1], shards[-1][2]
         texts, text_pairs = corpus.texts[start:stop], None if pairs is None else pairs[start:stop]
-        return client.submit(shard_on_worker, plugin, shard, start, texts, text_pairs, options, pure=False)  # a fresh key: never another run's shard
+        return client.submit(window_on_worker, plugin, shards, wanted, texts, text_pairs, options, pure=False)  # a fresh key: never another run's
 
-    running = as_completed([submit(job) for job in _take(queue, window)])
+    running = as_completed([submit(plan) for plan in _take(queue, in_flight)])
     try:
         for future in running:
             tables = future.result()
             future.release()
-            for job in _take(queue, 1):
-                running.add(submit(job))
-            yield tables
+            for plan in _take(queue, 1):
+                running.add(submit(plan))
+            yield from tables
     finally:
         running.clear()
 
@@ -133,7 +137,7 @@ def _host(address: str) -> str:
     return urlsplit(address).hostname or address
 
 
-def _take(queue: Iterator[tuple[int, int, int]], n: int) -> list[tuple[int, int, int]]:
+def _take(queue: Iterator[Any], n: int) -> list[Any]:
     return [job for _, job in zip(range(n), queue)]
 
 

@@ -1,4 +1,9 @@
-"""One shard of a corpus run computed from the models' batched attention: tidy Arrow tables, nothing written.
+"""The shards of a corpus run computed from the models' batched attention: tidy Arrow tables, nothing written.
+
+Shards are computed a window at a time (:data:`WINDOW_SENTENCES`): its sentences are sorted by length and cut into
+batches together, each batch is computed on its own (:func:`compute_batch`, a task for a thread), and each shard's
+tables are made from the batches' parts (:func:`window_tables`). A window's batches depend only on its sentences,
+so a process, a cluster and a resumed run compute the same batches and store the same numbers.
 
 Per sentence and model: the head statistics and the attention entries of at least ``tau_min`` (a row
 holds at most ``1 / tau_min`` of them, so a shard grows linearly with its tokens). Per sentence and
@@ -26,6 +31,7 @@ STATS = ("entropy", "max_weight", "attn_cls", "attn_sep")
 DIFFERENCES = ("js", "cosine")
 SHARD_BATCH_BYTES = 64 * 2**20  # all models' attention of one batch: two shards at once hold about twice this, plus logs
 TAU_MIN = 0.1  # the app's default edge threshold: every view at it or above is exact
+WINDOW_SENTENCES = 512  # sentences batched together (several shards): sorted by length over 512, batches pad 6% less than over 128
 TINY = 1e-30  # weights are clamped to this before their log: 0 log 0 = 0, and no weight that is not 0 is this small
 
 
@@ -49,63 +55,136 @@ class ShardTables:
         return {name: table for name, table in parts.items() if table is not None}
 
 
-def compute_shard(
+@dataclass
+class Window:
+    """Consecutive shards whose sentences are batched together (sorting more sentences by length pads less and
+    calls the models fewer times); ``wanted``: the shards to make tables of (a resumed run recomputes the rest)."""
+
+    shards: list[tuple[int, int, int]]  # (shard, start, stop) of every shard in the window, in order
+    wanted: set[int]
+    encodings: list[Encoding]
+    batches: list[list[int]]  # indices into the window's sentences
+
+    @property
+    def start(self) -> int:
+        return self.shards[0][1]
+
+
+@dataclass
+class BatchPart:
+    """What one batch adds to its window: its rows' statistics, differences, entries, logits and head-map attention."""
+
+    rows: list[int]  # the batch's sentences, as indices into the window
+    stats: np.ndarray  # [STATS, B, M, L, H] float32
+    differences: np.ndarray | None  # [DIFFERENCES, B, L, H] float32, None for one model
+    entries: list[tuple[np.ndarray, ...]]  # per model: window index int64, layer, head, query, key int16, weight float16
+    logits: dict[str, np.ndarray]  # [B, C] per model with a head
+    mapped: dict[int, list[np.ndarray]]  # window index -> every model's dense attention (the head map's sentences)
+
+
+def windows(pending: Sequence[tuple[int, int, int]], shard_size: int, n_sentences: int) -> list[tuple[list[tuple[int, int, int]], set[int]]]:
+    """The windows of :data:`WINDOW_SENTENCES` that hold pending shards: all their shards, and which are pending."""
+    per = max(1, WINDOW_SENTENCES // shard_size)
+    wanted: dict[int, set[int]] = {}
+    for shard, _, _ in pending:
+        wanted.setdefault(shard // per, set()).add(shard)
+    shards = -(-n_sentences // shard_size)
+    return [
+        ([(k, k * shard_size, min(n_sentences, (k + 1) * shard_size)) for k in range(w * per, min(shards, (w + 1) * per))], wanted[w])
+        for w in sorted(wanted)
+    ]
+
+
+def plan_window(
+    models: Mapping[str, LoadedModel], shards: list[tuple[int, int, int]], wanted: set[int], texts: Sequence[str], text_pairs: Sequence[str] | None, max_batch: int
+) -> Window:
+    """The window of ``shards`` (``texts``: their sentences), tokenized and cut into batches."""
+    encodings = encode_batch(next(iter(models.values())), texts, text_pairs)  # the texts were checked before the run began
+    return Window(shards, wanted, encodings, shard_batches([len(e.input_ids) for e in encodings], models, max_batch))
+
+
+def compute_batch(models: Mapping[str, LoadedModel], window: Window, batch: list[int], *, tau_min: float = TAU_MIN, head_map_until: int = 0) -> BatchPart:
+    """One batch of ``window`` through every model: per-head statistics and differences, entries of at least ``tau_min``,
+    logits, and the dense attention of sentences before ``head_map_until`` (the head map's)."""
+    import torch
+
+    names = list(models)
+    first = models[names[0]]
+    chosen = [window.encodings[i] for i in batch]
+    n = np.array([len(e.input_ids) for e in chosen])
+    cls_id, sep_id = (-1 if t is None else t for t in (first.tokenizer.cls_token_id, first.tokenizer.sep_token_id))
+    outputs = [batch_attention(models[name], chosen) for name in names]
+    sums, pair_sums, found = batch_rows([layers for layers, _ in outputs], n, special_columns(_padded_ids(chosen), cls_id, sep_id), tau_min)
+    per_query = n[:, None, None].astype(np.float64)  # [B, 1, 1]
+    stats = np.stack([np.stack([sums[column][m] / per_query for m in range(len(names))], 1) for column in STATS]).astype(np.float32)
+    differences = None
+    if pair_sums is not None:
+        differences = np.stack([pair_sums[0] / per_query, pair_sums[1] / np.sqrt(sums["squares"][0] * sums["squares"][1])]).astype(np.float32)
+    rows = np.asarray(batch, dtype=np.int64)
+    mapped: dict[int, list[np.ndarray]] = {}
+    for row, i in enumerate(batch):
+        if window.start + i < head_map_until:
+            mapped[i] = [torch.stack([layer[row, :, : n[row], : n[row]] for layer in layers]).numpy() for layers, _ in outputs]
+    return BatchPart(
+        list(batch), stats, differences, [(rows[r], *kept) for r, *kept in found],
+        {name: batch_logits for name, (_, batch_logits) in zip(names, outputs, strict=True) if batch_logits is not None}, mapped,
+    )
+
+
+def window_tables(models: Mapping[str, LoadedModel], window: Window, parts: Sequence[BatchPart]) -> list[ShardTables]:
+    """The tables of each wanted shard of ``window`` from its batches' parts."""
+    names = list(models)
+    n = len(window.encodings)
+    stats = np.empty((len(STATS), n, *parts[0].stats.shape[2:]), np.float32)
+    differences = None if parts[0].differences is None else np.empty((len(DIFFERENCES), n, *parts[0].differences.shape[2:]), np.float32)
+    logits = {name: np.empty((n, part_logits.shape[1]), part_logits.dtype) for name, part_logits in parts[0].logits.items()}
+    mapped: dict[int, list[np.ndarray]] = {}
+    for part in parts:
+        stats[:, part.rows] = part.stats
+        if differences is not None and part.differences is not None:
+            differences[:, part.rows] = part.differences
+        for name, part_logits in part.logits.items():
+            logits[name][part.rows] = part_logits
+        mapped |= part.mapped
+    tables = []
+    for shard, start, stop in window.shards:
+        if shard not in window.wanted:
+            continue
+        lo, hi = start - window.start, stop - window.start
+        entries = []
+        for part in parts:
+            for m, (index, *kept) in enumerate(part.entries):
+                inside = (index >= lo) & (index < hi)
+                entries.append((index[inside] + window.start, np.full(int(inside.sum()), m, np.int8), *(column[inside] for column in kept)))
+        shard_mapped = {i: attention for i, attention in mapped.items() if lo <= i < hi}
+        tables.append(
+            ShardTables(
+                shard, start, stop,
+                _stats_table(stats[:, lo:hi], names, start),
+                None if differences is None else _differences_table(differences[:, lo:hi], start),
+                _tokens_table(models, window.encodings[lo:hi], {name: values[lo:hi] for name, values in logits.items()}, start),
+                _entries_table(entries, names),
+                _distances_table(shard_mapped, names) if shard_mapped else None,
+                sum(e.n_truncated > 0 for e in window.encodings[lo:hi]),
+            )
+        )
+    return tables
+
+
+def compute_window(
     models: Mapping[str, LoadedModel],
-    shard: int,
-    start: int,
+    shards: list[tuple[int, int, int]],
+    wanted: set[int],
     texts: Sequence[str],
     text_pairs: Sequence[str] | None,
     *,
     tau_min: float = TAU_MIN,
     max_batch: int = 32,
     head_map_until: int = 0,
-) -> ShardTables:
-    """The tables of sentences ``start, start + 1, …`` (``texts``) through every model, in length-bucketed batches.
-
-    Sentences before ``head_map_until`` also add up the distances between every two heads of all models (the head map's).
-    """
-    import torch
-
-    names = list(models)
-    first = models[names[0]]
-    encodings = encode_batch(first, texts, text_pairs)  # the texts were checked before the run began
-    lengths = [len(e.input_ids) for e in encodings]
-    cls_id, sep_id = (-1 if t is None else t for t in (first.tokenizer.cls_token_id, first.tokenizer.sep_token_id))
-    n_layers, n_heads = first.n_layers, first.n_heads
-    stats = np.empty((len(STATS), len(texts), len(names), n_layers, n_heads), np.float32)
-    differences = np.empty((len(DIFFERENCES), len(texts), n_layers, n_heads), np.float32) if len(names) > 1 else None
-    entries: list[tuple[np.ndarray, ...]] = []  # per batch and model: sentence_id, model, layer, head, query, key, weight
-    logits: dict[str, dict[int, np.ndarray]] = {name: {} for name in names}
-    mapped: dict[int, list[np.ndarray]] = {}  # the head map's sentences: every model's dense attention
-    for batch in shard_batches(lengths, models, max_batch):
-        chosen = [encodings[i] for i in batch]
-        n = np.array([lengths[i] for i in batch])
-        special = special_columns(_padded_ids(chosen), cls_id, sep_id)
-        outputs = [batch_attention(models[name], chosen) for name in names]
-        sums, pair_sums, found = batch_rows([layers for layers, _ in outputs], n, special, tau_min)
-        per_query = n[:, None, None].astype(np.float64)  # [B, 1, 1]
-        for m, (name, (layers, batch_logits)) in enumerate(zip(names, outputs, strict=True)):
-            rows, *kept = found[m]
-            entries.append((np.asarray(batch, dtype=np.int64)[rows] + start, np.full(len(rows), m, np.int8), *kept))
-            for k, column in enumerate(STATS):
-                stats[k, batch, m] = sums[column][m] / per_query
-            for row, i in enumerate(batch):
-                if start + i < head_map_until:
-                    mapped.setdefault(i, []).append(torch.stack([layer[row, :, : lengths[i], : lengths[i]] for layer in layers]).numpy())
-                if batch_logits is not None:
-                    logits[name][i] = batch_logits[row]
-        if differences is not None and pair_sums is not None:
-            differences[0, batch] = pair_sums[0] / per_query
-            differences[1, batch] = pair_sums[1] / np.sqrt(sums["squares"][0] * sums["squares"][1])
-    return ShardTables(
-        shard, start, start + len(texts),
-        _stats_table(stats, names, start, n_layers, n_heads),
-        None if differences is None else _differences_table(differences, start, n_layers, n_heads),
-        _tokens_table(models, encodings, logits, start),
-        _entries_table(entries, names),
-        _distances_table(mapped, names) if mapped else None,
-        sum(e.n_truncated > 0 for e in encodings),
-    )
+) -> list[ShardTables]:
+    """The tables of the wanted shards of a window (``texts``: all its sentences), its batches one after another."""
+    window = plan_window(models, shards, wanted, texts, text_pairs, max_batch)
+    return window_tables(models, window, [compute_batch(models, window, batch, tau_min=tau_min, head_map_until=head_map_until) for batch in window.batches])
 
 
 def shard_batches(lengths: Sequence[int], models: Mapping[str, LoadedModel], max_batch: int) -> list[list[int]]:
@@ -185,9 +264,9 @@ def batch_rows(
     return {name: sums[..., k] for k, name in enumerate(MEASURES)}, pair_sums, [(*columns[:-1], columns[-1].astype(np.float16)) for columns in entries]
 
 
-def _stats_table(stats: np.ndarray, names: list[str], start: int, n_layers: int, n_heads: int) -> pa.Table:
+def _stats_table(stats: np.ndarray, names: list[str], start: int) -> pa.Table:
     """``stats`` ``[STATS, sentences, models, L, H]`` as a tidy table, a row per sentence, model and head."""
-    n_sentences = stats.shape[1]
+    _, n_sentences, _, n_layers, n_heads = stats.shape
     layer, head = np.meshgrid(np.arange(n_layers, dtype=np.int16), np.arange(n_heads, dtype=np.int16), indexing="ij")
     columns: dict[str, Any] = {
         "sentence_id": np.repeat(np.arange(start, start + n_sentences, dtype=np.int64), n_layers * n_heads * len(names)),
@@ -198,9 +277,9 @@ def _stats_table(stats: np.ndarray, names: list[str], start: int, n_layers: int,
     return pa.table(columns | {name: stats[k].reshape(-1) for k, name in enumerate(STATS)})
 
 
-def _differences_table(differences: np.ndarray, start: int, n_layers: int, n_heads: int) -> pa.Table:
+def _differences_table(differences: np.ndarray, start: int) -> pa.Table:
     """``differences`` ``[DIFFERENCES, sentences, L, H]`` as a tidy table, a row per sentence and head."""
-    n_sentences = differences.shape[1]
+    _, n_sentences, n_layers, n_heads = differences.shape
     layer, head = np.meshgrid(np.arange(n_layers, dtype=np.int16), np.arange(n_heads, dtype=np.int16), indexing="ij")
     return pa.table(
         {
@@ -212,7 +291,7 @@ def _differences_table(differences: np.ndarray, start: int, n_layers: int, n_hea
     )
 
 
-def _tokens_table(models: Mapping[str, LoadedModel], encodings: list[Encoding], logits: dict[str, dict[int, np.ndarray]], start: int) -> pa.Table:
+def _tokens_table(models: Mapping[str, LoadedModel], encodings: list[Encoding], logits: dict[str, np.ndarray], start: int) -> pa.Table:
     columns: dict[str, Any] = {
         "sentence_id": np.arange(start, start + len(encodings), dtype=np.int64),
         "n_tokens": np.array([len(e.input_ids) for e in encodings], dtype=np.int64),
@@ -222,10 +301,8 @@ def _tokens_table(models: Mapping[str, LoadedModel], encodings: list[Encoding], 
         "word_ids": [e.word_ids.tolist() for e in encodings],
         "segment_ids": [e.segment_ids.astype(np.int64).tolist() for e in encodings],
     }
-    for name, lm in models.items():
-        if not logits[name]:
-            continue
-        scores = np.stack([logits[name][i] for i in range(len(encodings))])
+    for name, scores in logits.items():
+        lm = models[name]
         best = scores.argmax(1)
         p = np.exp(scores - scores.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)

@@ -25,7 +25,7 @@ import shutil
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ from attnflows_panel.errors import InputError, StoreError, TruncationWarning
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import validate_pair
 from attnflows_panel.paths import atomic_file, remove_stale_temporaries, sha256_file, sha256_json, write_json_atomic
-from attnflows_panel.shard import TAU_MIN, ShardTables, compute_shard
+from attnflows_panel.shard import TAU_MIN, BatchPart, ShardTables, Window, compute_batch, plan_window, window_tables, windows
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -477,36 +477,42 @@ def _new_manifest(run_dir: Path, models: Mapping[str, LoadedModel], corpus: Corp
     return manifest
 
 
-def local_shards(models: Mapping[str, LoadedModel], corpus: Corpus, pending: Iterable[tuple[int, int, int]], options: dict[str, Any]) -> Iterator[ShardTables]:
-    """Each pending ``(shard, start, stop)`` computed in this process, yielded in order (``options`` of :func:`compute_shard`).
+def local_shards(models: Mapping[str, LoadedModel], corpus: Corpus, pending: Sequence[tuple[int, int, int]], shard_size: int, options: dict[str, Any]) -> Iterator[ShardTables]:
+    """Each pending ``(shard, start, stop)`` computed in this process, yielded in order (``options`` of :func:`compute_batch`
+    and ``max_batch``).
 
-    With two cores or more, two shards are computed at once on two threads, torch's operations each on half the
-    cores: one shard's statistics, entries and tables run beside the other's forward pass instead of after it.
+    Shards are batched a window at a time (:func:`shard.windows`); with two cores or more, two batches are computed at
+    once on two threads, torch's operations each on half the cores, so one batch's statistics and entries run beside
+    the other's forward pass, and the next window's batches are queued before this one's tables are made.
     """
     import torch
 
     pairs = corpus.text_pairs
-    jobs = iter(pending)
+    plans = iter(windows(pending, shard_size, len(corpus)))
     cores = os.cpu_count() or 1
     threads = min(LOCAL_THREADS, cores)
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, cores // threads))  # what each new thread's operations start with
     pool = ThreadPoolExecutor(threads, thread_name_prefix="attnflows-shard")
+    batch_options = {key: options[key] for key in ("tau_min", "head_map_until")}
 
-    def submit(job: tuple[int, int, int]) -> Future[ShardTables]:
-        shard, start, stop = job
-        return pool.submit(compute_shard, models, shard, start, corpus.texts[start:stop], None if pairs is None else pairs[start:stop], **options)
+    def submit(plan: tuple[list[tuple[int, int, int]], set[int]]) -> tuple[Window, list[Future[BatchPart]]]:
+        shards, wanted = plan
+        start, stop = shards[0][1], shards[-1][2]
+        window = plan_window(models, shards, wanted, corpus.texts[start:stop], None if pairs is None else pairs[start:stop], options["max_batch"])
+        return window, [pool.submit(compute_batch, models, window, batch, **batch_options) for batch in window.batches]
 
     try:
-        running = deque(submit(job) for job in itertools.islice(jobs, threads + 1))  # one waiting: a thread done first starts the next at once
+        running = deque(submit(plan) for plan in itertools.islice(plans, 2))
         while running:
-            tables = running.popleft().result()
-            following = next(jobs, None)
+            window, batches = running.popleft()
+            parts = [batch.result() for batch in batches]
+            following = next(plans, None)
             if following is not None:
                 running.append(submit(following))
-            yield tables
+            yield from window_tables(models, window, parts)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # a stopped run waits for the shards being computed, then drops the rest
+        pool.shutdown(wait=True, cancel_futures=True)  # a stopped run waits for the batches being computed, then drops the rest
         torch.set_num_threads(previous)
 
 
@@ -583,11 +589,11 @@ def extract_corpus(
     bar = tqdm(total=len(corpus), initial=stored, desc=f"extracting {run_dir.name}", unit="sentence", disable=not progress or not pending)
     options = {"tau_min": tau_min, "max_batch": max_batch, "head_map_until": settings["head_map_sentences"]}
     if client is None:
-        results = local_shards(models, corpus, pending, options)
+        results = local_shards(models, corpus, pending, shard_size, options)
     else:
         from attnflows_panel.cluster import cluster_shards
 
-        results = cluster_shards(client, models, corpus, pending, options)
+        results = cluster_shards(client, models, corpus, pending, shard_size, options)
     try:
         for tables in results:
             commit_shard(run_dir, tables)

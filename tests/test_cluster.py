@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from conftest import stop_after
 
+from attnflows_panel import shard
 from attnflows_panel.cluster import PLUGIN, cluster_client, worker_devices
 from attnflows_panel.corpus import Corpus
 from attnflows_panel.errors import InputError
@@ -44,7 +45,8 @@ def assert_same_store(a: RunStore, b: RunStore) -> None:
     np.testing.assert_array_equal(a.head_distances().total, b.head_distances().total)
 
 
-def test_a_cluster_writes_the_store_one_process_writes(client, models, tmp_path: Path) -> None:
+def test_a_cluster_writes_the_store_one_process_writes(client, models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shard, "WINDOW_SENTENCES", 16)  # three windows of shards, spread over both workers
     corpus = make_corpus(40)
     local = extract_corpus(models, corpus, tmp_path / "local", shard_size=8, head_map_sentences=12, progress=False)
     shards: list[int] = []

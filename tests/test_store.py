@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from conftest import stop_after
 
+from attnflows_panel import shard
 from attnflows_panel.analysis.embedding import head_feature_matrix
 from attnflows_panel.analysis.heads import basic_head_stats
 from attnflows_panel.corpus import Corpus
@@ -39,7 +40,9 @@ def test_a_corpus_with_a_row_that_is_not_text_is_refused_before_the_run_director
     assert not (tmp_path / "run").exists()
 
 
-def test_run_contents(models, tmp_path: Path) -> None:
+@pytest.mark.parametrize("window", [512, 16])  # one window of every shard; windows of two shards
+def test_run_contents(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int) -> None:
+    monkeypatch.setattr(shard, "WINDOW_SENTENCES", window)
     corpus = make_corpus()
     store = extract_corpus(models, corpus, tmp_path / "run", shard_size=8, max_batch=4, progress=False)
     assert store.complete and store.models == ["pretrained", "finetuned"]
@@ -94,6 +97,21 @@ def test_killed_run_resumes_where_it_stopped(models, tmp_path: Path) -> None:
     store = extract_corpus(models, corpus, tmp_path / "run", shard_size=8, progress=False, on_shard=resumed.append)
     assert resumed == [2, 3]
     assert store.complete and len(store.head_stats()) == 30 * 2 * 8
+
+
+def test_a_run_stopped_inside_a_window_resumes_to_the_store_of_a_run_never_stopped(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shard, "WINDOW_SENTENCES", 16)  # shards 0-1 and 2-3 are batched together
+    corpus = make_corpus(30)
+    with pytest.raises(KeyboardInterrupt):
+        extract_corpus(models, corpus, tmp_path / "run", shard_size=8, max_batch=4, progress=False, on_shard=stop_after(1, []))
+    resumed: list[int] = []
+    store = extract_corpus(models, corpus, tmp_path / "run", shard_size=8, max_batch=4, progress=False, on_shard=resumed.append)
+    assert resumed == [1, 2, 3]  # shard 1 batched with shard 0 again, as before, so its numbers are the same
+    whole = extract_corpus(models, corpus, tmp_path / "whole", shard_size=8, max_batch=4, progress=False)
+    for part in ("head_stats", "differences", "tokens"):
+        pd.testing.assert_frame_equal(getattr(store, part)(), getattr(whole, part)())
+    for sid in range(len(corpus)):
+        pd.testing.assert_frame_equal(store.entries(sid, "finetuned"), whole.entries(sid, "finetuned"))
 
 
 def test_corrupted_shard_is_detected_then_recomputed(models, tmp_path: Path) -> None:
