@@ -17,7 +17,7 @@ models loaded before the clock starts, so times and peaks (the kernel's ``VmHWM`
 2. Store size per sentence at about 33 tokens (the corpus as it is) and at 128 tokens (sentences joined
    to 128 tokens), against the format this store replaced: every sentence's dense ``[L, H, n, n]``
    float16 per model, written as ``.npz`` here for the same sentences.
-3. Two shards at once (the default: two threads, torch's operations each on half the cores) against one at a
+3. Two batches at once (the default: two threads, torch's operations each on half the cores) against one at a
    time (torch on every core), and both extraction and the bare loop while another process spins on one core.
 4. The run (without the head map's distances) on a Dask ``LocalCluster`` of 1 and of 2 worker processes
    (loopback; the cluster's start-up, its workers loading the models, not counted) against one process,
@@ -231,7 +231,7 @@ def main() -> None:
             parts = ", ".join(f"{part} {size / store['n'] / KB:.1f}" for part, size in store["size"].items() if part not in ("total",) and size)
             print(f"  parts, KB per sentence: {parts}")
         alone = run({"kind": "extract", "n": n, "head_map": 0, "threads": 1, "run": str(root / "alone")})
-        line("extraction, sentences/s: two shards at once (baseline: one at a time, torch on both cores)", ours["n"] / ours["seconds"], alone["n"] / alone["seconds"], alone["seconds"] / ours["seconds"])
+        line("extraction, sentences/s: two batches at once (baseline: one at a time, torch on both cores)", ours["n"] / ours["seconds"], alone["n"] / alone["seconds"], alone["seconds"] / ours["seconds"])
         with busy_core():
             loaded, loaded_bare = run({"kind": "extract", "n": n // 4, "head_map": 0, "run": str(root / "loaded")}), run({"kind": "bare", "n": n // 4})
         line(f"extraction, sentences/s, another process busy on one core ({n // 4} sentences)", loaded["n"] / loaded["seconds"], loaded_bare["n"] / loaded_bare["seconds"], loaded_bare["seconds"] / loaded["seconds"])
