@@ -447,7 +447,7 @@ def commit_shard(run_dir: Path, tables: ShardTables) -> dict[str, Any]:
     for part, table in tables.parts().items():
         path = run_dir / _part_name(part, tables.shard)
         with atomic_file(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
+            pq.write_table(table, tmp, compression="zstd", write_statistics=[c for c in ("sentence_id",) if c in table.column_names])  # min/max of other columns: 16% of the write, unused
         stat = path.stat()
         files[part] = {"sha256": sha256_file(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     record = {"shard": tables.shard, "start": tables.start, "stop": tables.stop, "files": files}
