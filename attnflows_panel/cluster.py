@@ -22,7 +22,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from attnflows_panel.errors import InputError, ModelError
 from attnflows_panel.paths import sha256_json
-from attnflows_panel.shard import ShardTables, compute_window, windows
+from attnflows_panel.shard import ShardTables, WindowPlan, compute_window, windows
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -76,14 +76,12 @@ class ModelsPlugin(WorkerPlugin):
             self.models[spec.name] = lm
 
 
-def window_on_worker(
-    plugin: str, shards: list[tuple[int, int, int]], wanted: set[int], texts: list[str], text_pairs: list[str] | None, options: dict[str, Any]
-) -> list[ShardTables]:
+def window_on_worker(plugin: str, plan: WindowPlan, texts: Sequence[str], text_pairs: Sequence[str] | None, options: dict[str, Any]) -> list[ShardTables]:
     """A task: one window of shards through the models this worker's ``plugin`` loaded (``options`` of :func:`compute_window`)."""
     from distributed import get_worker
 
     models = get_worker().plugins[plugin].models
-    return compute_window(models, shards, wanted, texts, text_pairs, **options)
+    return compute_window(models, plan, texts, text_pairs, **options)
 
 
 def plugin_name(specs: Sequence[ModelSpec]) -> str:
@@ -112,14 +110,11 @@ def cluster_shards(
     plugin = plugin_name(specs)
     client.register_plugin(ModelsPlugin(specs, Counter(map(_host, client.nthreads()))), name=plugin)
     in_flight = max(1, IN_FLIGHT_PER_WORKER * len(client.nthreads()))
-    pairs = corpus.text_pairs
     queue = iter(windows(pending, shard_size, len(corpus)))
 
-    def submit(plan: tuple[list[tuple[int, int, int]], set[int]]) -> Any:
-        shards, wanted = plan
-        start, stop = shards[0][1], shards[-1][2]
-        texts, text_pairs = corpus.texts[start:stop], None if pairs is None else pairs[start:stop]
-        return client.submit(window_on_worker, plugin, shards, wanted, texts, text_pairs, options, pure=False)  # a fresh key: never another run's
+    def submit(plan: WindowPlan) -> Any:
+        texts, text_pairs = plan.sentences(corpus.texts, corpus.text_pairs)
+        return client.submit(window_on_worker, plugin, plan, texts, text_pairs, options, pure=False)  # a fresh key: never another run's
 
     running = as_completed([submit(plan) for plan in _take(queue, in_flight)])
     try:

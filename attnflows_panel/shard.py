@@ -58,19 +58,31 @@ class ShardTables:
         return {name: table for name, table in parts.items() if table is not None}
 
 
-@dataclass
-class Window:
+@dataclass(frozen=True)
+class WindowPlan:
     """Consecutive shards whose sentences are batched together (sorting more sentences by length pads less and
     calls the models fewer times); ``wanted``: the shards to make tables of (a resumed run recomputes the rest)."""
 
     shards: list[tuple[int, int, int]]  # (shard, start, stop) of every shard in the window, in order
     wanted: set[int]
-    encodings: list[Encoding]
-    batches: list[list[int]]  # indices into the window's sentences
 
     @property
     def start(self) -> int:
         return self.shards[0][1]
+
+    def sentences(self, texts: Sequence[str], text_pairs: Sequence[str] | None) -> tuple[Sequence[str], Sequence[str] | None]:
+        """The window's texts and text pairs, out of the whole corpus's."""
+        start, stop = self.start, self.shards[-1][2]
+        return texts[start:stop], None if text_pairs is None else text_pairs[start:stop]
+
+
+@dataclass
+class Window:
+    """A :class:`WindowPlan` tokenized and cut into batches."""
+
+    plan: WindowPlan
+    encodings: list[Encoding]
+    batches: list[list[int]]  # indices into the window's sentences
 
 
 @dataclass
@@ -85,7 +97,7 @@ class BatchPart:
     mapped: dict[int, list[np.ndarray]]  # window index -> every model's dense attention (the head map's sentences)
 
 
-def windows(pending: Sequence[tuple[int, int, int]], shard_size: int, n_sentences: int) -> list[tuple[list[tuple[int, int, int]], set[int]]]:
+def windows(pending: Sequence[tuple[int, int, int]], shard_size: int, n_sentences: int) -> list[WindowPlan]:
     """The windows of :data:`WINDOW_SENTENCES` that hold pending shards: all their shards, and which are pending."""
     per = max(1, WINDOW_SENTENCES // shard_size)
     wanted: dict[int, set[int]] = {}
@@ -93,17 +105,15 @@ def windows(pending: Sequence[tuple[int, int, int]], shard_size: int, n_sentence
         wanted.setdefault(shard // per, set()).add(shard)
     shards = -(-n_sentences // shard_size)
     return [
-        ([(k, k * shard_size, min(n_sentences, (k + 1) * shard_size)) for k in range(w * per, min(shards, (w + 1) * per))], wanted[w])
+        WindowPlan([(k, k * shard_size, min(n_sentences, (k + 1) * shard_size)) for k in range(w * per, min(shards, (w + 1) * per))], wanted[w])
         for w in sorted(wanted)
     ]
 
 
-def plan_window(
-    models: Mapping[str, LoadedModel], shards: list[tuple[int, int, int]], wanted: set[int], texts: Sequence[str], text_pairs: Sequence[str] | None, max_batch: int
-) -> Window:
-    """The window of ``shards`` (``texts``: their sentences), tokenized and cut into batches."""
+def plan_window(models: Mapping[str, LoadedModel], plan: WindowPlan, texts: Sequence[str], text_pairs: Sequence[str] | None, max_batch: int) -> Window:
+    """``plan``'s sentences (``texts``: :meth:`WindowPlan.sentences`), tokenized and cut into batches."""
     encodings = encode_batch(next(iter(models.values())), texts, text_pairs)  # the texts were checked before the run began
-    return Window(shards, wanted, encodings, shard_batches([len(e.input_ids) for e in encodings], models, max_batch))
+    return Window(plan, encodings, window_batches([len(e.input_ids) for e in encodings], models, max_batch))
 
 
 def compute_batch(models: Mapping[str, LoadedModel], window: Window, batch: list[int], *, tau_min: float = TAU_MIN, head_map_until: int = 0) -> BatchPart:
@@ -126,7 +136,7 @@ def compute_batch(models: Mapping[str, LoadedModel], window: Window, batch: list
     rows = np.asarray(batch, dtype=np.int64)
     mapped: dict[int, list[np.ndarray]] = {}
     for row, i in enumerate(batch):
-        if window.start + i < head_map_until:
+        if window.plan.start + i < head_map_until:
             mapped[i] = [torch.stack([layer[row, :, : n[row], : n[row]] for layer in layers]).numpy() for layers, _ in outputs]
     return BatchPart(
         list(batch), stats, differences, [(rows[r], *kept) for r, *kept in found],
@@ -150,15 +160,17 @@ def window_tables(models: Mapping[str, LoadedModel], window: Window, parts: Sequ
             logits[name][part.rows] = part_logits
         mapped |= part.mapped
     tables = []
-    for shard, start, stop in window.shards:
-        if shard not in window.wanted:
+    first = window.plan.start
+    for shard, start, stop in window.plan.shards:
+        if shard not in window.plan.wanted:
             continue
-        lo, hi = start - window.start, stop - window.start
+        lo, hi = start - first, stop - first
         entries = []
         for part in parts:
             for m, (index, *kept) in enumerate(part.entries):
-                inside = (index >= lo) & (index < hi)
-                entries.append((index[inside] + window.start, np.full(int(inside.sum()), m, np.int8), *(column[inside] for column in kept)))
+                inside = slice(None) if (lo, hi) == (0, n) else (index >= lo) & (index < hi)  # a window of one shard: no copies
+                index = index[inside]
+                entries.append((index + first, np.full(len(index), m, np.int8), *(column[inside] for column in kept)))
         shard_mapped = {i: attention for i, attention in mapped.items() if lo <= i < hi}
         tables.append(
             ShardTables(
@@ -176,8 +188,7 @@ def window_tables(models: Mapping[str, LoadedModel], window: Window, parts: Sequ
 
 def compute_window(
     models: Mapping[str, LoadedModel],
-    shards: list[tuple[int, int, int]],
-    wanted: set[int],
+    plan: WindowPlan,
     texts: Sequence[str],
     text_pairs: Sequence[str] | None,
     *,
@@ -185,13 +196,13 @@ def compute_window(
     max_batch: int = 32,
     head_map_until: int = 0,
 ) -> list[ShardTables]:
-    """The tables of the wanted shards of a window (``texts``: all its sentences), its batches one after another."""
-    window = plan_window(models, shards, wanted, texts, text_pairs, max_batch)
+    """The tables of the wanted shards of a window (``texts``: :meth:`WindowPlan.sentences`), its batches one after another."""
+    window = plan_window(models, plan, texts, text_pairs, max_batch)
     return window_tables(models, window, [compute_batch(models, window, batch, tau_min=tau_min, head_map_until=head_map_until) for batch in window.batches])
 
 
-def shard_batches(lengths: Sequence[int], models: Mapping[str, LoadedModel], max_batch: int) -> list[list[int]]:
-    """A shard's batches: similar lengths together, every model's float32 attention of a batch within :data:`SHARD_BATCH_BYTES`."""
+def window_batches(lengths: Sequence[int], models: Mapping[str, LoadedModel], max_batch: int) -> list[list[int]]:
+    """A window's batches: similar lengths together, every model's float32 attention of a batch within :data:`SHARD_BATCH_BYTES`."""
     first = next(iter(models.values()))
     return length_batches(lengths, first.n_layers * first.n_heads * 4 * len(models), max_batch, SHARD_BATCH_BYTES)
 

@@ -39,7 +39,7 @@ from attnflows_panel.errors import InputError, StoreError, TruncationWarning
 from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import validate_pair
 from attnflows_panel.paths import atomic_file, remove_stale_temporaries, sha256_file, sha256_json, write_json_atomic
-from attnflows_panel.shard import TAU_MIN, BatchPart, ShardTables, Window, compute_batch, plan_window, window_tables, windows
+from attnflows_panel.shard import TAU_MIN, BatchPart, ShardTables, Window, WindowPlan, compute_batch, plan_window, window_tables, windows
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -487,7 +487,6 @@ def local_shards(models: Mapping[str, LoadedModel], corpus: Corpus, pending: Seq
     """
     import torch
 
-    pairs = corpus.text_pairs
     plans = iter(windows(pending, shard_size, len(corpus)))
     cores = os.cpu_count() or 1
     threads = min(LOCAL_THREADS, cores)
@@ -496,10 +495,8 @@ def local_shards(models: Mapping[str, LoadedModel], corpus: Corpus, pending: Seq
     pool = ThreadPoolExecutor(threads, thread_name_prefix="attnflows-shard")
     batch_options = {key: options[key] for key in ("tau_min", "head_map_until")}
 
-    def submit(plan: tuple[list[tuple[int, int, int]], set[int]]) -> tuple[Window, list[Future[BatchPart]]]:
-        shards, wanted = plan
-        start, stop = shards[0][1], shards[-1][2]
-        window = plan_window(models, shards, wanted, corpus.texts[start:stop], None if pairs is None else pairs[start:stop], options["max_batch"])
+    def submit(plan: WindowPlan) -> tuple[Window, list[Future[BatchPart]]]:
+        window = plan_window(models, plan, *plan.sentences(corpus.texts, corpus.text_pairs), options["max_batch"])
         return window, [pool.submit(compute_batch, models, window, batch, **batch_options) for batch in window.batches]
 
     try:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -195,11 +200,6 @@ def test_default_model_truncates_beyond_512(default_pretrained) -> None:
 
 def test_onednn_kernel_cache_is_off_unless_the_user_set_it() -> None:
     """Importing attnflows turns off oneDNN's per-shape kernel cache (its kernels pinned a long run's heap); a value the user set holds."""
-    import os
-    import re
-    import subprocess
-    import sys
-
     script = "import attnflows_panel, torch; x = torch.randn(4, 7, 1536); torch.nn.functional.gelu(x); torch.nn.functional.gelu(x)"
 
     def kernels_created(**variables: str) -> list[str]:

@@ -40,7 +40,7 @@ def test_a_corpus_with_a_row_that_is_not_text_is_refused_before_the_run_director
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("window", [512, 16])  # one window of every shard; windows of two shards
+@pytest.mark.parametrize("window", [512, 16, 8])  # one window of every shard; of two shards; of one (the default)
 def test_run_contents(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int) -> None:
     monkeypatch.setattr(shard, "WINDOW_SENTENCES", window)
     corpus = make_corpus()
