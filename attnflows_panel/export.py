@@ -261,8 +261,8 @@ def template_version() -> tuple[str, ...]:
 
 def template_html(structure: tuple) -> str:
     """The page template of a ``structure`` (see :attr:`Dashboard.structure`): the figures of a synthetic input, each data-dependent value a slot."""
-    data = dashboard_data(synthetic_records(structure), top_heads=structure[3])
-    if not structure[4]:
+    data = dashboard_data(synthetic_records(structure), top_heads=structure[1])
+    if not structure[2]:
         shipped = np.ones_like(data.shipped)
         shipped.flat[-1] = False
         data = dataclasses.replace(data, shipped=shipped)
@@ -274,8 +274,9 @@ def template_html(structure: tuple) -> str:
 
 
 def synthetic_records(structure: tuple) -> tuple[AttentionRecord, ...]:
-    """Records of a random input whose dashboard has ``structure`` (all its heads shipped)."""
-    pair, layers, heads, _, _, long = structure
+    """Records of a random input whose dashboard has ``structure`` (all its heads shipped), of a model with 2 layers of :data:`MAX_TOP_HEADS` heads."""
+    pair, _, _, long = structure
+    layers, heads = 2, MAX_TOP_HEADS
     n = NAME_EVERY_TOKEN_UP_TO + 1 if long else 8
     rng = np.random.default_rng(0)
     tokens = ["[CLS]", *(f"w{i}" for i in range(1, n - 1)), "[SEP]"]
@@ -291,13 +292,13 @@ def synthetic_records(structure: tuple) -> tuple[AttentionRecord, ...]:
     return (record("synthetic/pretrained"), record("synthetic/finetuned")) if pair else (record("synthetic/model"),)
 
 
-def prepare_templates(layers: int, heads: int, top_heads: int = 4) -> None:
-    """Build the templates of a model's default pages not yet saved (pair and one model, short and long inputs), so that a first export is fast."""
+def prepare_templates(top_heads: int = 4) -> None:
+    """Build the templates of the default pages not yet saved (pair and one model, short and long inputs, any model), so that a first export is fast."""
     for pair in (True, False):
         for long in (False, True):
-            structure = (pair, layers, heads, min(top_heads, layers * heads), True, long)
+            structure = (pair, top_heads, True, long)
             if not page_template.template_path(template_key(structure)).exists():
-                dashboard_html(synthetic_records(structure), top_heads=structure[3])
+                dashboard_html(synthetic_records(structure), top_heads=top_heads)
 
 
 def _check_records(records: Sequence[AttentionRecord] | None) -> tuple[AttentionRecord, ...]:
@@ -352,10 +353,10 @@ class Dashboard:
     trace_args: dict[str, Any]  # the browser trace's data
 
     @property
-    def structure(self) -> tuple:
-        """What changes the page's set of Bokeh models: pair or one model, layers, heads, top heads, every head carried, tokens past naming each."""
-        L, H, n = self.shape
-        return self.pair, L, H, len(self.matrices) // (2 if self.pair else 1), bool(self.shipped.all()), n > NAME_EVERY_TOKEN_UP_TO
+    def structure(self) -> tuple[bool, int, bool, bool]:
+        """What changes the page's set of Bokeh models: pair or one model, top heads, every head carried, tokens past naming each
+        (not the model's layers and heads: the grid's and the flow's axes are filled in)."""
+        return self.pair, len(self.matrices) // (2 if self.pair else 1), bool(self.shipped.all()), self.shape[2] > NAME_EVERY_TOKEN_UP_TO
 
 
 def dashboard_layout(records: Sequence[AttentionRecord] | None, **settings: Any) -> LayoutDOM:

@@ -17,8 +17,8 @@ from bokeh.palettes import Blues256, Magma256
 
 from attnflows_panel.plots.attention_matrix import MATRIX_LAYERS, attention_matrix, label_limit, matrix_bounds
 from attnflows_panel.plots.bound import columns, render_bound, renderer
-from attnflows_panel.plots.flow_diagram import EDGE_COLUMNS, NAME_EVERY_TOKEN_UP_TO, flow_diagram, flow_layers, layered_axis
-from attnflows_panel.plots.head_grid import GRID_LAYERS, grid_clim, head_grid
+from attnflows_panel.plots.flow_diagram import EDGE_COLUMNS, NAME_EVERY_TOKEN_UP_TO, flow_diagram, flow_layers, layered_axis, level_axis
+from attnflows_panel.plots.head_grid import GRID_LAYERS, grid_clim, head_grid, numbered_ticks
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_extent, sentence_view
 
 if TYPE_CHECKING:
@@ -220,6 +220,7 @@ def page_values(d: Dashboard) -> dict[str, Any]:
     (x0, x1), rotation, label_size = layered_axis(n)
     height, (y0, y1) = sentence_extent(d.words, len(d.sentence_values), SENTENCE_CHARS)
     low, high = grid_clim(d.grid_values)
+    level_ticks, (level_low, level_high) = level_axis(L + 1)
     values = {
         "header/text": d.header,
         "edge_count/text": d.status,
@@ -227,12 +228,19 @@ def page_values(d: Dashboard) -> dict[str, Any]:
         "head_grid/selected.indices": d.selected,
         "grid_cells/glyph.fill_color.transform.low": low,
         "grid_cells/glyph.fill_color.transform.high": high,
+        "grid/xaxis.ticker.ticks": numbered_ticks(H),
+        "grid/yaxis.ticker.ticks": numbered_ticks(L),
+        **_range("grid/x_range", 0.5, H + 0.5),  # a cell per head and layer, centred on its number
+        **_range("grid/y_range", 0.5, L + 0.5),
         "flow/width": flow_width(n),
         "flow/title.text": d.flow_title,
         "flow_legend/visible": len(d.flow["edges"]) > 0,  # field_legend's rule, which the browser applies on every change
         **_range("flow/x_range", x0, x1),
         "flow/xaxis.major_label_orientation": float(np.radians(rotation)),
         "flow/xaxis.major_label_text_font_size": label_size,
+        "flow/yaxis.ticker.ticks": [level for level, _ in level_ticks],
+        "flow/yaxis.major_label_overrides": dict(level_ticks),
+        **_range("flow/y_range", level_low, level_high),
         **{f"flow_{name}/data": columns(frame) for name, frame in _flow_sources(d).items()},
         "sentence/height": height,
         **_range("sentence/y_range", y0, y1),

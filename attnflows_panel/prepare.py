@@ -41,7 +41,7 @@ def prepare_default(*, progress: bool = True, report: Callable[[str], None] = la
     report("Loading the default models (the first run fine-tunes one: a few minutes)…")
     pair = default_pair(progress=progress)
     report("Building the static export's page templates (once: a few seconds)…")
-    prepare_templates(pair.pretrained.n_layers, pair.pretrained.n_heads)
+    prepare_templates()
     report("Extracting attention for the held-out sentences (once: about a minute)…")
     store = extract_corpus({"pretrained": pair.pretrained, "finetuned": pair.finetuned}, heldout_sentiment_corpus(), default_run_dir(), progress=progress)
     report("Placing every head by its behaviour over the corpus (once: under a minute)…")

@@ -161,12 +161,10 @@ def cold_worker(spec: dict[str, Any]) -> None:
 
 
 def prepare_worker(spec: dict[str, Any]) -> None:
-    """Save the default model's page templates, as ``attnflows prepare`` does."""
+    """Save the default page templates, as ``attnflows prepare`` does."""
     from attnflows_panel.export import prepare_templates
-    from attnflows_panel.models import default_pretrained_path, load_encoder
 
-    model = load_encoder(default_pretrained_path())
-    prepare_templates(model.n_layers, model.n_heads)
+    prepare_templates()
 
 
 def worker(spec: dict[str, Any]) -> None:

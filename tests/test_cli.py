@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,9 +36,9 @@ print("imported:", *sorted({"torch", "transformers", "holoviews", "panel"} & sys
 """
 
 
-def libraries_imported(*args: str) -> str:
-    """Which of the slow libraries to import a command imported, run in a fresh interpreter."""
-    result = subprocess.run([sys.executable, "-c", LIBRARIES_IMPORTED, *args], capture_output=True, text=True, timeout=300)
+def libraries_imported(*args: str, env: dict[str, str] | None = None) -> str:
+    """Which of the slow libraries to import a command imported, run in a fresh interpreter (with ``env``, when given)."""
+    result = subprocess.run([sys.executable, "-c", LIBRARIES_IMPORTED, *args], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 
@@ -49,8 +50,9 @@ def test_a_command_that_loads_no_model_imports_no_slow_library(command: list[str
 
 def test_an_export_from_a_saved_page_template_imports_neither_holoviews_nor_panel(tiny_dir: Path, tmp_path: Path) -> None:
     args = ["export", "--model", str(tiny_dir), "--text", "the car was good", "--output", str(tmp_path / "page.html"), "--quiet"]
-    assert "holoviews" in libraries_imported(*args)  # the first export of this structure renders its page template
-    again = libraries_imported(*args[:-2], str(tmp_path / "again.html"), "--quiet")
+    env = {**os.environ, "ATTNFLOWS_HOME": str(tmp_path / "home")}  # no page template saved yet
+    assert "holoviews" in libraries_imported(*args, env=env)  # the first export of this structure renders its page template
+    again = libraries_imported(*args[:-2], str(tmp_path / "again.html"), "--quiet", env=env)
     assert "holoviews" not in again and "panel" not in again and (tmp_path / "again.html").stat().st_size > 0
 
 

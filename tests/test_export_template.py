@@ -89,9 +89,9 @@ def assert_page_is_built(records, **settings) -> None:
     assert not found, "\n".join(found[:20])
 
 
-def long_record(record, n: int, seed: int):
-    """``record`` with ``n`` tokens of random attention (longer than a tiny model takes)."""
-    L, H = record.n_layers, record.n_heads
+def long_record(record, n: int, seed: int, layers: int | None = None, heads: int | None = None):
+    """``record`` with ``n`` tokens of random attention (longer than a tiny model takes), of ``layers`` x ``heads`` (default: the record's)."""
+    L, H = layers or record.n_layers, heads or record.n_heads
     attention = np.random.default_rng(seed).random((L, H, n, n), dtype=np.float32) ** 8  # peaked rows, as a model's
     attention /= attention.sum(axis=-1, keepdims=True)
     ids = np.arange(n)
@@ -147,12 +147,26 @@ def test_the_page_of_an_input_over_the_entry_cap(tiny_pair, monkeypatch: pytest.
     assert_page_is_built(records)
 
 
+def test_one_template_serves_models_of_any_shape(tiny_pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grid's and the flow's axes are filled in: models of 1 x 3 to 32 x 16 heads share one page per structure."""
+    record = extract(tiny_pair.pretrained, None, text_of(5))
+    build, builds = export.template_html, []
+    monkeypatch.setattr(export, "template_html", lambda structure: builds.append(structure) or build(structure))
+    monkeypatch.setattr(page_template, "_MEMORY", {})
+    for seed, (layers, heads) in enumerate([(1, 3), (6, 12), (32, 16)]):
+        records = tuple(long_record(record, 9, 2 * seed + model, layers, heads) for model in range(2))
+        assert {r.source.shape[:2] for r in records} == {(layers, heads)}
+        assert_page_is_built(records, top_heads=2)
+        assert_page_is_built(records[:1], top_heads=2)
+    assert len(builds) <= 2 and len(set(builds)) == len(builds)  # pair and one model, each built at most once (or read from the cache)
+
+
 def test_prepared_templates_serve_the_first_export(tiny_pair, monkeypatch: pytest.MonkeyPatch) -> None:
     records = extract_pair(tiny_pair, text_of(7))
-    export.prepare_templates(records[0].n_layers, records[0].n_heads)
+    export.prepare_templates()
     monkeypatch.setattr(page_template, "_MEMORY", {})
     monkeypatch.setattr(export, "template_html", lambda structure: pytest.fail(f"built {structure} again"))
-    export.prepare_templates(records[0].n_layers, records[0].n_heads)
+    export.prepare_templates()
     assert_page_is_built(records)
     assert_page_is_built(records[:1])
 

@@ -235,6 +235,11 @@ def layered_axis(n_tokens: int) -> tuple[tuple[float, float], int, str]:
     return (-1, n_tokens), 60 if n_tokens <= 40 else 90, "9pt" if n_tokens <= 40 else "8pt" if n_tokens <= 80 else "7pt"
 
 
+def level_axis(levels: int) -> tuple[list[tuple[int, str]], tuple[float, float]]:
+    """The layered diagram's y ticks (``input``, ``layer 1``, ...) and y range for ``levels`` levels (the input and each layer)."""
+    return [(i, "input" if i == 0 else f"layer {i}") for i in range(levels)], (-0.6, levels - 0.6)
+
+
 def flow_diagram(
     tokens: Sequence[str],
     traces: Mapping[str, AttentionTrace],
@@ -273,14 +278,14 @@ def flow_diagram(
     message = hv.Labels(frames["message"], ["x", "y"], "text", label="message").opts(text_font_size="12pt", text_color="#555555", text_align="center")
     if layout == "layered":
         # token names as x ticks rather than a Labels layer: one element fewer to update on every brush
-        levels_ticks = [(i, "input" if i == 0 else f"layer {i}") for i in range(levels)]
+        levels_ticks, ylim = level_axis(levels)
         xlim, rotation, label_size = layered_axis(n)
         if n <= NAME_EVERY_TOKEN_UP_TO:
             xticks: dict[str, object] = dict(xticks=[(i, str(t)) for i, t in enumerate(tokens)])
         else:  # every 2nd, 5th, 10th... token named, every token once zoomed in
             ticker, names = token_axis(tokens, NAMED_TOKENS)
             xticks = dict(xticks=ticker, xformatter=names)
-        axes = dict(**xticks, xrotation=rotation, fontsize={"xticks": label_size}, xlabel="", yticks=levels_ticks, ylabel="", ylim=(-0.6, levels - 0.6), xlim=xlim)
+        axes = dict(**xticks, xrotation=rotation, fontsize={"xticks": label_size}, xlabel="", yticks=levels_ticks, ylabel="", ylim=ylim, xlim=xlim)
         layers = segments * points * message
     else:
         outer = nodes[nodes["level"] == levels - 1]
