@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install browser prepare serve test bench clean
+.PHONY: install browser prepare serve test bench templates clean
 
 # torch==2.13.0 first: the CPU build (a bare `torch` would pull several GB of CUDA).
 $(STAMP): pyproject.toml
@@ -45,6 +45,10 @@ bench: install browser
 	# the next two print FAIL for targets not reached yet (0.9x the bare loop; BertViz's time at 32 tokens): see the README
 	-$(PY) benchmarks/bench_corpus.py
 	-$(PY) benchmarks/bench_export_bertviz.py
+
+# The default pages' templates the package ships: written again after a change to what shapes a page (a test says when).
+templates: install
+	$(PY) -c 'from attnflows_panel.export import ship_templates; print(*ship_templates(), sep="\n")'
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -64,10 +64,12 @@ MAX_TOP_K = 20  # the app's top-k slider bounds
 MAX_ENTRIES = 1_500_000  # attention entries of at least tau a file carries, both models together (about 18 MB of arrays)
 MATRIX_PIXELS = 400  # a matrix is shipped as at most this many pixels a side (n x n up to 400 tokens), as datashader's rasterize made it
 DEFAULT_TOP_K = 3  # the app's default
+DEFAULT_TOP_HEADS = 4
 DEFAULT_TITLE = "attnflows: pre-trained vs fine-tuned"
 SINGLE_TITLE = "attnflows: attention flows"
 PAIR_NAME = "pre-trained vs fine-tuned"
 SINGLE_MEASURE = ("max_weight", "largest weight (confidence)")  # one model's grid colour, and which heads' matrices it shows
+SHIPPED_STRUCTURES = [(pair, DEFAULT_TOP_HEADS, True, *long) for pair in (True, False) for long in ((False, False), (True, False), (True, True))]  # the default pages, any model
 PAGE_SOURCES = ("export.py", "export_layout.py", "page_template.py", "plots")  # what shapes a template, besides the library versions
 
 
@@ -207,7 +209,7 @@ def export_dashboard(
     *,
     tau: float = 0.1,
     alpha: float = 0.5,
-    top_heads: int = 4,
+    top_heads: int = DEFAULT_TOP_HEADS,
     head_mask: Any = None,
     title: str | None = None,
     top_k: int | None = DEFAULT_TOP_K,
@@ -232,7 +234,7 @@ def dashboard_html(
     *,
     tau: float = 0.1,
     alpha: float = 0.5,
-    top_heads: int = 4,
+    top_heads: int = DEFAULT_TOP_HEADS,
     head_mask: Any = None,
     title: str | None = None,
     top_k: int | None = DEFAULT_TOP_K,
@@ -275,7 +277,7 @@ def template_html(structure: tuple) -> str:
 
 def synthetic_records(structure: tuple) -> tuple[AttentionRecord, ...]:
     """Records of a random input whose dashboard has ``structure`` (all its heads shipped), of a model with 2 layers of :data:`MAX_TOP_HEADS` heads."""
-    pair, _, _, long = structure
+    pair, _, _, long, one_colour = structure
     layers, heads = 2, MAX_TOP_HEADS
     n = NAME_EVERY_TOKEN_UP_TO + 1 if long else 8
     rng = np.random.default_rng(0)
@@ -286,19 +288,27 @@ def synthetic_records(structure: tuple) -> tuple[AttentionRecord, ...]:
     def record(model_id: str) -> AttentionRecord:
         attention = rng.random((layers, heads, n, n), dtype=np.float32)
         attention /= attention.sum(axis=-1, keepdims=True)
+        if not one_colour:  # each token keeps half its attention: edges of any tau up to 0.5 (none at all in a long uniform input)
+            attention = (attention + np.eye(n, dtype=np.float32)) / 2
         ids = np.arange(n)
         return AttentionRecord("synthetic", None, model_id, tokens, ids, word_ids, np.zeros(n, dtype=np.int64), special & (ids == 0), special & (ids == n - 1), DenseAttention(attention))
 
     return (record("synthetic/pretrained"), record("synthetic/finetuned")) if pair else (record("synthetic/model"),)
 
 
-def prepare_templates(top_heads: int = 4) -> None:
-    """Build the templates of the default pages not yet saved (pair and one model, short and long inputs, any model), so that a first export is fast."""
-    for pair in (True, False):
-        for long in (False, True):
-            structure = (pair, top_heads, True, long)
-            if not page_template.template_path(template_key(structure)).exists():
-                dashboard_html(synthetic_records(structure), top_heads=top_heads)
+def ship_templates(directory: Path = page_template.SHIPPED) -> list[Path]:
+    """Write the templates of :data:`SHIPPED_STRUCTURES` as the package ships them into ``directory``, whose other templates
+    are removed (``make templates`` runs it after a change to what shapes a page)."""
+    written = []
+    for structure in SHIPPED_STRUCTURES:
+        path = directory / page_template.shipped_path(template_key(structure)).name
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(page_template.ship_text(template_html(structure)))
+            tmp.chmod(0o644)
+        written.append(path)
+    for stale in set(directory.glob("*.html.gz")) - set(written):
+        stale.unlink()
+    return written
 
 
 def _check_records(records: Sequence[AttentionRecord] | None) -> tuple[AttentionRecord, ...]:
@@ -353,10 +363,12 @@ class Dashboard:
     trace_args: dict[str, Any]  # the browser trace's data
 
     @property
-    def structure(self) -> tuple[bool, int, bool, bool]:
-        """What changes the page's set of Bokeh models: pair or one model, top heads, every head carried, tokens past naming each
-        (not the model's layers and heads: the grid's and the flow's axes are filled in)."""
-        return self.pair, len(self.matrices) // (2 if self.pair else 1), bool(self.shipped.all()), self.shape[2] > NAME_EVERY_TOKEN_UP_TO
+    def structure(self) -> tuple[bool, int, bool, bool, bool]:
+        """What changes the page's set of Bokeh models: pair or one model, top heads, every head carried, tokens past naming each,
+        and flow nodes of one colour (a long input's lone root, whose colour HoloViews then draws as a value); not the model's
+        layers and heads (the grid's and the flow's axes are filled in)."""
+        one_colour = self.flow["nodes"]["color"].nunique() == 1
+        return self.pair, len(self.matrices) // (2 if self.pair else 1), bool(self.shipped.all()), self.shape[2] > NAME_EVERY_TOKEN_UP_TO, one_colour
 
 
 def dashboard_layout(records: Sequence[AttentionRecord] | None, **settings: Any) -> LayoutDOM:
@@ -369,7 +381,7 @@ def dashboard_data(
     *,
     tau: float = 0.1,
     alpha: float = 0.5,
-    top_heads: int = 4,
+    top_heads: int = DEFAULT_TOP_HEADS,
     head_mask: Any = None,
     top_k: int | None = DEFAULT_TOP_K,
 ) -> Dashboard:

@@ -9,6 +9,7 @@ those values (no script of ours runs).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import html
 import json
@@ -29,6 +30,9 @@ from attnflows_panel.paths import atomic_file, home
 
 PLACEHOLDER = "attnflows-slot:"
 TITLE = "title"  # the slot of the page's <title>
+SHIPPED = Path(__file__).parent / "data" / "page-templates"  # the default pages' templates, without Bokeh's scripts (see ship_text)
+SCRIPT_MARKER = "attnflows-bokeh-script:"  # where a shipped template had Bokeh's inline script of that index
+BOKEH_COMPONENTS = ["bokeh", "bokeh-widgets"]  # the BokehJS bundles a page of Bokeh figures and Divs loads (no tables, WebGL or MathJax)
 
 
 @dataclass(frozen=True)
@@ -123,16 +127,13 @@ def _place(attributes: dict, path: list[str], placeholder: str) -> None:
 
 
 def cached_template(key: str, slots: frozenset[str], build: Callable[[], str]) -> PageTemplate:
-    """The template of ``key``: from memory, else from the cache directory, else ``build()`` (then saved); a saved
-    page that is unreadable or whose slots are not ``slots`` is built again."""
+    """The template of ``key``: from memory, else from the cache directory, else as shipped with the package, else
+    ``build()`` (then saved); a page that is unreadable or whose slots are not ``slots`` is not used."""
     if key in _MEMORY:
         return _MEMORY[key]
     path = template_path(key)
-    try:
-        template = PageTemplate.parse(path.read_text(encoding="utf-8"))
-        if set(template.names) != slots | {TITLE} or not template.parts[-1].rstrip().endswith("</html>"):
-            raise ValueError(f"{path} does not hold this page's slots")
-    except (OSError, ValueError, UnicodeDecodeError):
+    template = _read(path, slots, lambda: path.read_text(encoding="utf-8")) or _read(path, slots, lambda: unship_text(shipped_path(key).read_bytes()))
+    if template is None:
         page = build()
         template = PageTemplate.parse(page)
         try:
@@ -142,6 +143,42 @@ def cached_template(key: str, slots: frozenset[str], build: Callable[[], str]) -
             pass  # a read-only cache costs each process one build
     _MEMORY[key] = template
     return template
+
+
+def _read(path: Path, slots: frozenset[str], page: Callable[[], str]) -> PageTemplate | None:
+    """The template of ``page()``, or None when it cannot be read or does not hold ``slots``."""
+    try:
+        template = PageTemplate.parse(page())
+    except (OSError, ValueError, UnicodeDecodeError, EOFError, gzip.BadGzipFile):
+        return None
+    return template if set(template.names) == slots | {TITLE} and template.parts[-1].rstrip().endswith("</html>") else None
+
+
+def bokeh_scripts() -> list[str]:
+    """The inline BokehJS scripts of a page of Bokeh figures and Divs, as this Bokeh writes them."""
+    return INLINE.clone(components=BOKEH_COMPONENTS).js_raw
+
+
+def ship_text(page: str) -> bytes:
+    """A template ``page`` as the package ships it: gzipped, each of Bokeh's inline scripts (``bokeh_scripts``) a marker."""
+    for i, script in enumerate(bokeh_scripts()):
+        if page.count(script) != 1:
+            raise ValueError("the page does not load exactly the BokehJS scripts of figures and Divs")
+        page = page.replace(script, f"{SCRIPT_MARKER}{i}")
+    return gzip.compress(page.encode("utf-8"), mtime=0)
+
+
+def unship_text(shipped: bytes) -> str:
+    """The template page a :func:`ship_text` holds, with this Bokeh's inline scripts."""
+    page = gzip.decompress(shipped).decode("utf-8")
+    for i, script in reversed(list(enumerate(bokeh_scripts()))):  # marker 1 before 10
+        page = page.replace(f"{SCRIPT_MARKER}{i}", script, 1)
+    return page
+
+
+def shipped_path(key: str) -> Path:
+    """Where the package keeps the template of ``key``, when it ships one."""
+    return SHIPPED / f"{key}.html.gz"
 
 
 _MEMORY: dict[str, PageTemplate] = {}

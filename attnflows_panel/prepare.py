@@ -33,15 +33,12 @@ def prepare_default(*, progress: bool = True, report: Callable[[str], None] = la
     """Fine-tune, extract the held-out corpus, place the heads and compare the sentences (each once); ``report`` names each stage."""
     from attnflows_panel.analysis.corpus_table import corpus_table
     from attnflows_panel.corpus import heldout_sentiment_corpus
-    from attnflows_panel.export import prepare_templates
     from attnflows_panel.head_map import run_head_map
     from attnflows_panel.models import default_pair
     from attnflows_panel.store import extract_corpus
 
     report("Loading the default models (the first run fine-tunes one: a few minutes)…")
     pair = default_pair(progress=progress)
-    report("Building the static export's page templates (once: a few seconds)…")
-    prepare_templates()
     report("Extracting attention for the held-out sentences (once: about a minute)…")
     store = extract_corpus({"pretrained": pair.pretrained, "finetuned": pair.finetuned}, heldout_sentiment_corpus(), default_run_dir(), progress=progress)
     report("Placing every head by its behaviour over the corpus (once: under a minute)…")

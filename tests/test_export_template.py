@@ -84,7 +84,8 @@ def differences(a: Any, b: Any, path: str = "") -> Iterator[str]:
 
 def assert_page_is_built(records, **settings) -> None:
     """The page of ``records`` (a template filled) loads the document the builders make, model for model."""
-    page, built = canonical(page_roots(export.dashboard_html(records, **settings))), canonical(built_roots(records, **settings))
+    built = canonical(built_roots(records, **settings))  # first: a page from a shipped template imports no figure class
+    page = canonical(page_roots(export.dashboard_html(records, **settings)))
     found = list(differences(page, built))
     assert not found, "\n".join(found[:20])
 
@@ -134,10 +135,14 @@ def test_the_page_of_a_flow_of_one_edge(tiny_pair, models: int) -> None:
 
 @pytest.mark.parametrize("n", [130, 150])
 def test_the_page_of_a_long_input(tiny_pair, n: int) -> None:
-    """Past 120 tokens the flow's axis names every few tokens; matrices grow; here the file carries only some heads too."""
+    """Past 120 tokens the flow's axis names every few tokens and unreached tokens are not drawn; matrices grow."""
     records = tuple(long_record(r, n, seed) for seed, r in enumerate(extract_pair(tiny_pair, text_of(3))))
+    assert export.dashboard_data(records).structure[4]  # no edge: the root alone, of one colour
     assert_page_is_built(records)
     assert_page_is_built(records[:1], top_heads=1)
+    assert not export.dashboard_data(records, tau=0.01).structure[4]  # edges
+    assert_page_is_built(records, tau=0.01)
+    assert_page_is_built(records[:1], tau=0.01, top_heads=1)
 
 
 def test_the_page_of_an_input_over_the_entry_cap(tiny_pair, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,14 +166,26 @@ def test_one_template_serves_models_of_any_shape(tiny_pair, monkeypatch: pytest.
     assert len(builds) <= 2 and len(set(builds)) == len(builds)  # pair and one model, each built at most once (or read from the cache)
 
 
-def test_prepared_templates_serve_the_first_export(tiny_pair, monkeypatch: pytest.MonkeyPatch) -> None:
-    records = extract_pair(tiny_pair, text_of(7))
-    export.prepare_templates()
+def test_the_package_ships_the_default_pages_templates_of_this_code() -> None:
+    shipped = {page_template.shipped_path(export.template_key(structure)) for structure in export.SHIPPED_STRUCTURES}
+    assert set(page_template.SHIPPED.glob("*")) == shipped, "the shipped page templates are not this code's: run `make templates`"
+
+
+@pytest.mark.parametrize("models", [2, 1])
+def test_a_first_export_of_a_default_page_fills_a_shipped_template(tiny_pair, tmp_path, monkeypatch: pytest.MonkeyPatch, models: int) -> None:
+    """With nothing in memory or the cache directory, short and long inputs of any model load the builders' document from the package's templates."""
+    monkeypatch.setenv("ATTNFLOWS_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(page_template, "_MEMORY", {})
-    monkeypatch.setattr(export, "template_html", lambda structure: pytest.fail(f"built {structure} again"))
-    export.prepare_templates()
+    build = export.template_html
+    monkeypatch.setattr(export, "template_html", lambda structure: pytest.fail(f"built {structure}"))
+    records = extract_pair(tiny_pair, text_of(7))[:models]
     assert_page_is_built(records)
-    assert_page_is_built(records[:1])
+    assert_page_is_built(tuple(long_record(r, 140, seed, 6, 12) for seed, r in enumerate(records)))
+    assert not (tmp_path / "home" / "page-templates").exists()  # nothing built, nothing saved
+    structure = export.dashboard_data(records).structure
+    page = build(structure)
+    assert page_template.unship_text(page_template.ship_text(page)) == page  # this Bokeh's scripts where the shipped page had them
+    assert all(script in page for script in page_template.bokeh_scripts())
 
 
 def test_a_template_is_kept_and_a_damaged_one_rebuilt(tiny_pair, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import site
 import subprocess
 import sys
@@ -38,9 +39,11 @@ def test_the_wheel_is_what_runs(wheel_venv: Path, tmp_path: Path) -> None:
 def test_the_installed_wheel_exports(wheel_venv: Path, tiny_dir: Path, tiny_classifier_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "report.html"
     command = [str(wheel_venv / "attnflows"), "export", "--pretrained", str(tiny_dir), "--finetuned", str(tiny_classifier_dir), "--text", "a good movie", "-o", str(out), "--quiet"]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    home = tmp_path / "home"
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "ATTNFLOWS_HOME": str(home)})
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 10_000 and "a good movie" in out.read_text()
+    assert not (home / "page-templates").exists()  # the wheel ships the default page's template: none rendered, none saved
 
 
 @pytest.mark.slow
