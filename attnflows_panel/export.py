@@ -249,8 +249,8 @@ def dashboard_html(
 
 
 def template_key(structure: tuple) -> str:
-    """The name of a structure's template: a hash of it and of :func:`template_version`."""
-    return sha256_json([*template_version(), *structure])
+    """The name of a structure's template: a hash of :func:`template_version`, then one of the structure (see :func:`page_template.cached_template`)."""
+    return f"{sha256_json(template_version())[:32]}-{sha256_json(structure)[:32]}"
 
 
 @cache

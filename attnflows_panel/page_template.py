@@ -127,8 +127,9 @@ def _place(attributes: dict, path: list[str], placeholder: str) -> None:
 
 
 def cached_template(key: str, slots: frozenset[str], build: Callable[[], str]) -> PageTemplate:
-    """The template of ``key``: from memory, else from the cache directory, else as shipped with the package, else
-    ``build()`` (then saved); a page that is unreadable or whose slots are not ``slots`` is not used."""
+    """The template of ``key`` (``VERSION-STRUCTURE``): from memory, else from the cache directory, else as shipped with the
+    package, else ``build()``, then saved in place of the saved templates of other versions; a page that is unreadable or whose
+    slots are not ``slots`` is not used."""
     if key in _MEMORY:
         return _MEMORY[key]
     path = template_path(key)
@@ -139,6 +140,10 @@ def cached_template(key: str, slots: frozenset[str], build: Callable[[], str]) -
         try:
             with atomic_file(path) as tmp:
                 tmp.write_text(page, encoding="utf-8")
+            version = key.partition("-")[0]
+            for stale in path.parent.glob("*.html"):
+                if not stale.name.startswith(f"{version}-"):
+                    stale.unlink(missing_ok=True)  # another version's, or one named before keys began with the version
         except OSError:
             pass  # a read-only cache costs each process one build
     _MEMORY[key] = template

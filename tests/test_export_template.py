@@ -201,3 +201,17 @@ def test_a_template_is_kept_and_a_damaged_one_rebuilt(tiny_pair, monkeypatch: py
         monkeypatch.setattr(page_template, "_MEMORY", {})
         assert canonical(page_roots(export.dashboard_html(records, top_heads=1))) == canonical(page_roots(page))  # a new template: new element ids
     assert len(builds) == 3 and "attnflows-slot:flow/width" in saved.read_text()  # built again, and saved
+
+
+def test_saving_a_template_removes_those_of_other_versions(tiny_pair, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNFLOWS_HOME", str(tmp_path))
+    monkeypatch.setattr(page_template, "_MEMORY", {})
+    records = extract_pair(tiny_pair, text_of(4))
+    kept = page_template.template_path(export.template_key(export.dashboard_data(records, top_heads=1).structure))
+    export.dashboard_html(records, top_heads=1)
+    stale = [kept.with_name(f"{'0' * 32}-{'1' * 32}.html"), kept.with_name(f"{'2' * 64}.html")]  # another version; a name from before versions
+    for path in stale:
+        path.write_text("old")
+    monkeypatch.setattr(page_template, "_MEMORY", {})
+    export.dashboard_html(records, top_heads=2)  # a structure not saved yet
+    assert kept.exists() and not any(path.exists() for path in stale)
