@@ -110,6 +110,12 @@ def _models_for(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
     return {"pretrained": pretrained, "finetuned": load_encoder(finetuned_path, args.device, trust_remote_code=trust)}
 
 
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """Refuse ``--model`` given with ``--pretrained`` or ``--finetuned`` (one model, or a pair)."""
+    if args.model and (args.pretrained or args.finetuned):
+        raise InputError("give --model for one model, or --pretrained/--finetuned for a pair, not both")
+
+
 def _default_run_dir(corpus_path: Path | None) -> Path:
     from attnflows_panel.prepare import default_run_dir
 
@@ -119,16 +125,17 @@ def _default_run_dir(corpus_path: Path | None) -> Path:
 def cmd_extract(args: argparse.Namespace) -> int:
     from attnflows_panel.cluster import check_cluster_flags, cluster_client
     from attnflows_panel.corpus import heldout_sentiment_corpus, read_corpus
-    from attnflows_panel.store import extract_corpus
+    from attnflows_panel.store import check_run_dir, extract_corpus
 
     check_cluster_flags(args.scheduler, args.workers)  # before the corpus is read
+    _check_model_flags(args)
     if args.trust_remote_code and (args.scheduler or args.workers):
         raise InputError("--trust-remote-code runs a model's own code in this process only: leave out --workers and --scheduler (Dask workers never run it)")
     corpus = read_corpus(args.corpus, encoding=args.encoding) if args.corpus else heldout_sentiment_corpus()
     if args.limit:
         corpus = corpus.subset(range(min(args.limit, len(corpus))))
     corpus.check_texts(args.corpus.name if args.corpus else "the default corpus")  # before any model loads
-    output = Path(args.output) if args.output else _default_run_dir(args.corpus)
+    output = check_run_dir(args.output if args.output else _default_run_dir(args.corpus))  # before any model loads
     with cluster_client(args.scheduler, args.workers, on_wait=lambda message: print(f"attnflows: {message}", file=sys.stderr)) as client:  # a bad address or count fails before any model loads
         models = _models_for(args, progress=not args.quiet)
         store = extract_corpus(
@@ -223,12 +230,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from attnflows_panel.models import ModelPair
 
     _check_input(args, "export")
-    if args.model and (args.pretrained or args.finetuned):
-        raise InputError("give --model for one model, or --pretrained/--finetuned for a pair, not both")
+    _check_model_flags(args)
     target = output_path(args.output)
-    validate_tau(args.tau)
-    validate_alpha(args.alpha)
-    validate_top_heads(args.top_heads)
+    for flag, check, value in (("--tau", validate_tau, args.tau), ("--alpha", validate_alpha, args.alpha), ("--top-heads", validate_top_heads, args.top_heads), ("--top-k", validate_top_k, args.top_k)):
+        try:
+            check(value)
+        except InputError as exc:
+            raise InputError(f"argument {flag}: {exc} (see attnflows export --help)") from None
     top_k = validate_top_k(args.top_k)
     models = _models_for(args, progress=not args.quiet)
     records = (extract(models["model"], None, args.text, args.text_pair),) if args.model else extract_pair(ModelPair(**models), args.text, args.text_pair)

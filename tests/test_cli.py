@@ -73,6 +73,52 @@ def test_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("afile/sub", "cannot make the run directory {tmp}/afile/sub: {tmp}/afile is not a directory"),
+        ("afile", "output path exists and is not a directory: {tmp}/afile"),
+        ("full", "output directory is not empty and is not an attnflows run: {tmp}/full"),
+    ],
+)
+def test_an_output_that_cannot_hold_a_run_is_refused_before_any_model_loads(output: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the car\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("x")
+    args = ["extract", str(corpus), "--model", str(tmp_path / "no-such-model"), "-o", str(tmp_path / output), "--quiet"]
+    assert main(args) == 2  # the output is refused first: the model path, wrong too, is never reached
+    assert capsys.readouterr().err.strip() == f"attnflows: error: {message.format(tmp=tmp_path)}"
+
+
+def test_a_run_directory_the_file_system_refuses_is_one_line(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the car\n")
+    assert main(["extract", str(corpus), "--model", str(tiny_dir), "-o", "/proc/attnflows-run", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "attnflows: error: cannot make the run directory /proc/attnflows-run: No such file or directory"
+
+
+@pytest.mark.parametrize("command", ["extract", "export"])
+def test_one_model_and_a_pair_are_not_both_given(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the car\n")
+    what = [str(corpus), "-o", str(tmp_path / "run")] if command == "extract" else ["--text", "the car", "-o", str(tmp_path / "r.html")]
+    assert main([command, *what, "--model", "m", "--finetuned", "f", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "attnflows: error: give --model for one model, or --pretrained/--finetuned for a pair, not both"
+    assert list(tmp_path.iterdir()) == [corpus]  # no run directory, no page
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--tau", "0", "tau must be in (0, 1], got 0.0"), ("--alpha", "1.5", "alpha must be in [0, 1], got 1.5"), ("--top-heads", "9", "the number of top heads must be a whole number from 0 to 8, got 9")],
+)
+def test_a_bad_export_setting_names_its_flag(flag: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "--text", "the car", "-o", str(tmp_path / "r.html"), flag, value, "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"attnflows: error: argument {flag}: {message} (see attnflows export --help)"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_model_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text("the car\n")
@@ -175,7 +221,7 @@ def test_export_refuses_a_bad_top_k_in_one_line(value: str, tmp_path: Path, caps
     out = tmp_path / "r.html"
     assert main(["export", "--top-k", value, "-o", str(out), "--quiet"]) == 2  # refused before any model loads
     shown = int(value) if value.lstrip("-").isdigit() else repr(value)
-    assert capsys.readouterr().err.splitlines() == [f"attnflows: error: top k must be a whole number from 0 to 20 (0: every edge of at least tau), got {shown}"]
+    assert capsys.readouterr().err.splitlines() == [f"attnflows: error: argument --top-k: top k must be a whole number from 0 to 20 (0: every edge of at least tau), got {shown} (see attnflows export --help)"]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -33,7 +33,7 @@ def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
         read_corpus(path)
 
 
-@pytest.mark.parametrize(("content", "message"), [("", "is empty"), ("text\n\n", "has no non-empty rows")])
+@pytest.mark.parametrize(("content", "message"), [("", "is empty"), ("text\n\n", "has no row with text")])
 def test_empty_files(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "e.csv"
     path.write_text(content)
@@ -180,10 +180,16 @@ def test_the_labels_found_are_reported(tmp_path: Path) -> None:
     path.write_text("text,label\na,positive\nb,negative\nc,???\nd,positive\ne,\n")
     with pytest.warns(LabelSummary) as record:
         corpus = read_corpus(path)
-    assert [str(w.message) for w in record] == [
-        "l.csv: 4 rows, 3 labels: '???' 1, 'negative' 1, 'positive' 2; 1 row without text or label skipped"
-    ]
+    assert [str(w.message) for w in record] == ["l.csv: 5 rows, 3 labels: '???' 1, 'negative' 1, 'positive' 2; 1 row without a label kept"]
+    assert corpus.texts[-1] == "e" and corpus.labels[-1] == ""  # extraction keeps a row without a label
     assert corpus.label_counts() == {"???": 1, "negative": 1, "positive": 2}
+    with pytest.warns(LabelSummary) as record:
+        labelled = read_corpus(path, require_labels=True)  # fine-tuning does not
+    assert [str(w.message) for w in record] == ["l.csv: 4 rows, 3 labels: '???' 1, 'negative' 1, 'positive' 2; 1 row without text or label skipped"]
+    assert labelled.texts == ["a", "b", "c", "d"]
+    none = tmp_path / "n.jsonl"
+    none.write_text('{"text": "a b c"}\n{"text": "d e f", "label": null}\n')
+    assert read_corpus(none).texts == ["a b c", "d e f"]
     assert Corpus(texts=["x"]).label_counts() == {}
 
 

@@ -313,9 +313,9 @@ def test_cli_export(tiny_dir: Path, tiny_classifier_dir: Path, tmp_path: Path, c
     [
         (["--text", " ", "-o", "{tmp}/r.html"], "attnflows: error: --text is empty: give the sentence to export"),
         (["-o", "{tmp}/no/r.html"], "attnflows: error: cannot write the dashboard to {tmp}/no/r.html: directory {tmp}/no does not exist"),
-        (["--tau", "1.5", "-o", "{tmp}/r.html"], "attnflows: error: tau must be in (0, 1], got 1.5"),
-        (["--top-heads", "-1", "-o", "{tmp}/r.html"], "attnflows: error: the number of top heads must be a whole number from 0 to 8, got -1"),
-        (["--top-k", "21", "-o", "{tmp}/r.html"], "attnflows: error: top k must be a whole number from 0 to 20 (0: every edge of at least tau), got 21"),
+        (["--tau", "1.5", "-o", "{tmp}/r.html"], "attnflows: error: argument --tau: tau must be in (0, 1], got 1.5 (see attnflows export --help)"),
+        (["--top-heads", "-1", "-o", "{tmp}/r.html"], "attnflows: error: argument --top-heads: the number of top heads must be a whole number from 0 to 8, got -1 (see attnflows export --help)"),
+        (["--top-k", "21", "-o", "{tmp}/r.html"], "attnflows: error: argument --top-k: top k must be a whole number from 0 to 20 (0: every edge of at least tau), got 21 (see attnflows export --help)"),
     ],
 )
 def test_cli_export_errors_are_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -249,9 +249,10 @@ def test_hostile_export_is_a_one_line_input_error_and_writes_nothing(given: str,
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
-        (["the car", "\u200b\u200d", "a movie"], "c.txt, sentence 2 is empty"),
-        (["the car", "\x01\x02\x03"], "c.txt, sentence 2 is empty"),
-        (["\ufeff\ufeff", "the car"], "c.txt, sentence 1 is empty"),
+        (["the car", "\u200b\u200d", "a movie"], "c.txt line 2 is empty"),
+        (["the car", "\x01\x02\x03"], "c.txt line 2 is empty"),
+        (["\ufeff\ufeff", "the car"], "c.txt line 1 is empty"),
+        (["the car", "", "  ", "\u200b"], "c.txt line 4 is empty"),  # the line, not the sentence (blank lines are skipped)
     ],
 )
 def test_cli_extract_refuses_invisible_sentences(lines: list[str], message: str, tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

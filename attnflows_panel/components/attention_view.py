@@ -34,6 +34,7 @@ from attnflows_panel.plots.flow_diagram import COUNT_HIDDEN_UP_TO, TRACE_ENCODIN
 from attnflows_panel.plots.head_embedding import HIGHLIGHT_LAYERS, head_embedding, highlight_frames
 from attnflows_panel.plots.head_grid import GRID_LAYERS, grid_clim, grid_frames, grid_outline, grid_outline_frames, head_grid, heads_at
 from attnflows_panel.plots.sentence_view import SENTENCE_LAYERS, sentence_frames, sentence_view
+from attnflows_panel.text import counted
 
 T = TypeVar("T")
 DIFFERENCE = "model difference (JS, bits)"
@@ -416,7 +417,7 @@ class AttentionView(pn.viewable.Viewer):
         level, token = self._root()
         models = " vs ".join(self.titles[name] for name in shown)
         start = "of every token" if self.method == "heads" else f"from {self.shown[0].tokens[token]} ({level_name(level)})"
-        title = f"{models}: {self._method_name()} {start}, {labels.size} edges"
+        title = f"{models}: {self._method_name()} {start}, {counted(labels.size, 'edge')}"
         heads = int(self.head_mask.sum())
         title += "" if heads == self.head_mask.size else f" ({heads} of {self.head_mask.size} heads)"
         traces = self._traces()
