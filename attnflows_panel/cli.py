@@ -98,10 +98,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(message: str) -> None:
+    """A line of what a command is doing, on stderr (not with ``--quiet``)."""
+    print(f"attnflows: {message}", file=sys.stderr, flush=True)
+
+
 def _models_for(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
     from attnflows_panel.models import default_pretrained_path, load_encoder
     from attnflows_panel.models.finetune import default_finetuned
 
+    if progress:
+        _say("loading the model…" if args.model else "loading the models…")
     trust = args.trust_remote_code
     if args.model:
         return {"model": load_encoder(args.model, args.device, trust_remote_code=trust)}
@@ -136,6 +143,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         corpus = corpus.subset(range(min(args.limit, len(corpus))))
     corpus.check_texts(args.corpus.name if args.corpus else "the default corpus")  # before any model loads
     output = check_run_dir(args.output if args.output else _default_run_dir(args.corpus))  # before any model loads
+    if args.workers and not args.quiet:
+        _say(f"starting a local Dask cluster of {args.workers} workers (each loads the models)…")
     with cluster_client(args.scheduler, args.workers, on_wait=lambda message: print(f"attnflows: {message}", file=sys.stderr)) as client:  # a bad address or count fails before any model loads
         models = _models_for(args, progress=not args.quiet)
         store = extract_corpus(

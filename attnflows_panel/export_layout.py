@@ -175,11 +175,11 @@ function hidden_text(hidden, k, shown) {
   if (hidden === null) return k > 0 && shown > 0 ? `; weaker edges hidden (top ${k} per token)` : "";
   return hidden > 0 ? `; ${hidden} weaker hidden (top ${k} per token)` : "";
 }
-function edges(n) { return n === 1 ? "edge" : "edges"; }
-function flow_title(counts, hidden, k, model) { return `${model === null ? pair_name : model} from ${root_name}: ${total(counts)} ${edges(total(counts))}${split(counts)}${hidden_text(hidden, k, total(counts))}`; }
+function edge_word(n) { return n === 1 ? "edge" : "edges"; }
+function flow_title(counts, hidden, k, model) { return `${model === null ? pair_name : model} from ${root_name}: ${total(counts)} ${edge_word(total(counts))}${split(counts)}${hidden_text(hidden, k, total(counts))}`; }
 function status_html(counts, selected, heads, hidden, k) {
   const which = selected === heads ? `all ${heads} heads` : `${selected} of ${heads} heads selected`;
-  return `<b>${total(counts)}</b> ${edges(total(counts))}${split(counts)}${hidden_text(hidden, k, total(counts))}; ${which}`;
+  return `<b>${total(counts)}</b> ${edge_word(total(counts))}${split(counts)}${hidden_text(hidden, k, total(counts))}; ${which}`;
 }
 """
 

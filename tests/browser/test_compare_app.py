@@ -102,7 +102,7 @@ def test_a_brush_down_to_one_edge_leaves_no_glyph_reading_a_missing_column(page,
     wait_until(lambda: view.selected_heads() == [(last, head)] and flow_edges(view) == 1, page, timeout=10_000)
     # the title is written after the glyphs and sources: once the page shows it, it has applied their changes
     title = view.flows[MERGED].figure.title.text
-    assert title.endswith(", 1 edges (1 of 72 heads)")
+    assert title.endswith(", 1 edge (1 of 72 heads)")
     wait_until(lambda: plots_titled(page, title) != [], page, timeout=10_000)
     page.wait_for_timeout(200)  # console messages reach Python asynchronously
     assert [m.text for m in msgs if "nonexistent field" in m.text] == []
