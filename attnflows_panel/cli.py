@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -115,6 +116,14 @@ def _models_for(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
     pretrained = load_encoder(args.pretrained or default_pretrained_path(), args.device, trust_remote_code=trust)
     finetuned_path = args.finetuned or default_finetuned(progress=progress).path
     return {"pretrained": pretrained, "finetuned": load_encoder(finetuned_path, args.device, trust_remote_code=trust)}
+
+
+def _flag_value(command: str, flag: str, check: Callable[[Any], Any], value: Any) -> Any:
+    """``check(value)``, its error naming ``flag`` as argparse names a bad flag."""
+    try:
+        return check(value)
+    except InputError as exc:
+        raise InputError(f"argument {flag}: {exc} (see attnflows {command} --help)") from None
 
 
 def _check_model_flags(args: argparse.Namespace) -> None:
@@ -241,12 +250,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_input(args, "export")
     _check_model_flags(args)
     target = output_path(args.output)
-    for flag, check, value in (("--tau", validate_tau, args.tau), ("--alpha", validate_alpha, args.alpha), ("--top-heads", validate_top_heads, args.top_heads), ("--top-k", validate_top_k, args.top_k)):
-        try:
-            check(value)
-        except InputError as exc:
-            raise InputError(f"argument {flag}: {exc} (see attnflows export --help)") from None
-    top_k = validate_top_k(args.top_k)
+    _flag_value("export", "--tau", validate_tau, args.tau)
+    _flag_value("export", "--alpha", validate_alpha, args.alpha)
+    _flag_value("export", "--top-heads", validate_top_heads, args.top_heads)
+    top_k = _flag_value("export", "--top-k", validate_top_k, args.top_k)
     models = _models_for(args, progress=not args.quiet)
     records = (extract(models["model"], None, args.text, args.text_pair),) if args.model else extract_pair(ModelPair(**models), args.text, args.text_pair)
     path = export_dashboard(records, target, tau=args.tau, alpha=args.alpha, top_heads=args.top_heads, top_k=top_k)

@@ -58,7 +58,7 @@ from attnflows_panel.plots.flow_diagram import (
 )
 from attnflows_panel.plots.head_grid import grid_frames, heads_at
 from attnflows_panel.plots.sentence_view import sentence_frames
-from attnflows_panel.text import counted
+from attnflows_panel.text import counted, plural
 
 MAX_TOP_HEADS = 8  # two matrices a head: with the grid, flows and sentence this stays under ~20 figures
 MAX_TOP_K = 20  # the app's top-k slider bounds
@@ -91,7 +91,7 @@ def status_html(counts: Mapping[str, int], selected: int, heads: int, hidden: in
     """The edge and head count line above the flow diagram, numbers only (the browser mirrors it)."""
     which = f"all {heads} heads" if selected == heads else f"{selected} of {heads} heads selected"
     n = sum(counts.values())
-    return f"<b>{n}</b> edge{'' if n == 1 else 's'}{_split(counts, pair)}{hidden_text(hidden, top_k, n)}; {which}"
+    return f"<b>{n}</b> {plural('edge', n)}{_split(counts, pair)}{hidden_text(hidden, top_k, n)}; {which}"
 
 
 def hidden_by_top_k(attentions: Sequence[Any], mask: np.ndarray, tau: float, alpha: float, top_k: int | None, shown: int, root: tuple[int, int] | None = None) -> int | None:

@@ -133,7 +133,7 @@ def cached_template(key: str, slots: frozenset[str], build: Callable[[], str]) -
     if key in _MEMORY:
         return _MEMORY[key]
     path = template_path(key)
-    template = _read(path, slots, lambda: path.read_text(encoding="utf-8")) or _read(path, slots, lambda: unship_text(shipped_path(key).read_bytes()))
+    template = _read(slots, lambda: path.read_text(encoding="utf-8")) or _read(slots, lambda: unship_text(shipped_path(key).read_bytes()))
     if template is None:
         page = build()
         template = PageTemplate.parse(page)
@@ -150,7 +150,7 @@ def cached_template(key: str, slots: frozenset[str], build: Callable[[], str]) -
     return template
 
 
-def _read(path: Path, slots: frozenset[str], page: Callable[[], str]) -> PageTemplate | None:
+def _read(slots: frozenset[str], page: Callable[[], str]) -> PageTemplate | None:
     """The template of ``page()``, or None when it cannot be read or does not hold ``slots``."""
     try:
         template = PageTemplate.parse(page())
